@@ -1,0 +1,223 @@
+"""``--role prepare``: embed a dataset, cluster it into K semantic clusters, write per-cluster
+webdataset shards (img2dataset layout), a held-out split, ``manifest.json`` and a contact sheet.
+
+Clustering follows the reference recipe at small scale: fine k-means on L2-normalised
+embeddings, then the fine centroids are merged to K by a count-weighted k-means (a two-level
+hierarchical k-means).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from rich.progress import Progress
+
+from experts.latent_space import pil_to_tensor, tensor_to_pil
+from experts.manifest import ClusterEntry, Manifest, ShardEntry, sha256_file
+from experts.presets import get_preset
+from experts.sources import TWEMOJI_CREDIT, Item, SourceError, open_source
+from experts.text_encoder import TextEncoderConfig, load_text_encoder
+
+
+@dataclass
+class PrepareConfig:
+    source: str = "twemoji"  # "twemoji", "folder:PATH", or .tar shard paths/URLs
+    out_dir: str = "runs/default/data"
+    clusters: int = 4  # K experts
+    preset: str = "tiny"  # expert preset for every cluster (fixes the image size)
+    objective: str = "fm"  # "fm", "ddpm", or "mixed" (alternating, HDDM-style)
+    image_size: int = 0  # 0: the preset's image size
+    holdout_fraction: float = 0.05  # per cluster, kept out of training for evaluation
+    fine_clusters: int = 0  # 0: max(8K, 32), capped by the data size
+    embed: str = "caption"  # "caption" (text encoder) or "image:PATH[@ARCH]" (open_clip image tower)
+    text_encoder: str = "minilm"
+    limit: int = 0  # use at most this many items (0: all)
+    shard_size: int = 1000  # samples per shard
+    seed: int = 0
+
+
+def _validate(cfg: PrepareConfig) -> None:
+    if cfg.clusters < 2:
+        raise ValueError(f"--clusters must be at least 2, got {cfg.clusters}")
+    if cfg.objective not in ("fm", "ddpm", "mixed"):
+        raise ValueError(f"--objective must be fm, ddpm or mixed, got {cfg.objective!r}")
+    if not 0 <= cfg.holdout_fraction < 0.5:
+        raise ValueError(f"--holdout-fraction must be in [0, 0.5), got {cfg.holdout_fraction}")
+    get_preset(cfg.preset)
+
+
+def cluster_embeddings(emb: np.ndarray, k: int, fine: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two-level k-means: returns (labels (N,), centroids (K, D)), clusters sorted by size.
+
+    Sorting makes cluster ids deterministic and puts the largest cluster first.
+    """
+    from sklearn.cluster import KMeans
+
+    n = len(emb)
+    if n < 2 * k:
+        raise ValueError(f"{n} items cannot make {k} clusters; need at least {2 * k}")
+    fine = min(fine or max(8 * k, 32), n // 2)
+    fine = max(fine, k)
+    fine_km = KMeans(n_clusters=fine, n_init=4, random_state=seed).fit(emb)
+    counts = np.bincount(fine_km.labels_, minlength=fine).astype(np.float64)
+    coarse = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(fine_km.cluster_centers_, sample_weight=counts)
+    labels = coarse.labels_[fine_km.labels_]
+    order = np.argsort(-np.bincount(labels, minlength=k), kind="stable")
+    remap = np.empty(k, dtype=np.int64)
+    remap[order] = np.arange(k)
+    labels = remap[labels]
+    centroids = np.stack([emb[labels == c].mean(0) for c in range(k)])
+    if (np.bincount(labels, minlength=k) == 0).any():
+        raise ValueError("clustering produced an empty cluster; try fewer --clusters")
+    return labels, centroids
+
+
+def is_holdout(key: str, fraction: float) -> bool:
+    """Deterministic split by key hash, so the same item is held out in every re-run."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def _image_embeddings(spec: str, images: list[Image.Image]) -> tuple[np.ndarray, str]:
+    import open_clip
+
+    path, _, arch = spec.partition("@")
+    arch = arch or "ViT-L-14"
+    if not Path(path).is_file():
+        raise ValueError(f"image encoder weights not found at {path!r}")
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=path)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), 64):
+            batch = torch.stack([preprocess(im.convert("RGB")) for im in images[i : i + 64]])
+            out.append(torch.nn.functional.normalize(model.encode_image(batch), dim=-1))
+    return torch.cat(out).numpy(), f"image:{arch}"
+
+
+def _write_shards(
+    folder: Path, prefix: str, items: list[tuple[Item, bytes]], cluster: int, shard_size: int, root: Path
+) -> list[ShardEntry]:
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for s, start in enumerate(range(0, len(items), shard_size)):
+        chunk = items[start : start + shard_size]
+        path = folder / f"{prefix}-{s:05d}.tar"
+        with wds.TarWriter(str(path), mtime=0) as sink:  # fixed mtime: same data → same hash
+            for item, png in chunk:
+                meta = {"caption": item.caption, "cluster": cluster, "key": item.key, **item.meta}
+                sink.write({"__key__": item.key, "png": png, "txt": item.caption, "json": json.dumps(meta)})
+        entries.append(ShardEntry(str(path.relative_to(root)), sha256_file(path), len(chunk)))
+    return entries
+
+
+def contact_sheet(
+    manifest: Manifest, images: dict[int, list[tuple[Image.Image, str]]], path: Path, per_row: int = 12, cell: int = 64
+) -> None:
+    """One row per cluster: a sample of its images and the first example captions."""
+    label_h = 30
+    k = manifest.num_clusters
+    sheet = Image.new("RGB", (per_row * cell, k * (cell + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c in range(k):
+        y = c * (cell + label_h)
+        ex = ", ".join(manifest.clusters[c].examples[:4])
+        draw.text((4, y + 2), f"cluster {c}  ({manifest.clusters[c].samples} images)", fill="black")
+        draw.text((4, y + 15), ex[: per_row * cell // 6], fill=(90, 90, 90))
+        for i, (im, _) in enumerate(images[c][:per_row]):
+            sheet.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (i * cell, y + label_h))
+    sheet.save(path)
+
+
+def prepare(cfg: PrepareConfig) -> tuple[Manifest, str]:
+    """Run the whole preparation; returns the manifest and its sha256."""
+    _validate(cfg)
+    preset = get_preset(cfg.preset)
+    size = cfg.image_size or preset.image_size
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+
+    items: list[tuple[Item, bytes]] = []
+    thumbs: list[Image.Image] = []
+    originals: list[Image.Image] = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"reading {cfg.source}", total=cfg.limit or None)
+        for item in open_source(cfg.source, cfg.limit):
+            img = tensor_to_pil(pil_to_tensor(item.image, size))  # composited on white, resized
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            if cfg.embed != "caption":
+                originals.append(item.image.convert("RGB"))
+            item.image = img
+            items.append((item, buf.getvalue()))
+            thumbs.append(img)
+            progress.advance(task)
+    if not items:
+        raise SourceError(f"source {cfg.source!r} yielded no image with a caption")
+
+    encoder_cfg = TextEncoderConfig.parse(cfg.text_encoder)
+    captions = [it.caption for it, _ in items]
+    if cfg.embed == "caption":
+        emb = load_text_encoder(encoder_cfg).sentence_embeddings(captions).numpy()
+        embedding_name = f"caption:{encoder_cfg.name}"
+    elif cfg.embed.startswith("image:"):
+        emb, embedding_name = _image_embeddings(cfg.embed[len("image:") :], originals)
+    else:
+        raise ValueError(f"--embed must be 'caption' or 'image:PATH', got {cfg.embed!r}")
+
+    labels, centroids = cluster_embeddings(emb.astype(np.float64), cfg.clusters, cfg.fine_clusters, cfg.seed)
+
+    clusters: list[ClusterEntry] = []
+    samples: dict[int, list[tuple[Image.Image, str]]] = {}
+    with Progress(transient=True) as progress:
+        task = progress.add_task("writing shards", total=cfg.clusters)
+        for c in range(cfg.clusters):
+            idx = np.flatnonzero(labels == c)
+            members = [items[i] for i in idx]
+            train = [m for m in members if not is_holdout(m[0].key, cfg.holdout_fraction)]
+            held = [m for m in members if is_holdout(m[0].key, cfg.holdout_fraction)]
+            if not train:
+                raise ValueError(f"cluster {c} has no training items; use more data or fewer clusters")
+            folder = out / f"cluster_{c}"
+            objective = "ddpm" if cfg.objective == "ddpm" or (cfg.objective == "mixed" and c % 2 == 1) else "fm"
+            # Examples: the captions nearest the centroid describe the cluster best.
+            dist = ((emb[idx] - centroids[c]) ** 2).sum(1)
+            examples = list(dict.fromkeys(captions[i] for i in idx[np.argsort(dist)]))[:8]
+            clusters.append(
+                ClusterEntry(
+                    id=c,
+                    samples=len(train),
+                    shards=_write_shards(folder, "train", train, c, cfg.shard_size, out),
+                    holdout=_write_shards(folder, "holdout", held, c, cfg.shard_size, out) if held else [],
+                    centroid=[round(float(v), 5) for v in centroids[c]],
+                    examples=examples,
+                    objective=objective,
+                    preset=cfg.preset,
+                )
+            )
+            pick = rng.choice(idx, size=min(12, len(idx)), replace=False)
+            samples[c] = [(thumbs[i], captions[i]) for i in pick]
+            progress.advance(task)
+
+    manifest = Manifest(
+        source=cfg.source,
+        image_size=size,
+        text_encoder=encoder_cfg.name,
+        embedding=embedding_name,
+        holdout_fraction=cfg.holdout_fraction,
+        clusters=clusters,
+        credit=TWEMOJI_CREDIT if cfg.source == "twemoji" else "",
+    )
+    digest = manifest.save(out)
+    contact_sheet(manifest, samples, out / "clusters.png")
+    return manifest, digest

@@ -1,0 +1,276 @@
+"""The training loop: one explicit function that trains any job (an expert or the router).
+
+Each job supplies its network, its loss on a batch and its metadata; the loop owns what they
+share: resume from the latest checkpoint (weights, EMA, optimizer, data position), AdamW with
+gradient clipping, EMA, rich progress (step, loss, samples/s), a time or step budget,
+periodic checkpoints and a loss-curve PNG.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from diffusers.training_utils import EMAModel
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from experts.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    load_train_tensors,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+)
+from experts.data import Batch, DataPosition, stream_batches
+from experts.manifest import Manifest
+from experts.objectives import make_training_batch, sample_train_times
+from experts.presets import ExpertPreset, build_expert, expert_forward, get_preset
+from experts.text_encoder import TextEncoder
+
+console = Console(stderr=True)
+
+
+@dataclass
+class TrainConfig:
+    """How long and how to train; the same for every job."""
+
+    ckpt_root: str  # checkpoints of this job go in <ckpt_root>/step_<N>/
+    steps: int = 0  # stop at this total step (0: no step limit)
+    minutes: float = 0.0  # stop after this many minutes of this process (0: no time limit)
+    batch_size: int = 0  # 0: the preset's
+    lr: float = 0.0  # 0: the preset's
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_max_decay: float = 0.9999  # with warm-up, so short CPU runs still get a useful EMA
+    cond_dropout: float = 0.1  # fraction of captions replaced by "" (for guidance)
+    ckpt_every_steps: int = 1000
+    ckpt_every_minutes: float = 5.0
+    log_every: int = 50
+    keep: int = 3  # checkpoints kept on disk
+    seed: int = 0
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 and self.minutes <= 0:
+            raise ValueError("give a training budget: --steps N and/or --minutes M")
+
+
+class TrainJob(Protocol):
+    """What the loop needs from a job."""
+
+    name: str
+    model: torch.nn.Module
+    batch_size: int
+    lr: float
+
+    def batches(self, start: DataPosition) -> Iterator[Batch]: ...
+
+    def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor: ...
+
+    def meta(self) -> dict: ...
+
+
+def _save(
+    job: TrainJob,
+    cfg: TrainConfig,
+    ema: EMAModel,
+    opt: torch.optim.Optimizer,
+    step: int,
+    samples: int,
+    position: DataPosition,
+    history: list[list[float]],
+    elapsed: float,
+) -> Checkpoint:
+    params = list(job.model.parameters())
+    opt_tensors, groups = optimizer_to_tensors(opt)
+    tensors = {f"model.{k}": v.detach().clone() for k, v in job.model.state_dict().items()}
+    tensors.update({f"ema.{i}": p.detach().clone() for i, p in enumerate(ema.shadow_params)})
+    tensors.update(opt_tensors)
+    ema.store(params)
+    ema.copy_to(params)  # the sampling weights are the EMA weights; evaluate and save those
+    try:
+        if hasattr(job, "evaluate"):
+            job.evaluate()
+        meta = {
+            **job.meta(),
+            "samples_seen": samples,
+            "data_position": position.to_dict(),
+            "optimizer_groups": groups,
+            "ema_optimization_step": ema.optimization_step,
+            "loss": history[-1][1] if history else None,
+            "loss_history": history[-500:],
+            "train_seconds": elapsed,
+        }
+        return save_checkpoint(Path(cfg.ckpt_root), step, job.model, meta, tensors, keep=cfg.keep)
+    finally:
+        ema.restore(params)
+
+
+def _resume(job: TrainJob, ema: EMAModel, opt: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    expected = job.meta()
+    for key in ("kind", "manifest_sha256", "cluster", "objective"):
+        if key in expected and ckpt.meta.get(key) != expected[key]:
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} was trained with {key}={ckpt.meta.get(key)!r}, this job has "
+                f"{expected[key]!r}; move it away or use another --ckpt-dir"
+            )
+    tensors = load_train_tensors(ckpt)
+    job.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    shadows = [tensors[f"ema.{i}"] for i in range(len(ema.shadow_params))]
+    ema.shadow_params = [s.clone() for s in shadows]
+    ema.optimization_step = int(ckpt.meta.get("ema_optimization_step", ckpt.step))
+    optimizer_from_tensors(opt, tensors, ckpt.meta["optimizer_groups"])
+
+
+def plot_loss(history: list[list[float]], path: Path, title: str) -> None:
+    """Loss curve as a PNG (smoothed), next to the checkpoints."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(history) < 2:
+        return
+    steps, losses = zip(*history, strict=False)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    k = max(1, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - k) : i + 1]) / len(losses[max(0, i - k) : i + 1]) for i in range(len(losses))]
+    ax.plot(steps, smooth, label="smoothed")
+    ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(job: TrainJob, cfg: TrainConfig) -> Checkpoint:
+    """Train ``job`` until its budget is spent; returns the last checkpoint written."""
+    torch.manual_seed(cfg.seed)
+    model = job.model.train()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=cfg.weight_decay)
+    ema = EMAModel(params, decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
+
+    step, samples, position, history, elapsed0 = 0, 0, DataPosition(), [], 0.0
+    last = latest_checkpoint(Path(cfg.ckpt_root)) if cfg.resume else None
+    if last is not None:
+        _resume(job, ema, opt, last)
+        step, samples = last.step, int(last.meta.get("samples_seen", 0))
+        position = DataPosition(**last.meta.get("data_position", {}))
+        history = [list(h) for h in last.meta.get("loss_history", [])]
+        elapsed0 = float(last.meta.get("train_seconds", 0.0))
+        console.log(f"{job.name}: resumed from step {step} ({last.path.name}, sha256 {last.sha256[:12]})")
+
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # differs after a resume
+    t_start = time.monotonic()
+    t_ckpt = t_start
+    rate_t, rate_n = t_start, 0
+    running = None
+    ckpt = last
+    done_steps = lambda: cfg.steps > 0 and step >= cfg.steps  # noqa: E731
+    out_of_time = lambda: cfg.minutes > 0 and time.monotonic() - t_start >= cfg.minutes * 60  # noqa: E731
+    columns = (TextColumn(f"[bold]{job.name}"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        total = cfg.steps if cfg.steps else None
+        task = progress.add_task("starting", total=total, completed=step)
+        if not (done_steps() or out_of_time()):
+            for batch in job.batches(position):
+                loss = job.loss(batch, gen)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{job.name}: loss became {loss.item()} at step {step}; lower --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                ema.step(params)
+                step += 1
+                samples += len(batch.captions)
+                position = batch.position
+                rate_n += len(batch.captions)
+                running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+                if step % cfg.log_every == 0 or step == 1:
+                    now = time.monotonic()
+                    rate = rate_n / max(now - rate_t, 1e-9)
+                    rate_t, rate_n = now, 0
+                    history.append([step, round(running, 6)])
+                    progress.update(
+                        task, completed=step, description=f"step {step}  loss {running:.4f}  {rate:.0f} samples/s"
+                    )
+                stop = done_steps() or out_of_time()
+                due = step % cfg.ckpt_every_steps == 0 or time.monotonic() - t_ckpt >= cfg.ckpt_every_minutes * 60
+                if due or stop:
+                    elapsed = elapsed0 + time.monotonic() - t_start
+                    ckpt = _save(job, cfg, ema, opt, step, samples, position, history, elapsed)
+                    t_ckpt = time.monotonic()
+                    progress.console.log(f"{job.name}: checkpoint step {step} sha256 {ckpt.sha256[:12]}")
+                if stop:
+                    break
+        progress.update(task, completed=step, description=f"step {step}  loss {running or 0:.4f}  done")
+    if ckpt is None or ckpt.step != step:
+        ckpt = _save(job, cfg, ema, opt, step, samples, position, history, elapsed0 + time.monotonic() - t_start)
+    plot_loss(history, Path(cfg.ckpt_root) / "loss.png", job.name)
+    return ckpt
+
+
+class ExpertJob:
+    """Train expert ``cluster`` on its cluster's shards with the cluster's objective."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        manifest_sha256: str,
+        cluster: int,
+        encoder: TextEncoder,
+        space_name: str,
+        encode_space,
+        cfg: TrainConfig,
+        preset: ExpertPreset | None = None,
+    ) -> None:
+        if not 0 <= cluster < manifest.num_clusters:
+            raise ValueError(f"unknown expert {cluster}; this run has experts 0..{manifest.num_clusters - 1}")
+        entry = manifest.clusters[cluster]
+        self.manifest, self.manifest_sha256, self.cluster = manifest, manifest_sha256, cluster
+        self.preset = preset or get_preset(entry.preset)
+        self.objective = entry.objective
+        self.encoder, self.space_name, self.encode_space = encoder, space_name, encode_space
+        self.name = f"expert {cluster} ({self.objective})"
+        self.model = build_expert(self.preset, encoder.dim)
+        self.batch_size = cfg.batch_size or self.preset.batch_size
+        self.lr = cfg.lr or self.preset.lr
+        self.cond_dropout = cfg.cond_dropout
+        self.seed = cfg.seed
+
+    def batches(self, start: DataPosition) -> Iterator[Batch]:
+        return stream_batches(self.manifest, [self.cluster], self.batch_size, self.preset.image_size, self.seed, start)
+
+    def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        drop = torch.rand(len(batch.captions), generator=generator) < self.cond_dropout
+        captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=False)]
+        states, mask = self.encoder.encode(captions)
+        x0 = self.encode_space(batch.images)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = sample_train_times(len(x0), generator)
+        tb = make_training_batch(self.objective, x0, noise, t)
+        pred = expert_forward(self.model, tb.x_in, tb.timestep, states, mask)
+        return torch.nn.functional.mse_loss(pred, tb.target)
+
+    def meta(self) -> dict:
+        return {
+            "kind": "expert",
+            "cluster": self.cluster,
+            "objective": self.objective,
+            "preset": self.preset.to_dict(),
+            "text_encoder": self.encoder.name,
+            "space": self.space_name,
+            "manifest_sha256": self.manifest_sha256,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+        }

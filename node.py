@@ -1,0 +1,281 @@
+"""diffswarm node: one command line for every role (DESIGN.md §2). CLI only: parse flags, build
+configs, call into the packages. Errors a user can cause end in one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+ROLES = ("prepare", "trainer", "client", "export", "bootstrap", "server", "status")
+NOT_YET = ("bootstrap", "server", "status")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from experts.presets import EXPERT_PRESETS
+    from router.combine import MODES
+    from router.network import ROUTER_PRESETS
+
+    p = argparse.ArgumentParser(prog="node.py", description="diffswarm: decentralized diffusion experts")
+    p.add_argument("--role", choices=ROLES, required=True)
+    p.add_argument("prompts", nargs="*", help="client: one or more prompts")
+    p.add_argument(
+        "--initial-peers",
+        nargs="*",
+        default=os.environ.get("DIFFSWARM_INITIAL_PEERS", "").split() or None,
+        help="multiaddrs of swarm peers (env DIFFSWARM_INITIAL_PEERS)",
+    )
+    p.add_argument(
+        "--workdir",
+        default=os.environ.get("DIFFSWARM_WORKDIR", "runs/default"),
+        help="holds data/ and checkpoints/ of a run",
+    )
+    p.add_argument("--data-dir", help="default: <workdir>/data")
+    p.add_argument("--ckpt-dir", help="default: <workdir>/checkpoints")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-encoder", default="minilm", help="minilm (default) or clip:PATH[@ARCH]")
+    p.add_argument("--vae", default="", help="diffusers AutoencoderKL folder for latent presets")
+    g = p.add_argument_group("prepare")
+    g.add_argument("--source", default="twemoji", help="twemoji | folder:PATH | shard paths/URLs (.tar, braces ok)")
+    g.add_argument("--clusters", type=int, default=4)
+    g.add_argument("--preset", default="tiny", choices=sorted(EXPERT_PRESETS))
+    g.add_argument("--objective", default="fm", choices=("fm", "ddpm", "mixed"))
+    g.add_argument("--image-size", type=int, default=0)
+    g.add_argument("--holdout-fraction", type=float, default=0.05)
+    g.add_argument("--embed", default="caption", help="caption | image:PATH[@ARCH]")
+    g.add_argument("--limit", type=int, default=0, help="use at most N items")
+    g = p.add_argument_group("trainer")
+    g.add_argument("--local", action="store_true", help="train/sample on this machine without a swarm")
+    g.add_argument("--expert", help="trainer: cluster id; server: id or list")
+    g.add_argument("--job", choices=("expert", "router"), default="expert")
+    g.add_argument("--steps", type=int, default=None, help="trainer: total steps; client: denoising steps")
+    g.add_argument("--minutes", type=float, default=0.0)
+    g.add_argument("--batch-size", type=int, default=0)
+    g.add_argument("--lr", type=float, default=0.0)
+    g.add_argument("--router-preset", default="tiny", choices=sorted(ROUTER_PRESETS))
+    g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps (and every 5 minutes)")
+    g = p.add_argument_group("client")
+    g.add_argument("--mode", default="topk", choices=MODES)
+    g.add_argument("--k", type=int, default=2)
+    g.add_argument("--tau", type=float, default=0.2)
+    g.add_argument("--guidance", type=float, default=3.0)
+    g.add_argument("--local-experts", help="client: experts to use (default all found)")
+    g.add_argument("--from-export", help="client: load an exported folder instead of checkpoints")
+    g.add_argument("--output", help="client: PNG path (default outputs/<prompt>.png)")
+    g.add_argument("--out", default="exports/diffswarm", help="export: destination folder")
+    return p.parse_args(argv)
+
+
+def _dirs(args: argparse.Namespace) -> tuple[Path, Path]:
+    work = Path(args.workdir)
+    return Path(args.data_dir or work / "data"), Path(args.ckpt_dir or work / "checkpoints")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes integers like 0 or 0,3; got {text!r}") from None
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    from experts.prepare import PrepareConfig, prepare
+
+    data_dir, _ = _dirs(args)
+    cfg = PrepareConfig(
+        source=args.source,
+        out_dir=str(data_dir),
+        clusters=args.clusters,
+        preset=args.preset,
+        objective=args.objective,
+        image_size=args.image_size,
+        holdout_fraction=args.holdout_fraction,
+        embed=args.embed,
+        text_encoder=args.text_encoder,
+        limit=args.limit,
+        seed=args.seed,
+    )
+    t0 = time.time()
+    manifest, digest = prepare(cfg)
+    print(
+        f"prepared {sum(c.samples for c in manifest.clusters)} training images in {manifest.num_clusters} clusters "
+        f"({time.time() - t0:.0f}s); run {digest[:12]}"
+    )
+    for c in manifest.clusters:
+        print(f"  cluster {c.id}: {c.samples:5d} images, {c.objective}, e.g. {', '.join(c.examples[:3])}")
+    print(f"manifest: {data_dir / 'manifest.json'}\ncontact sheet: {data_dir / 'clusters.png'}")
+
+
+def _space(args: argparse.Namespace, preset_space: str):
+    from experts.latent_space import load_space
+
+    if preset_space == "latent" and not args.vae:
+        raise UsageError("this preset works on latents; pass --vae PATH to an AutoencoderKL folder")
+    space = load_space(args.vae if preset_space == "latent" else "")
+    return space
+
+
+def run_trainer(args: argparse.Namespace) -> None:
+    if not args.local:
+        raise UsageError("swarm training is not available in this version yet; use --local")
+    from experts.manifest import load_manifest
+    from experts.presets import get_preset
+    from experts.text_encoder import TextEncoderConfig, load_text_encoder
+    from experts.train import ExpertJob, TrainConfig, train
+    from router.ensemble import expert_dir, router_dir
+    from router.train import RouterJob
+
+    data_dir, ckpt = _dirs(args)
+    manifest, digest = load_manifest(data_dir)
+    preset = get_preset(manifest.clusters[0].preset)
+    space = _space(args, preset.space)
+    minutes = args.minutes if (args.minutes or args.steps) else 5.0
+    if args.job == "router":
+        cfg = TrainConfig(
+            ckpt_root=str(router_dir(ckpt)),
+            steps=args.steps or 0,
+            minutes=minutes,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            ckpt_every_steps=args.ckpt_every,
+            seed=args.seed,
+            cond_dropout=0.0,
+        )
+        job = RouterJob(manifest, digest, space.name, space.encode, cfg, args.router_preset)
+        result = train(job, cfg)
+        acc = result.meta.get("heldout_accuracy", {})
+        print(
+            f"router: step {result.step}, held-out accuracy "
+            f"({acc.get('split')}, {acc.get('samples')} images) by noise level:"
+        )
+        print(
+            "  "
+            + "  ".join(f"{k} {v:.2f}" for k, v in acc.items() if k.startswith("t="))
+            + f"  (chance {1 / manifest.num_clusters:.2f})"
+        )
+    else:
+        if args.expert is None:
+            raise UsageError("--local training needs --expert K (or --job router)")
+        k = _int_list(args.expert, "--expert")
+        if len(k) != 1:
+            raise UsageError("--local trains one expert at a time: --expert K")
+        encoder_cfg = TextEncoderConfig.parse(args.text_encoder)
+        if encoder_cfg.name != manifest.text_encoder and args.text_encoder != "minilm":
+            print(
+                f"note: data was embedded with {manifest.text_encoder}, conditioning with {encoder_cfg.name}",
+                file=sys.stderr,
+            )
+        if not 0 <= k[0] < manifest.num_clusters:
+            raise UsageError(f"unknown expert {k[0]}; this run has experts 0..{manifest.num_clusters - 1}")
+        cfg = TrainConfig(
+            ckpt_root=str(expert_dir(ckpt, k[0])),
+            steps=args.steps or 0,
+            minutes=minutes,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            ckpt_every_steps=args.ckpt_every,
+            seed=args.seed + k[0],
+        )
+        job = ExpertJob(manifest, digest, k[0], load_text_encoder(encoder_cfg), space.name, space.encode, cfg)
+        result = train(job, cfg)
+        print(
+            f"expert {k[0]}: step {result.step}, loss {result.meta.get('loss')}, "
+            f"{result.meta['samples_seen']} samples seen, checkpoint {result.path} sha256 {result.sha256[:12]}"
+        )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "image"
+
+
+def run_client(args: argparse.Namespace) -> None:
+    if not args.local and not args.from_export:
+        raise UsageError("remote experts are not available in this version yet; use --local or --from-export")
+    prompts = args.prompts
+    if not prompts:
+        raise UsageError('give a prompt, e.g. python node.py --role client --local "a red apple"')
+    if any(not p.strip() for p in prompts):
+        raise UsageError("empty prompt; give some text")
+    from rich.console import Console
+    from rich.table import Table
+
+    from router.ensemble import load_ensemble, load_export
+    from router.grid import save_images
+    from router.sampling import SamplerConfig, generate
+
+    cfg = SamplerConfig(
+        mode=args.mode, k=args.k, tau=args.tau, guidance=args.guidance, steps=args.steps or 30, seed=args.seed
+    )
+    subset = _int_list(args.local_experts, "--local-experts") if args.local_experts else None
+    if args.from_export:
+        ens, encoder, space = load_export(Path(args.from_export), vae=args.vae)
+        if subset is not None:
+            ens.experts = {k: v for k, v in ens.experts.items() if k in subset}
+    else:
+        _, ckpt = _dirs(args)
+        ens, encoder, space = load_ensemble(ckpt, subset, vae=args.vae)
+    missing = sorted(set(range(ens.num_experts)) - set(ens.experts))
+    if missing:
+        print(
+            f"note: experts {missing} are not available; the router's choice is renormalised over the others",
+            file=sys.stderr,
+        )
+    t0 = time.time()
+    images, log = generate(prompts, ens.router, ens.experts, encoder, space, ens.shape, cfg)
+    dt = time.time() - t0
+    out = Path(args.output or f"outputs/{_slug(prompts[0]) if len(prompts) == 1 else 'grid'}.png")
+    save_images(images, prompts, out)
+    table = Table(
+        title=f"routing ({cfg.mode}{'' if cfg.mode != 'topk' else f', k={cfg.k}'}), "
+        f"{cfg.steps} steps x {len(prompts)} images"
+    )
+    table.add_column("expert")
+    table.add_column("objective")
+    table.add_column("(image, step) pairs served", justify="right")
+    for k in range(ens.num_experts):
+        obj = ens.expert_meta[k]["objective"] if k in ens.expert_meta else "-"
+        table.add_row(str(k), obj, str(log.usage[k]) if k in ens.experts else "unavailable")
+    Console().print(table)
+    print(f"wrote {out} ({dt:.1f}s, {dt / len(prompts):.2f}s per image)")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from router.ensemble import export_paris
+
+    _, ckpt = _dirs(args)
+    weights = args.text_encoder[5:].partition("@")[0] if args.text_encoder.startswith("clip:") else ""
+    out = export_paris(ckpt, Path(args.out), vae=args.vae, text_weights=weights)
+    print(f"exported to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub on the default path
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.role in NOT_YET:
+            raise UsageError(f"--role {args.role} is not available in this version yet")
+        {"prepare": run_prepare, "trainer": run_trainer, "client": run_client, "export": run_export}[args.role](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, FloatingPointError) as e:  # our errors subclass ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

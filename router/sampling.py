@@ -1,0 +1,156 @@
+"""Routed sampling: at every step the router picks experts, each selected expert predicts a
+velocity (with its own classifier-free guidance), and their weighted sum takes one Euler step.
+
+A step is a pure function of (x_t, t, t_next, text states): nothing is carried between steps
+but x, so any step can be served by a local expert or (later) a remote one through the same
+``ExpertRunner`` interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from experts.objectives import TIMESTEP_SCALE, euler_step, network_input, sampling_times, velocity_from_output
+from experts.presets import expert_forward
+from router.combine import MODES, routing_weights
+
+
+@dataclass
+class SamplerConfig:
+    mode: str = "topk"  # top1 | topk | threshold | full
+    k: int = 2  # experts per step for topk
+    tau: float = 0.2  # probability threshold for threshold mode
+    guidance: float = 3.0  # classifier-free guidance scale per expert (1 = off)
+    steps: int = 30
+    seed: int = 0
+    shift: float = 1.0  # >1 spends more steps at high noise
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown --mode {self.mode!r}; choose one of {MODES}")
+        if self.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {self.steps}")
+        if self.k < 1:
+            raise ValueError(f"--k must be at least 1, got {self.k}")
+
+
+# An expert runner maps (x_t (B,C,H,W), t (B,), states (2B,L,D), mask (2B,L), guidance) → v (B,C,H,W).
+ExpertRunner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+class LocalExpert:
+    """An expert loaded in this process; cond and uncond go through one batched forward."""
+
+    def __init__(self, model: torch.nn.Module, objective: str) -> None:
+        self.model = model.eval()
+        self.objective = objective
+
+    @torch.no_grad()
+    def __call__(
+        self, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, guidance: float
+    ) -> torch.Tensor:
+        return guided_velocity(self.model, self.objective, x_t, t, states, mask, guidance)
+
+
+def guided_velocity(
+    model: torch.nn.Module,
+    objective: str,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    guidance: float,
+) -> torch.Tensor:
+    """v = v(∅) + s (v(c) − v(∅)); ``states``/``mask`` hold the B cond rows, then the B uncond rows."""
+    b = x_t.shape[0]
+    x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])  # (2B, C, H, W), (2B,)
+    net_in, timestep = network_input(objective, x2, t2)
+    v = velocity_from_output(objective, expert_forward(model, net_in, timestep, states, mask), x2, t2)  # (2B, C, H, W)
+    v_cond, v_uncond = v[:b], v[b:]
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+@dataclass
+class RoutingLog:
+    """Which experts served which steps: ``usage[k]`` counts (sample, step) pairs served by k."""
+
+    num_experts: int
+    steps: int
+    usage: list[int] = field(default_factory=list)
+    per_step: list[list[int]] = field(default_factory=list)  # experts used at each step (any sample)
+    weights: list[torch.Tensor] = field(default_factory=list)  # (B, K) weights at each step
+
+    def __post_init__(self) -> None:
+        self.usage = [0] * self.num_experts
+
+
+def routed_step(
+    x_t: torch.Tensor,
+    t: float,
+    t_next: float,
+    router: torch.nn.Module,
+    experts: dict[int, ExpertRunner],
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: SamplerConfig,
+    log: RoutingLog | None = None,
+) -> torch.Tensor:
+    """One denoising step of the routed ensemble, from t to t_next."""
+    b = x_t.shape[0]
+    tt = torch.full((b,), float(t))
+    with torch.no_grad():
+        probs = torch.softmax(router(x_t, TIMESTEP_SCALE * tt).float(), dim=-1)  # (B, K)
+    available = torch.zeros(probs.shape[-1], dtype=torch.bool)
+    available[list(experts)] = True
+    w = routing_weights(probs, cfg.mode, cfg.k, cfg.tau, available)  # (B, K)
+    v = torch.zeros_like(x_t)
+    used = []
+    for k in sorted(experts):
+        rows = (w[:, k] > 0).nonzero().flatten()
+        if len(rows) == 0:
+            continue
+        used.append(k)
+        idx = torch.cat([rows, rows + b])  # the cond and the uncond row of each selected sample
+        v_k = experts[k](x_t[rows], tt[rows], states[idx], mask[idx], cfg.guidance)
+        v[rows] += w[rows, k].reshape(-1, 1, 1, 1).to(v.dtype) * v_k
+        if log is not None:
+            log.usage[k] += len(rows)
+    if log is not None:
+        log.per_step.append(used)
+        log.weights.append(w)
+    return euler_step(x_t, v, t, t_next)
+
+
+def generate(
+    prompts: list[str],
+    router: torch.nn.Module,
+    experts: dict[int, ExpertRunner],
+    encoder,
+    space,
+    shape: tuple[int, int, int],
+    cfg: SamplerConfig,
+    progress=None,
+) -> tuple[torch.Tensor, RoutingLog]:
+    """Sample one image per prompt; returns RGB (B, 3, H, W) in [-1, 1] and the routing log."""
+    if not experts:
+        raise ValueError("no expert is available to sample with")
+    for p in prompts:
+        if not p.strip():
+            raise ValueError('empty prompt; give some text, e.g. "a red apple"')
+    b = len(prompts)
+    cond, cmask = encoder.encode(prompts)
+    uncond, umask = encoder.encode([""] * b)
+    states, mask = torch.cat([cond, uncond]), torch.cat([cmask, umask])  # (2B, L, D), (2B, L)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn((b, *shape), generator=gen)  # (B, C, H, W) at t = 1
+    num_experts = router.config.num_experts
+    log = RoutingLog(num_experts, cfg.steps)
+    times = sampling_times(cfg.steps, cfg.shift)
+    for i in range(cfg.steps):
+        x = routed_step(x, times[i], times[i + 1], router, experts, states, mask, cfg, log)
+        if progress is not None:
+            progress(i, log.per_step[-1])
+    return space.decode(x), log

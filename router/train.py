@@ -1,0 +1,107 @@
+"""Router training (``--job router``): cross-entropy of r(x_t, t) against each sample's cluster.
+
+x_t comes from the same FM forward process the sampler walks (x_t = (1 − t) x0 + t ε), so the
+router learns p(cluster | x_t) along the path it will be asked about. Held-out accuracy is
+reported per noise level: near t = 1 nothing can be told apart (chance), near t = 0 it should
+be high.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from experts.data import Batch, DataPosition, stream_batches
+from experts.manifest import Manifest
+from experts.objectives import TIMESTEP_SCALE, fm_interpolate
+from experts.presets import get_preset
+from experts.train import TrainConfig
+from router.network import RouterNet, build_router, get_router_preset
+
+NOISE_BINS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+class RouterJob:
+    def __init__(
+        self,
+        manifest: Manifest,
+        manifest_sha256: str,
+        space_name: str,
+        encode_space,
+        cfg: TrainConfig,
+        preset: str = "tiny",
+    ) -> None:
+        self.manifest, self.manifest_sha256 = manifest, manifest_sha256
+        self.expert_preset = get_preset(manifest.clusters[0].preset)
+        self.preset = get_router_preset(preset)
+        self.space_name, self.encode_space = space_name, encode_space
+        self.name = "router"
+        self.model: RouterNet = build_router(
+            self.preset, manifest.num_clusters, self.expert_preset.channels, self.expert_preset.sample_size
+        )
+        self.batch_size = cfg.batch_size or self.preset.batch_size
+        self.lr = cfg.lr or self.preset.lr
+        self.seed = cfg.seed
+        self.last_accuracy: dict[str, float] = {}
+
+    def batches(self, start: DataPosition) -> Iterator[Batch]:
+        return stream_batches(
+            self.manifest,
+            list(range(self.manifest.num_clusters)),
+            self.batch_size,
+            self.expert_preset.image_size,
+            self.seed,
+            start,
+        )
+
+    def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        x0 = self.encode_space(batch.images)
+        t = torch.rand(len(x0), generator=generator)  # uniform: the router is asked at every step
+        x_t = fm_interpolate(x0, torch.randn(x0.shape, generator=generator), t)
+        return torch.nn.functional.cross_entropy(self.model(x_t, TIMESTEP_SCALE * t), batch.labels)
+
+    def evaluate(self) -> None:
+        """Called by the loop on the EMA weights just before each checkpoint."""
+        self.last_accuracy = router_accuracy(
+            self.model, self.manifest, self.encode_space, self.expert_preset.image_size, self.seed
+        )
+
+    def meta(self) -> dict:
+        return {
+            "kind": "router",
+            "num_experts": self.manifest.num_clusters,
+            "router_preset": self.preset.to_dict(),
+            "space": self.space_name,
+            "manifest_sha256": self.manifest_sha256,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "heldout_accuracy": self.last_accuracy,
+        }
+
+
+@torch.no_grad()
+def router_accuracy(
+    model: RouterNet, manifest: Manifest, encode_space, image_size: int, seed: int = 0, max_samples: int = 2000
+) -> dict[str, float]:
+    """Held-out top-1 accuracy at each noise level of ``NOISE_BINS`` (training shards if none are held out)."""
+    clusters = list(range(manifest.num_clusters))
+    holdout = any(c.holdout for c in manifest.clusters)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    correct = {t: 0 for t in NOISE_BINS}
+    n = 0
+    for batch in stream_batches(manifest, clusters, 256, image_size, seed, holdout=holdout, epochs=1, shuffle_buffer=0):
+        x0 = encode_space(batch.images)
+        for t in NOISE_BINS:
+            tt = torch.full((len(x0),), t)
+            x_t = fm_interpolate(x0, torch.randn(x0.shape, generator=gen), tt)
+            correct[t] += (model(x_t, TIMESTEP_SCALE * tt).argmax(-1) == batch.labels).sum().item()
+        n += len(x0)
+        if n >= max_samples:
+            break
+    model.train()
+    return {f"t={t}": round(correct[t] / max(n, 1), 4) for t in NOISE_BINS} | {
+        "samples": n,
+        "split": "holdout" if holdout else "train",
+    }
