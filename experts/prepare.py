@@ -63,7 +63,10 @@ def cluster_embeddings(emb: np.ndarray, k: int, fine: int, seed: int) -> tuple[n
     n = len(emb)
     if n < 2 * k:
         raise ValueError(f"{n} items cannot make {k} clusters; need at least {2 * k}")
-    fine = min(fine or max(8 * k, 32), n // 2)
+    distinct = len(np.unique(emb.round(6), axis=0))  # repeated captions give identical points
+    if distinct < k:
+        raise ValueError(f"only {distinct} distinct embeddings; cannot make {k} clusters")
+    fine = min(fine or max(8 * k, 32), n // 2, distinct)
     fine = max(fine, k)
     fine_km = KMeans(n_clusters=fine, n_init=4, random_state=seed).fit(emb)
     counts = np.bincount(fine_km.labels_, minlength=fine).astype(np.float64)

@@ -105,7 +105,7 @@ def _save(
             "optimizer_groups": groups,
             "ema_optimization_step": ema.optimization_step,
             "loss": history[-1][1] if history else None,
-            "loss_history": history[-500:],
+            "loss_history": history,
             "train_seconds": elapsed,
         }
         return save_checkpoint(Path(cfg.ckpt_root), step, job.model, meta, tensors, keep=cfg.keep)
@@ -196,11 +196,13 @@ def train(job: TrainJob, cfg: TrainConfig) -> Checkpoint:
                 position = batch.position
                 rate_n += len(batch.captions)
                 running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+                history.append([step, round(running, 6)])
+                if len(history) > 2000:  # thin evenly so the curve always covers the whole run
+                    history = history[::2]
                 if step % cfg.log_every == 0 or step == 1:
                     now = time.monotonic()
                     rate = rate_n / max(now - rate_t, 1e-9)
                     rate_t, rate_n = now, 0
-                    history.append([step, round(running, 6)])
                     progress.update(
                         task, completed=step, description=f"step {step}  loss {running:.4f}  {rate:.0f} samples/s"
                     )
