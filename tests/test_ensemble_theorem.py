@@ -60,13 +60,17 @@ def test_full_ensemble_equals_mixture_velocity():
         assert torch.allclose(combined, mixture_velocity(x, t), atol=1e-8), t
 
 
+def analytic_expert(k: int):
+    """An ExpertRunner for component k (guidance is irrelevant for an unconditional expert)."""
+
+    def run(x, tt, states, mask, guidance):
+        return component_velocity(k, x.reshape(len(x), -1), float(tt[0])).reshape(x.shape)
+
+    return run
+
+
 def test_routed_step_with_analytic_experts_takes_the_mixture_step():
-    experts = {
-        k: (
-            lambda k: lambda x, tt, s, m, g: component_velocity(k, x.reshape(len(x), -1), float(tt[0])).reshape(x.shape)
-        )(k)
-        for k in range(3)
-    }
+    experts = {k: analytic_expert(k) for k in range(3)}
     x = torch.randn(16, 1, 1, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     states, mask = torch.zeros(32, 1, 1), torch.ones(32, 1)
     cfg = SamplerConfig(mode="full", guidance=1.0)
