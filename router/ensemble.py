@@ -102,10 +102,12 @@ def load_ensemble(
     expert_meta = {k: c.meta for k, c in found.items()}
     enc_name = _check_compatible(router_ckpt.meta, expert_meta)
     models = {
-        k: LocalExpert(PixArtTransformer2DModel.from_pretrained(c.model_dir), c.meta["objective"])
+        k: LocalExpert(
+            PixArtTransformer2DModel.from_pretrained(c.model_dir, low_cpu_mem_usage=False), c.meta["objective"]
+        )
         for k, c in found.items()
     }
-    router = RouterNet.from_pretrained(router_ckpt.model_dir).eval()
+    router = RouterNet.from_pretrained(router_ckpt.model_dir, low_cpu_mem_usage=False).eval()
     ens = Ensemble(models, expert_meta, router, router_ckpt.meta, enc_name, router_ckpt.meta["space"])
     return ens, encoder or _encoder_for(enc_name), _space_for(ens.space_name, vae)
 
@@ -226,8 +228,10 @@ def load_export(folder: Path, vae: str = "", text_weights: str = "") -> tuple[En
     for k in range(int(cfg["num_experts"])):
         d = folder / f"expert_{k}"
         metas[k] = json.loads((d / "diffswarm.json").read_text())
-        experts[k] = LocalExpert(PixArtTransformer2DModel.from_pretrained(d), metas[k]["objective"])
-    router = RouterNet.from_pretrained(folder / "router").eval()
+        experts[k] = LocalExpert(
+            PixArtTransformer2DModel.from_pretrained(d, low_cpu_mem_usage=False), metas[k]["objective"]
+        )
+    router = RouterNet.from_pretrained(folder / "router", low_cpu_mem_usage=False).eval()
     router_meta = json.loads((folder / "router" / "diffswarm.json").read_text())
     enc_ref = json.loads((folder / "text_encoder" / "diffswarm.json").read_text())
     weights = text_weights or (str(folder / "text_encoder" / enc_ref["weights"]) if "weights" in enc_ref else "")

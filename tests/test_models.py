@@ -60,3 +60,19 @@ def test_vae_latent_space_with_random_weights(tmp_path):
     z = space.encode(torch.rand(1, 3, 16, 16) * 2 - 1)
     assert z.shape == (1, 4, 8, 8)
     assert space.decode(z).shape == (1, 3, 16, 16)
+
+
+def test_prepare_with_image_embeddings_from_local_open_clip_weights(tmp_path):
+    """``--embed image:PATH@ARCH`` clusters on an open_clip image tower loaded from a local file."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from experts.manifest import load_manifest
+    from experts.prepare import PrepareConfig, prepare
+
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    weights = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    prepare(PrepareConfig(out_dir=str(tmp_path / "data"), clusters=2, limit=40, embed=f"image:{weights}@ViT-B-32"))
+    manifest, _ = load_manifest(tmp_path / "data")
+    assert manifest.embedding == "image:ViT-B-32" and manifest.num_clusters == 2
