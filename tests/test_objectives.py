@@ -79,9 +79,12 @@ def _gaussian_posterior(x: torch.Tensor, signal: float, noise: float, mu: float,
 
 def test_eps_to_v_matches_the_analytic_velocity_for_gaussian_data():
     mu, sigma = 0.3, 0.7
+    gen = torch.Generator().manual_seed(0)
     for t_val in (0.1, 0.35, 0.6, 0.85):
         t = torch.tensor([t_val], dtype=torch.float64)
-        x_t = torch.randn(1, 1, 16, 16, dtype=torch.float64)
+        # x_t drawn from its true marginal, so x̂0 stays inside the clamp range as real data does
+        x0 = mu + sigma * torch.randn(1, 1, 16, 16, dtype=torch.float64, generator=gen)
+        x_t = fm_interpolate(x0, torch.randn(1, 1, 16, 16, dtype=torch.float64, generator=gen), t)
         # Exact FM velocity of the data at (x_t, t).
         ex0, eeps = _gaussian_posterior(x_t, 1 - t_val, t_val, mu, sigma)
         v_exact = eeps - ex0
