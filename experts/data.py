@@ -12,7 +12,7 @@ import io
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,11 +24,15 @@ from experts.manifest import Manifest, ManifestError, ShardEntry, sha256_file
 
 @dataclass
 class DataPosition:
+    """Where a stream is: (epoch, index) of one cluster, or one such pair per cluster of a mix."""
+
     epoch: int = 0
     index: int = 0  # samples already consumed in this epoch
+    mix: dict[str, list[int]] = field(default_factory=dict)  # cluster id → [epoch, index], for mixes
+    drawn: int = 0  # samples drawn by a mix so far (re-seeds its cluster chooser on resume)
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "mix": self.mix, "drawn": self.drawn}
 
 
 @dataclass
@@ -74,6 +78,37 @@ def _decode(sample: dict, size: int, default_label: int) -> tuple[torch.Tensor, 
     return x, sample["txt"].decode("utf-8"), label
 
 
+def _cluster_samples(
+    manifest: Manifest,
+    cluster: int,
+    image_size: int,
+    seed: int,
+    start: DataPosition,
+    holdout: bool,
+    epochs: int,
+    shuffle_buffer: int,
+) -> Iterator[tuple[torch.Tensor, str, int, DataPosition]]:
+    """Decoded samples of one cluster with the position after each; endless unless ``epochs``."""
+    entries = manifest.clusters[cluster].holdout if holdout else manifest.clusters[cluster].shards
+    urls_all = sorted(manifest.resolve(s.url) for s in entries)
+    pos = DataPosition(start.epoch, start.index)
+    while not epochs or pos.epoch < epochs:
+        rng = random.Random((seed * 100_003 + pos.epoch) * 31 + cluster)
+        urls = list(urls_all)
+        rng.shuffle(urls)
+        n_in_epoch = 0
+        for i, sample in enumerate(_samples(urls, rng, 0 if holdout else shuffle_buffer)):
+            n_in_epoch += 1
+            if i < pos.index:
+                continue  # resuming: skip what was already consumed in this epoch
+            x, cap, lab = _decode(sample, image_size, cluster)
+            pos = DataPosition(pos.epoch, i + 1)
+            yield x, cap, lab, pos
+        if n_in_epoch == 0:
+            raise ManifestError(f"shards of cluster {cluster} hold no samples")
+        pos = DataPosition(pos.epoch + 1, 0)
+
+
 def stream_batches(
     manifest: Manifest,
     clusters: list[int],
@@ -87,39 +122,52 @@ def stream_batches(
 ) -> Iterator[Batch]:
     """Endless (or ``epochs``-long) batches over the shards of ``clusters``.
 
-    The label of a sample is the cluster whose shard it came from, so the router learns the
-    assignment the experts were trained on.
+    Several clusters are interleaved sample by sample, each drawn with probability proportional
+    to its size: reading shards one after another would give batches of a single cluster, and a
+    router trained on those chases whichever shard is current. With ``epochs`` (evaluation) the
+    clusters are simply read in turn. A sample's label is the cluster it was assigned to.
     """
-    entries = [
-        (c, s) for c in clusters for s in (manifest.clusters[c].holdout if holdout else manifest.clusters[c].shards)
-    ]
+    entries = [s for c in clusters for s in (manifest.clusters[c].holdout if holdout else manifest.clusters[c].shards)]
     if not entries:
         raise ManifestError(f"no {'held-out' if holdout else 'training'} shards for clusters {clusters}")
-    verify_local_shards(manifest, [s for _, s in entries])
-    label_of = {manifest.resolve(s.url): c for c, s in entries}
-    pos = DataPosition(**(start.to_dict() if start else {}))
+    verify_local_shards(manifest, entries)
+    start = start or DataPosition()
+
+    def sub(c: int) -> Iterator[tuple[torch.Tensor, str, int, DataPosition]]:
+        p = start.mix.get(str(c), [0, 0]) if len(clusters) > 1 else [start.epoch, start.index]
+        return _cluster_samples(manifest, c, image_size, seed, DataPosition(*p), holdout, epochs, shuffle_buffer)
+
     imgs: list[torch.Tensor] = []
     caps: list[str] = []
     labs: list[int] = []
-    while not epochs or pos.epoch < epochs:
-        rng = random.Random(seed * 100_003 + pos.epoch)
-        urls = sorted(label_of)
-        rng.shuffle(urls)
-        n_in_epoch = 0
-        for i, sample in enumerate(_samples(urls, rng, shuffle_buffer if not holdout else 0)):
-            n_in_epoch += 1
-            if i < pos.index:
-                continue  # resuming: skip what was already consumed in this epoch
-            x, cap, lab = _decode(sample, image_size, label_of.get(sample.get("__url__", ""), -1))
-            imgs.append(x)
-            caps.append(cap)
-            labs.append(lab)
-            pos = DataPosition(pos.epoch, i + 1)
+    pos = start
+
+    def emit() -> Batch:
+        return Batch(torch.stack(imgs), list(caps), torch.tensor(labs), pos)
+
+    if len(clusters) == 1 or epochs:
+        for c in clusters:
+            for x, cap, lab, where in sub(c):
+                imgs.append(x), caps.append(cap), labs.append(lab)
+                pos = where
+                if len(imgs) == batch_size:
+                    yield emit()
+                    imgs, caps, labs = [], [], []
+    else:
+        streams = {c: sub(c) for c in clusters}
+        weights = [manifest.clusters[c].samples for c in clusters]
+        mix = {k: list(v) for k, v in start.mix.items()}
+        drawn = start.drawn
+        while True:
+            # Each draw is a function of (seed, draw number), so a resumed mix continues exactly.
+            c = random.Random((seed + 1) * 1_000_003 + drawn).choices(clusters, weights)[0]
+            x, cap, lab, where = next(streams[c])
+            imgs.append(x), caps.append(cap), labs.append(lab)
+            mix[str(c)] = [where.epoch, where.index]
+            drawn += 1
             if len(imgs) == batch_size:
-                yield Batch(torch.stack(imgs), caps, torch.tensor(labs), pos)
+                pos = DataPosition(mix={k: list(v) for k, v in mix.items()}, drawn=drawn)
+                yield emit()
                 imgs, caps, labs = [], [], []
-        if n_in_epoch == 0:
-            raise ManifestError(f"shards of clusters {clusters} hold no samples")
-        pos = DataPosition(pos.epoch + 1, 0)
     if imgs:
-        yield Batch(torch.stack(imgs), caps, torch.tensor(labs), pos)
+        yield emit()

@@ -42,3 +42,11 @@ def small_run(tmp_path_factory) -> Path:
         "--role", "trainer", "--local", "--workdir", str(work), "--job", "router", "--steps", "6", "--batch-size", "32"
     )
     return work
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same random state, so a failure reproduces."""
+    import torch
+
+    torch.manual_seed(0)
