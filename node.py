@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 ROLES = ("prepare", "trainer", "client", "export", "bootstrap", "server", "status")
-NOT_YET = ("bootstrap", "server", "status")
+NOT_YET = ("server", "status")
 
 
 class UsageError(ValueError):
@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-encoder", default="minilm", help="minilm (default) or clip:PATH[@ARCH]")
     p.add_argument("--vae", default="", help="diffusers AutoencoderKL folder for latent presets")
+    g = p.add_argument_group("swarm")
+    g.add_argument("--identity", help="folder with this node's keys (default <workdir>/identity/<role>)")
+    g.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"], help="addresses to listen on")
+    g.add_argument("--announce-maddrs", nargs="*", default=[], help="addresses to tell other peers")
+    g.add_argument("--join-timeout", type=float, default=30.0, help="seconds to reach the initial peers")
     g = p.add_argument_group("prepare")
     g.add_argument("--source", default="twemoji", help="twemoji | folder:PATH | shard paths/URLs (.tar, braces ok)")
     g.add_argument("--clusters", type=int, default=4)
@@ -247,6 +252,40 @@ def run_client(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({dt:.1f}s, {dt / len(prompts):.2f}s per image)")
 
 
+def _swarm_config(args: argparse.Namespace):
+    from swarm.dht import SwarmConfig
+
+    identity = args.identity or str(Path(args.workdir) / "identity" / args.role)
+    return SwarmConfig(
+        identity_dir=identity,
+        initial_peers=list(args.initial_peers or []),
+        host_maddrs=args.host_maddrs,
+        announce_maddrs=args.announce_maddrs,
+        join_timeout=args.join_timeout,
+    )
+
+
+def run_bootstrap(args: argparse.Namespace) -> None:
+    """A long-lived DHT entry point; its identity folder keeps its peer id across restarts."""
+    import signal
+    import threading
+
+    from swarm.dht import SwarmNode
+
+    node = SwarmNode(_swarm_config(args))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"bootstrap peer {node.peer_id} is up; other nodes join with:", flush=True)
+    print(f"  {node.initial_peers_line()}", flush=True)
+    try:
+        while not stop.wait(60):
+            pass
+    finally:
+        node.shutdown()
+        print("bootstrap peer stopped", flush=True)
+
+
 def run_export(args: argparse.Namespace) -> None:
     from router.ensemble import export_paris
 
@@ -267,11 +306,18 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         if args.role in NOT_YET:
             raise UsageError(f"--role {args.role} is not available in this version yet")
-        {"prepare": run_prepare, "trainer": run_trainer, "client": run_client, "export": run_export}[args.role](args)
+        roles = {
+            "prepare": run_prepare,
+            "trainer": run_trainer,
+            "client": run_client,
+            "export": run_export,
+            "bootstrap": run_bootstrap,
+        }
+        roles[args.role](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, FloatingPointError) as e:  # our errors subclass ValueError
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as e:  # ours subclass these
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -9,7 +9,7 @@ periodic checkpoints and a loss-curve PNG.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -151,8 +151,16 @@ def plot_loss(history: list[list[float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def train(job: TrainJob, cfg: TrainConfig) -> Checkpoint:
-    """Train ``job`` until its budget is spent; returns the last checkpoint written."""
+def train(
+    job: TrainJob,
+    cfg: TrainConfig,
+    should_stop: Callable[[], bool] | None = None,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
+) -> Checkpoint:
+    """Train ``job`` until its budget is spent or ``should_stop()``; returns the last checkpoint.
+
+    ``on_checkpoint`` is called with every checkpoint written (a swarm trainer publishes it).
+    """
     torch.manual_seed(cfg.seed)
     model = job.model.train()
     params = list(model.parameters())
@@ -206,18 +214,22 @@ def train(job: TrainJob, cfg: TrainConfig) -> Checkpoint:
                     progress.update(
                         task, completed=step, description=f"step {step}  loss {running:.4f}  {rate:.0f} samples/s"
                     )
-                stop = done_steps() or out_of_time()
+                stop = done_steps() or out_of_time() or (should_stop is not None and should_stop())
                 due = step % cfg.ckpt_every_steps == 0 or time.monotonic() - t_ckpt >= cfg.ckpt_every_minutes * 60
                 if due or stop:
                     elapsed = elapsed0 + time.monotonic() - t_start
                     ckpt = _save(job, cfg, ema, opt, step, samples, position, history, elapsed)
                     t_ckpt = time.monotonic()
+                    if on_checkpoint is not None:
+                        on_checkpoint(ckpt)
                     progress.console.log(f"{job.name}: checkpoint step {step} sha256 {ckpt.sha256[:12]}")
                 if stop:
                     break
         progress.update(task, completed=step, description=f"step {step}  loss {running or 0:.4f}  done")
     if ckpt is None or ckpt.step != step:
         ckpt = _save(job, cfg, ema, opt, step, samples, position, history, elapsed0 + time.monotonic() - t_start)
+        if on_checkpoint is not None:
+            on_checkpoint(ckpt)
     plot_loss(history, Path(cfg.ckpt_root) / "loss.png", job.name)
     return ckpt
 

@@ -1,0 +1,168 @@
+"""Peer-to-peer blob transfer by sha256: manifests, shards and checkpoint files.
+
+One streaming handler serves any blob this node holds. A request is the blob's sha256 (32 raw
+bytes) and a start offset; the reply is a status byte, the blob's size, then its bytes, sent in
+chunks straight from the file. The receiver hashes while it writes to a temporary file and only
+renames it into place when the sha256 matches, so a corrupt or forged blob is never used; it
+then tries the next provider. A checkpoint travels as its ``meta.json`` (whose sha256 is the
+checkpoint's identity) followed by every file that meta lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import struct
+import threading
+from pathlib import Path
+
+from hivemind.p2p import PeerID
+
+from experts.checkpoint import META_NAME, Checkpoint, verify_checkpoint
+from experts.manifest import sha256_file
+
+PROTOCOL = "diffswarm-blob-v1"
+CHUNK = 1 << 20
+OK, MISSING = 0, 1
+MAX_BLOB = 64 << 30  # refuse absurd sizes a peer might announce
+
+
+class BlobError(RuntimeError):
+    """No provider could deliver a blob that matches its sha256."""
+
+
+class BlobStore:
+    """The blobs this node can provide: sha256 → a verified local file."""
+
+    def __init__(self) -> None:
+        self._paths: dict[str, Path] = {}
+        self._lock = threading.Lock()
+
+    def add_file(self, path: Path, sha256: str | None = None) -> str:
+        digest = sha256 or sha256_file(path)
+        with self._lock:
+            self._paths[digest] = Path(path)
+        return digest
+
+    def add_checkpoint(self, ckpt: Checkpoint) -> None:
+        """Provide a verified checkpoint: its meta.json under the checkpoint's sha256, and its files."""
+        self.add_file(ckpt.path / META_NAME, ckpt.sha256)
+        for rel, digest in ckpt.meta["files"].items():
+            self.add_file(ckpt.path / rel, digest)
+
+    def path(self, sha256: str) -> Path | None:
+        with self._lock:
+            return self._paths.get(sha256)
+
+    def __contains__(self, sha256: str) -> bool:
+        return self.path(sha256) is not None
+
+
+class BlobService:
+    """Serves :class:`BlobStore` over the node's libp2p daemon and fetches from other peers.
+
+    hivemind's P2P API is asyncio; it runs in a private event-loop thread so the rest of the
+    node stays synchronous.
+    """
+
+    def __init__(self, dht, store: BlobStore, timeout: float = 60.0) -> None:
+        self.store, self.timeout = store, timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="blob-service", daemon=True)
+        self._thread.start()
+        self.p2p = self._run(dht.replicate_p2p())
+        self._run(self.p2p.add_binary_stream_handler(PROTOCOL, self._serve))
+
+    def _run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _serve(self, _info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await reader.readexactly(40)
+            digest, offset = request[:32].hex(), struct.unpack(">Q", request[32:])[0]
+            path = self.store.path(digest)
+            if path is None or not path.is_file():
+                writer.write(struct.pack(">BQ", MISSING, 0))
+                await writer.drain()
+                return
+            size = path.stat().st_size
+            writer.write(struct.pack(">BQ", OK, size))
+            with open(path, "rb") as f:
+                f.seek(min(offset, size))
+                while chunk := f.read(CHUNK):
+                    writer.write(chunk)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the requester went away; nothing to clean up
+        finally:
+            writer.close()
+
+    async def _fetch_one(self, peer: str, digest: str, dest: Path) -> None:
+        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL)
+        try:
+            writer.write(bytes.fromhex(digest) + struct.pack(">Q", 0))
+            await writer.drain()
+            status, size = struct.unpack(">BQ", await reader.readexactly(9))
+            if status != OK:
+                raise BlobError(f"peer {peer[:12]}… does not have blob {digest[:12]}")
+            if size > MAX_BLOB:
+                raise BlobError(f"peer {peer[:12]}… announced an absurd size {size} for {digest[:12]}")
+            h = hashlib.sha256()
+            tmp = dest.with_name(dest.name + ".part")
+            with open(tmp, "wb") as f:
+                left = size
+                while left:
+                    chunk = await reader.read(min(CHUNK, left))
+                    if not chunk:
+                        raise BlobError(f"peer {peer[:12]}… closed the stream early")
+                    h.update(chunk)
+                    f.write(chunk)
+                    left -= len(chunk)
+            if h.hexdigest() != digest:
+                tmp.unlink(missing_ok=True)
+                raise BlobError(f"blob from peer {peer[:12]}… does not match sha256 {digest[:12]}; refused")
+            tmp.rename(dest)
+        finally:
+            writer.close()
+
+    def fetch(self, digest: str, providers: list[str], dest: Path) -> Path:
+        """Fetch blob ``digest`` into ``dest`` from the first provider that delivers it intact."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        held = self.store.path(digest)
+        if held is not None and held.is_file():  # already here (another folder): copy, no network
+            if held.resolve() != dest.resolve():
+                shutil.copyfile(held, dest)
+            return dest
+        errors = []
+        for peer in providers:
+            try:
+                self._run(asyncio.wait_for(self._fetch_one(peer, digest, dest), self.timeout))
+                self.store.add_file(dest, digest)
+                return dest
+            except Exception as e:  # any failure of one provider means: try the next one
+                errors.append(str(e) or repr(e))
+        raise BlobError(f"could not fetch {digest[:12]} from {len(providers)} provider(s): " + "; ".join(errors[-3:]))
+
+    def fetch_checkpoint(self, sha256: str, providers: list[str], dest: Path) -> Checkpoint:
+        """Fetch a whole checkpoint folder and verify it before returning it."""
+        meta_path = self.fetch(sha256, providers, dest / META_NAME)
+        files = json.loads(meta_path.read_bytes())["files"]
+        for rel, digest in files.items():
+            target = (dest / rel).resolve()
+            if not str(target).startswith(str(dest.resolve()) + "/"):
+                raise BlobError(f"checkpoint {sha256[:12]} lists a file outside its folder: {rel!r}")
+            self.fetch(digest, providers, target)
+        ckpt = verify_checkpoint(dest, expected_sha256=sha256)
+        self.store.add_checkpoint(ckpt)
+        return ckpt
+
+    def shutdown(self) -> None:
+        try:
+            self._run(self.p2p.remove_binary_stream_handler(PROTOCOL), timeout=5)
+            self._run(self.p2p.shutdown(), timeout=5)
+        except Exception:  # shutting down: the daemon may already be gone
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)

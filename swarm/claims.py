@@ -1,0 +1,75 @@
+"""The claim rule (DESIGN.md §6) as pure functions of a DHT snapshot.
+
+There is no compare-and-swap in a DHT, so ownership is decided by everyone the same way from
+what they read: among the live claims of a job for this run, the winner is the one with the
+smallest ``(t0, owner key)``. A node claims a free job, waits a settle time, re-reads, and
+withdraws if it does not win; an owner re-checks at each renewal and stops once it no longer
+wins. Expired claims vanish from the DHT by themselves, which frees the job for idle trainers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from swarm.records import CheckpointRecord, ClaimRecord, RunRecord
+
+
+@dataclass
+class Snapshot:
+    """What a node read from the DHT at one moment (expired records already dropped)."""
+
+    run: RunRecord
+    claims: dict[str, dict[bytes, ClaimRecord]] = field(default_factory=dict)  # job → owner → claim
+    ckpts: dict[str, dict[bytes, CheckpointRecord]] = field(default_factory=dict)  # job → owner → record
+
+    def live_claims(self, job: str) -> dict[bytes, ClaimRecord]:
+        """Claims of ``job`` for this run (records of other runs are ignored)."""
+        return {o: c for o, c in self.claims.get(job, {}).items() if c.active and c.run == self.run.manifest_sha256}
+
+
+def winner(snapshot: Snapshot, job: str) -> bytes | None:
+    """The owner of ``job``: min (t0, owner key) over its live claims; ``None`` if unclaimed."""
+    live = snapshot.live_claims(job)
+    if not live:
+        return None
+    return min(live, key=lambda owner: (live[owner].t0, owner))
+
+
+def owners(snapshot: Snapshot) -> dict[str, bytes | None]:
+    return {job: winner(snapshot, job) for job in snapshot.run.jobs()}
+
+
+def latest_checkpoint(snapshot: Snapshot, job: str) -> CheckpointRecord | None:
+    """The most advanced checkpoint published for ``job`` in this run (ties: by hash, for determinism)."""
+    recs = [r for r in snapshot.ckpts.get(job, {}).values() if r.run == snapshot.run.manifest_sha256]
+    return max(recs, key=lambda r: (r.step, r.sha256)) if recs else None
+
+
+def choose_job(snapshot: Snapshot, me: bytes, wanted: str | None = None) -> str | None:
+    """The job this node should claim now, or ``None`` to wait.
+
+    A job this node already wins is kept. Otherwise: ``wanted`` if it is free; else one of the
+    free experts with the least training so far (lowest published step), and the router only
+    once every expert has an owner (it is the least urgent job).
+    """
+    current = owners(snapshot)
+    for job, owner in current.items():
+        if owner == me:
+            return job
+    free = [job for job, owner in current.items() if owner is None]
+    if wanted is not None:
+        return wanted if wanted in free else None
+    experts = [j for j in free if j != "router"]
+    if experts:
+        steps = {j: (ck.step if (ck := latest_checkpoint(snapshot, j)) else 0) for j in experts}
+        least = sorted((j for j in experts if steps[j] == min(steps.values())), key=lambda j: int(j.split("_")[1]))
+        # Nodes that start together read the same snapshot; a per-node pick among the equally
+        # needed jobs spreads them out instead of all racing for the first one.
+        return least[int.from_bytes(hashlib.sha256(me).digest()[:4], "big") % len(least)]
+    return "router" if "router" in free else None
+
+
+def still_wins(snapshot: Snapshot, job: str, me: bytes) -> bool:
+    """Checked after the settle time and at every renewal: keep training only while True."""
+    return winner(snapshot, job) == me

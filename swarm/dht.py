@@ -1,0 +1,133 @@
+"""Joining the swarm: a hivemind DHT with a persistent identity and the swarm's validators,
+plus typed reads and writes of the records in :mod:`swarm.records`.
+
+With no initial peers a node starts a new swarm and prints the exact ``--initial-peers`` line
+for others. Unreachable initial peers end in a clear error within ``join_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass, field
+
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+
+from swarm.claims import Snapshot
+from swarm.identity import identity_paths, load_or_create_rsa_key
+from swarm.records import (
+    CLAIM_TTL_S,
+    CheckpointRecord,
+    ClaimRecord,
+    RunRecord,
+    ckpt_key,
+    claim_key,
+    decode,
+    encode,
+    run_key,
+    validators,
+)
+
+
+class SwarmError(RuntimeError):
+    """The swarm could not be joined or answered nothing usable."""
+
+
+@dataclass
+class SwarmConfig:
+    identity_dir: str  # holds p2p.key and rsa.der: the same folder gives the same peer id
+    initial_peers: list[str] = field(default_factory=list)  # empty: start a new swarm
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce_maddrs: list[str] = field(default_factory=list)
+    join_timeout: float = 30.0  # seconds to reach the initial peers before giving up
+
+
+class SwarmNode:
+    """One DHT participant; every record it writes is signed and owned by its RSA key."""
+
+    def __init__(self, cfg: SwarmConfig) -> None:
+        p2p_key, rsa_path = identity_paths(cfg.identity_dir)
+        self.rsa = RSASignatureValidator(load_or_create_rsa_key(rsa_path))
+        self.owner: bytes = self.rsa.local_public_key
+        kwargs = dict(
+            initial_peers=cfg.initial_peers or None,
+            start=True,
+            host_maddrs=cfg.host_maddrs,
+            identity_path=str(p2p_key),
+            record_validators=validators(self.rsa),
+            await_ready=True,
+        )
+        if cfg.announce_maddrs:
+            kwargs["announce_maddrs"] = cfg.announce_maddrs
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        future = pool.submit(DHT, **kwargs)
+        try:
+            self.dht = future.result(timeout=cfg.join_timeout)
+        except concurrent.futures.TimeoutError:
+            raise SwarmError(
+                f"could not join the swarm within {cfg.join_timeout:.0f}s: "
+                f"initial peers {cfg.initial_peers} did not answer"
+            ) from None
+        except Exception as e:  # hivemind raises several types here; all mean "cannot join"
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SwarmError(f"could not join the swarm via {cfg.initial_peers}: {reason}") from None
+        finally:
+            pool.shutdown(wait=False)
+        self.peer_id = str(self.dht.peer_id)
+        self._expiry: dict[str, float] = {}  # key → expiration of our last write under it
+
+    def maddrs(self) -> list[str]:
+        return [str(a) for a in self.dht.get_visible_maddrs()]
+
+    def initial_peers_line(self) -> str:
+        loopback_last = sorted(self.maddrs(), key=lambda a: ("/127.0.0.1/" in a, a))
+        return "--initial-peers " + " ".join(loopback_last)
+
+    # ---------------------------------------------------------------- writes
+    def store(self, key: str, record, ttl: float) -> bool:
+        """Write ``record`` under our owner subkey; False if the swarm refused it.
+
+        The DHT keeps whichever record expires last, so a write never expires before the
+        previous one this node made under the same key.
+        """
+        expiration = max(get_dht_time() + ttl, self._expiry.get(key, 0.0) + 1e-3)
+        ok = bool(self.dht.store(key, encode(record), expiration, subkey=self.owner))
+        if ok:
+            self._expiry[key] = expiration
+        return ok
+
+    def withdraw_claim(self, job: str, claim: ClaimRecord) -> bool:
+        """Release a claim now. The DHT has no delete and keeps the record with the later expiry,
+        so the release is a fresh record marked inactive, which the claim rule ignores."""
+        released = ClaimRecord(claim.run, claim.peer, claim.t0, active=False)
+        return self.store(claim_key(job), released, CLAIM_TTL_S)
+
+    # ---------------------------------------------------------------- reads
+    def read(self, key: str, cls) -> dict[bytes, object]:
+        """Live, well-formed records under ``key`` by owner (malformed ones are dropped)."""
+        found = self.dht.get(key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        out = {}
+        for owner, item in found.value.items():
+            rec = decode(cls, getattr(item, "value", None))
+            if rec is not None and isinstance(owner, bytes):
+                out[owner] = rec
+        return out
+
+    def run(self) -> RunRecord | None:
+        """The run this swarm trains: the newest well-formed run record, if any."""
+        runs = self.read(run_key(), RunRecord)
+        return max(runs.values(), key=lambda r: r.manifest_sha256) if runs else None
+
+    def snapshot(self, run: RunRecord) -> Snapshot:
+        jobs = run.jobs()
+        return Snapshot(
+            run=run,
+            claims={j: self.read(claim_key(j), ClaimRecord) for j in jobs},
+            ckpts={j: self.read(ckpt_key(j), CheckpointRecord) for j in jobs},
+        )
+
+    def shutdown(self) -> None:
+        self.dht.shutdown()

@@ -1,0 +1,92 @@
+"""The claim rule and the record schema as pure functions, without a network."""
+
+import itertools
+import random
+
+from swarm.claims import Snapshot, choose_job, latest_checkpoint, owners, still_wins, winner
+from swarm.records import CheckpointRecord, ClaimRecord, RunRecord, decode, encode
+
+RUN = RunRecord("a" * 64, 3, ["tiny"] * 3, ["fm", "fm", "ddpm"], 1234)
+OTHER_RUN = "b" * 64
+
+
+def key(i: int) -> bytes:
+    return b"[owner:key%03d]" % i
+
+
+def test_winner_is_min_t0_then_owner_key_and_ignores_other_runs():
+    snap = Snapshot(
+        RUN,
+        claims={
+            "expert_0": {
+                key(2): ClaimRecord(RUN.manifest_sha256, "p2", 10.0),
+                key(1): ClaimRecord(RUN.manifest_sha256, "p1", 10.0),
+                key(0): ClaimRecord(OTHER_RUN, "p0", 1.0),
+                key(3): ClaimRecord(RUN.manifest_sha256, "p3", 11.0),
+            }
+        },
+    )
+    assert winner(snap, "expert_0") == key(1)
+    assert still_wins(snap, "expert_0", key(1)) and not still_wins(snap, "expert_0", key(2))
+    assert winner(snap, "expert_1") is None
+    snap.claims["expert_0"][key(1)] = ClaimRecord(RUN.manifest_sha256, "p1", 10.0, active=False)  # withdrawn
+    assert winner(snap, "expert_0") == key(2)
+
+
+def test_choose_job_keeps_own_job_then_prefers_least_trained_expert_then_router():
+    snap = Snapshot(
+        RUN,
+        claims={"expert_1": {key(1): ClaimRecord(RUN.manifest_sha256, "p1", 1.0)}},
+        ckpts={
+            "expert_0": {key(9): CheckpointRecord(RUN.manifest_sha256, 500, "c" * 64, 1, "fm", "tiny", 0.1, ["p9"])}
+        },
+    )
+    assert choose_job(snap, key(1)) == "expert_1"  # keeps what it owns
+    assert choose_job(snap, key(5)) == "expert_2"  # expert_0 already has 500 steps of progress
+    assert choose_job(snap, key(5), wanted="expert_1") is None  # taken: wait
+    assert choose_job(snap, key(5), wanted="expert_0") == "expert_0"
+    assert latest_checkpoint(snap, "expert_0").step == 500
+    everything = {f"expert_{k}": {key(k): ClaimRecord(RUN.manifest_sha256, "p", 1.0)} for k in range(3)}
+    assert choose_job(Snapshot(RUN, claims=everything), key(7)) == "router"
+    everything["router"] = {key(8): ClaimRecord(RUN.manifest_sha256, "p", 1.0)}
+    assert choose_job(Snapshot(RUN, claims=everything), key(7)) is None  # nothing free: wait
+
+
+def test_simultaneous_claims_settle_to_one_owner_per_job():
+    """Rounds of the protocol on a shared snapshot: everyone claims what it chose, re-reads,
+    losers withdraw. Every job ends with exactly one owner and nobody believes otherwise."""
+    rng = random.Random(0)
+    for trial in range(20):
+        nodes = [key(i) for i in rng.sample(range(100), 6)]
+        claims: dict[str, dict[bytes, ClaimRecord]] = {}
+        t = 0.0
+        for _ in range(6):
+            snap = Snapshot(RUN, claims={j: dict(c) for j, c in claims.items()})
+            for n in nodes:
+                job = choose_job(snap, n)
+                if job and n not in claims.get(job, {}):
+                    claims.setdefault(job, {})[n] = ClaimRecord(RUN.manifest_sha256, "p", t + rng.random())
+            settled = Snapshot(RUN, claims={j: dict(c) for j, c in claims.items()})
+            for job, cs in claims.items():  # losers withdraw after the settle time
+                for n in list(cs):
+                    if not still_wins(settled, job, n):
+                        del cs[n]
+            t += 1.0
+        final = Snapshot(RUN, claims=claims)
+        own = owners(final)
+        assert all(own[j] is not None for j in RUN.jobs()), trial
+        for job in RUN.jobs():
+            believers = [n for n in nodes if still_wins(final, job, n)]
+            assert len(believers) == 1
+        assert len(set(own.values())) == len(RUN.jobs())  # 4 jobs, 4 distinct owners, 2 idle
+        assert not any(list(itertools.chain(*(cs for cs in claims.values()))).count(n) > 1 for n in nodes)
+
+
+def test_records_round_trip_and_reject_malformed_values():
+    rec = CheckpointRecord(RUN.manifest_sha256, 10, "d" * 64, 99, "fm", "tiny", 0.5, ["peer"])
+    assert decode(CheckpointRecord, encode(rec)) == rec
+    bad = encode(rec) | {"step": -1}
+    assert decode(CheckpointRecord, bad) is None
+    assert decode(CheckpointRecord, encode(rec) | {"sha256": "not-a-hash"}) is None
+    assert decode(ClaimRecord, "a string") is None
+    assert decode(RunRecord, encode(RUN)) == RUN

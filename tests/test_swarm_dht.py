@@ -1,0 +1,140 @@
+"""Real hivemind peers on 127.0.0.1: signed records, schema validation, persistent identity,
+and a clear error for unreachable peers."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hivemind.utils import get_dht_time
+
+from swarm.claims import winner
+from swarm.dht import SwarmConfig, SwarmError, SwarmNode
+from swarm.records import ClaimRecord, RunRecord, claim_key, encode, run_key
+from tests.conftest import ENV, ROOT, node
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+RUN = RunRecord("a" * 64, 2, ["tiny", "tiny"], ["fm", "ddpm"], 100)
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    a = SwarmNode(SwarmConfig(str(tmp_path / "a"), host_maddrs=LOOPBACK))
+    b = None
+    try:
+        b = SwarmNode(SwarmConfig(str(tmp_path / "b"), initial_peers=a.maddrs(), host_maddrs=LOOPBACK))
+        yield a, b
+    finally:
+        for n in (b, a):
+            if n is not None:
+                n.shutdown()
+
+
+def test_records_are_owned_and_validated(two_nodes):
+    a, b = two_nodes
+    assert a.store(run_key(), RUN, ttl=60)
+    claim = ClaimRecord(RUN.manifest_sha256, a.peer_id, 1.0)
+    assert a.store(claim_key("expert_0"), claim, ttl=60)
+    assert b.run() == RUN
+    assert b.read(claim_key("expert_0"), ClaimRecord) == {a.owner: claim}
+
+    # b forges a record under a's owner subkey: its own validator refuses to sign for a's key,
+    # and the record a wrote stays what a wrote.
+    forged = encode(ClaimRecord(RUN.manifest_sha256, b.peer_id, 0.0))
+    assert not b.dht.store(claim_key("expert_0"), forged, get_dht_time() + 60, subkey=a.owner)
+    assert a.read(claim_key("expert_0"), ClaimRecord) == {a.owner: claim}
+
+    # a value that breaks the schema is refused even under one's own key
+    assert not b.dht.store(claim_key("expert_0"), {"run": "nope"}, get_dht_time() + 60, subkey=b.owner)
+    assert set(a.read(claim_key("expert_0"), ClaimRecord)) == {a.owner}
+
+    # withdrawing makes the claim vanish
+    assert a.withdraw_claim("expert_0", claim)
+    snap = b.snapshot(RUN)
+    assert winner(snap, "expert_0") is None and not snap.live_claims("expert_0")
+
+
+def _start_bootstrap(identity, port_maddr="/ip4/127.0.0.1/tcp/0"):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "node.py"),
+            "--role",
+            "bootstrap",
+            "--identity",
+            str(identity),
+            "--host-maddrs",
+            port_maddr,
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 90
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "--initial-peers" in line:
+            peer_id = lines[0].split()[2]
+            return proc, peer_id, line.split()[1:]
+    proc.kill()
+    raise AssertionError(f"bootstrap did not start: {lines} {proc.stderr.read()[-2000:]}")
+
+
+def _stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_restarted_bootstrap_keeps_its_peer_id_and_peers_reconnect(tmp_path):
+    proc, peer_id, maddrs = _start_bootstrap(tmp_path / "boot")
+    try:
+        port = maddrs[0].split("/tcp/")[1].split("/")[0]
+    finally:
+        _stop(proc)
+    proc, again, maddrs2 = _start_bootstrap(tmp_path / "boot", f"/ip4/127.0.0.1/tcp/{port}")
+    try:
+        assert again == peer_id and maddrs2 == maddrs
+        joined = SwarmNode(SwarmConfig(str(tmp_path / "t"), initial_peers=maddrs2, host_maddrs=LOOPBACK))
+        try:
+            assert joined.store(run_key(), RUN, ttl=30) and joined.run() == RUN
+        finally:
+            joined.shutdown()
+    finally:
+        _stop(proc)
+
+
+def test_unreachable_initial_peers_fail_with_one_line_in_bounded_time(tmp_path):
+    bad = "/ip4/127.0.0.1/tcp/9/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    t0 = time.time()
+    proc = node(
+        "--role",
+        "bootstrap",
+        "--identity",
+        str(tmp_path / "x"),
+        "--initial-peers",
+        bad,
+        "--host-maddrs",
+        LOOPBACK[0],
+        "--join-timeout",
+        "20",
+        check=False,
+        timeout=120,
+    )
+    assert time.time() - t0 < 90
+    assert proc.returncode != 0
+    last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
+    assert last.startswith("error: could not join the swarm"), proc.stderr[-2000:]
+    with pytest.raises(SwarmError):
+        SwarmNode(SwarmConfig(str(tmp_path / "y"), initial_peers=[bad], host_maddrs=LOOPBACK, join_timeout=20))
