@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--holdout-fraction", type=float, default=0.05)
     g.add_argument("--embed", default="caption", help="caption | image:PATH[@ARCH]")
     g.add_argument("--limit", type=int, default=0, help="use at most N items")
+    g.add_argument("--serve", action="store_true", help="after preparing, publish the run and provide its data")
     g = p.add_argument_group("trainer")
     g.add_argument("--local", action="store_true", help="train/sample on this machine without a swarm")
     g.add_argument("--expert", help="trainer: cluster id; server: id or list")
@@ -66,7 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=0)
     g.add_argument("--lr", type=float, default=0.0)
     g.add_argument("--router-preset", default="tiny", choices=sorted(ROUTER_PRESETS))
-    g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps (and every 5 minutes)")
+    g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps")
+    g.add_argument("--ckpt-minutes", type=float, default=5.0, help="and at least every M minutes")
+    g.add_argument("--heartbeat", type=float, default=5.0, help="swarm: claim renewal period in seconds")
+    g.add_argument("--run-timeout", type=float, default=0.0, help="swarm: give up if no run appears (0: wait)")
     g = p.add_argument_group("client")
     g.add_argument("--mode", default="topk", choices=MODES)
     g.add_argument("--k", type=int, default=2)
@@ -116,7 +120,21 @@ def run_prepare(args: argparse.Namespace) -> None:
     )
     for c in manifest.clusters:
         print(f"  cluster {c.id}: {c.samples:5d} images, {c.objective}, e.g. {', '.join(c.examples[:3])}")
-    print(f"manifest: {data_dir / 'manifest.json'}\ncontact sheet: {data_dir / 'clusters.png'}")
+    print(f"manifest: {data_dir / 'manifest.json'}\ncontact sheet: {data_dir / 'clusters.png'}", flush=True)
+    if args.serve:
+        from swarm.dht import SwarmNode
+        from swarm.trainer import serve_run
+
+        stop = _stop_on_signals()
+        node = SwarmNode(_swarm_config(args))
+        print(
+            f"serving run {digest[:12]} as {node.peer_id}; trainers join with:\n  {node.initial_peers_line()}",
+            flush=True,
+        )
+        try:
+            serve_run(node, data_dir, stop)
+        finally:
+            node.shutdown()
 
 
 def _space(args: argparse.Namespace, preset_space: str):
@@ -128,9 +146,67 @@ def _space(args: argparse.Namespace, preset_space: str):
     return space
 
 
+def _stop_on_signals():
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def run_swarm_trainer(args: argparse.Namespace) -> None:
+    from experts.train import TrainConfig
+    from swarm.dht import SwarmNode
+    from swarm.trainer import SwarmTrainer, SwarmTrainerConfig
+
+    wanted = None
+    if args.job == "router":
+        wanted = "router"
+    elif args.expert is not None:
+        k = _int_list(args.expert, "--expert")
+        if len(k) != 1:
+            raise UsageError("a trainer trains one job: --expert K")
+        wanted = f"expert_{k[0]}"
+    tcfg = TrainConfig(
+        ckpt_root="",
+        steps=args.steps or 0,
+        minutes=args.minutes or (0.0 if args.steps else 60.0),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        ckpt_every_steps=args.ckpt_every,
+        seed=args.seed,
+        ckpt_every_minutes=args.ckpt_minutes,
+    )
+    cfg = SwarmTrainerConfig(
+        work_dir=str(Path(args.workdir) / "swarm"),
+        wanted=wanted,
+        heartbeat_s=args.heartbeat,
+        text_encoder=args.text_encoder,
+        vae=args.vae,
+        router_preset=args.router_preset,
+        train=tcfg,
+        run_timeout_s=args.run_timeout,
+    )
+    stop = _stop_on_signals()
+    node = SwarmNode(_swarm_config(args))
+    if not args.initial_peers:
+        print(f"started a new swarm; other nodes join with:\n  {node.initial_peers_line()}", flush=True)
+    print(f"trainer {node.peer_id} joined the swarm", flush=True)
+    trainer = SwarmTrainer(node, cfg, stop)
+    try:
+        last = trainer.run()
+        if last is not None:
+            print(f"trained up to step {last.step}; last checkpoint sha256 {last.sha256[:12]}", flush=True)
+    finally:
+        trainer.shutdown()
+        node.shutdown()
+
+
 def run_trainer(args: argparse.Namespace) -> None:
     if not args.local:
-        raise UsageError("swarm training is not available in this version yet; use --local")
+        return run_swarm_trainer(args)
     from experts.manifest import load_manifest
     from experts.presets import get_preset
     from experts.text_encoder import TextEncoderConfig, load_text_encoder

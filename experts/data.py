@@ -132,6 +132,8 @@ def stream_batches(
         raise ManifestError(f"no {'held-out' if holdout else 'training'} shards for clusters {clusters}")
     verify_local_shards(manifest, entries)
     start = start or DataPosition()
+    # A small cluster may have no held-out shard; it simply contributes nothing to a held-out stream.
+    clusters = [c for c in clusters if (manifest.clusters[c].holdout if holdout else manifest.clusters[c].shards)]
 
     def sub(c: int) -> Iterator[tuple[torch.Tensor, str, int, DataPosition]]:
         p = start.mix.get(str(c), [0, 0]) if len(clusters) > 1 else [start.epoch, start.index]

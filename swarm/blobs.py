@@ -56,6 +56,12 @@ class BlobStore:
         with self._lock:
             return self._paths.get(sha256)
 
+    def items(self) -> list[tuple[str, Path]]:
+        """Held blobs whose files still exist (pruned checkpoints drop out here)."""
+        with self._lock:
+            self._paths = {d: p for d, p in self._paths.items() if p.is_file()}
+            return list(self._paths.items())
+
     def __contains__(self, sha256: str) -> bool:
         return self.path(sha256) is not None
 
@@ -67,8 +73,8 @@ class BlobService:
     node stays synchronous.
     """
 
-    def __init__(self, dht, store: BlobStore, timeout: float = 60.0) -> None:
-        self.store, self.timeout = store, timeout
+    def __init__(self, dht, store: BlobStore, timeout: float = 600.0, connect_timeout: float = 5.0) -> None:
+        self.store, self.timeout, self.connect_timeout = store, timeout, connect_timeout
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="blob-service", daemon=True)
         self._thread.start()
@@ -100,11 +106,15 @@ class BlobService:
             writer.close()
 
     async def _fetch_one(self, peer: str, digest: str, dest: Path) -> None:
-        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL)
+        # A dead provider must cost seconds, not the whole transfer budget: bound the connect and
+        # every read separately.
+        _, reader, writer = await asyncio.wait_for(
+            self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL), self.connect_timeout
+        )
         try:
             writer.write(bytes.fromhex(digest) + struct.pack(">Q", 0))
             await writer.drain()
-            status, size = struct.unpack(">BQ", await reader.readexactly(9))
+            status, size = struct.unpack(">BQ", await asyncio.wait_for(reader.readexactly(9), self.connect_timeout))
             if status != OK:
                 raise BlobError(f"peer {peer[:12]}… does not have blob {digest[:12]}")
             if size > MAX_BLOB:
@@ -114,7 +124,7 @@ class BlobService:
             with open(tmp, "wb") as f:
                 left = size
                 while left:
-                    chunk = await reader.read(min(CHUNK, left))
+                    chunk = await asyncio.wait_for(reader.read(min(CHUNK, left)), self.connect_timeout)
                     if not chunk:
                         raise BlobError(f"peer {peer[:12]}… closed the stream early")
                     h.update(chunk)
@@ -166,3 +176,24 @@ class BlobService:
             pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+def announce(node, store: BlobStore, ttl: float | None = None) -> int:
+    """Tell the swarm this node provides every blob it holds; returns how many were announced."""
+    from swarm.records import PROVIDER_TTL_S, ProviderRecord, blob_key
+
+    n = 0
+    for digest, path in store.items():
+        if path.is_file() and node.store(
+            blob_key(digest), ProviderRecord(node.peer_id, path.stat().st_size), ttl or PROVIDER_TTL_S
+        ):
+            n += 1
+    return n
+
+
+def providers(node, digest: str) -> list[str]:
+    """Peers that announced ``digest``, this node excluded, in a stable order."""
+    from swarm.records import ProviderRecord, blob_key
+
+    recs = node.read(blob_key(digest), ProviderRecord)
+    return sorted({r.peer for r in recs.values() if r.peer != node.peer_id})

@@ -8,6 +8,7 @@ for others. Unreachable initial peers end in a clear error within ``join_timeout
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from dataclasses import dataclass, field
 
 from hivemind.dht import DHT
@@ -76,6 +77,7 @@ class SwarmNode:
             pool.shutdown(wait=False)
         self.peer_id = str(self.dht.peer_id)
         self._expiry: dict[str, float] = {}  # key → expiration of our last write under it
+        self._lock = threading.RLock()  # heartbeat, publisher and trainer threads share the node
 
     def maddrs(self) -> list[str]:
         return [str(a) for a in self.dht.get_visible_maddrs()]
@@ -91,11 +93,12 @@ class SwarmNode:
         The DHT keeps whichever record expires last, so a write never expires before the
         previous one this node made under the same key.
         """
-        expiration = max(get_dht_time() + ttl, self._expiry.get(key, 0.0) + 1e-3)
-        ok = bool(self.dht.store(key, encode(record), expiration, subkey=self.owner))
-        if ok:
-            self._expiry[key] = expiration
-        return ok
+        with self._lock:
+            expiration = max(get_dht_time() + ttl, self._expiry.get(key, 0.0) + 1e-3)
+            ok = bool(self.dht.store(key, encode(record), expiration, subkey=self.owner))
+            if ok:
+                self._expiry[key] = expiration
+            return ok
 
     def withdraw_claim(self, job: str, claim: ClaimRecord) -> bool:
         """Release a claim now. The DHT has no delete and keeps the record with the later expiry,
@@ -106,7 +109,8 @@ class SwarmNode:
     # ---------------------------------------------------------------- reads
     def read(self, key: str, cls) -> dict[bytes, object]:
         """Live, well-formed records under ``key`` by owner (malformed ones are dropped)."""
-        found = self.dht.get(key, latest=True)
+        with self._lock:
+            found = self.dht.get(key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return {}
         out = {}

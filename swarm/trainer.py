@@ -1,0 +1,341 @@
+"""The swarm trainer: learn the run from the DHT, claim a free job, train it in isolation, and
+publish checkpoints that any node can fetch and resume from.
+
+    wait for the run record → fetch the manifest by sha256 → loop:
+        read a snapshot → choose a job (claims.choose_job) → claim it → settle → re-read
+        lost? withdraw and try again.  won? fetch the job's shards and its latest published
+        checkpoint, then train; a heartbeat renews the claim and stops training the moment
+        this node no longer wins; every checkpoint is published with this node as provider.
+    nothing free? mirror the latest checkpoint of every job (so a job outlives its owner) and
+    wait for a claim to expire.
+
+A clean shutdown (SIGINT/SIGTERM) saves a checkpoint and withdraws the claim at once.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hivemind.utils import get_dht_time
+from rich.console import Console
+
+from experts.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints
+from experts.latent_space import load_space
+from experts.manifest import Manifest, load_manifest, sha256_file
+from experts.presets import get_preset
+from experts.text_encoder import TextEncoderConfig, load_text_encoder
+from experts.train import ExpertJob, TrainConfig, train
+from router.train import RouterJob
+from swarm import claims
+from swarm.blobs import BlobError, BlobService, BlobStore, announce, providers
+from swarm.dht import SwarmNode
+from swarm.records import (
+    CKPT_TTL_S,
+    HEARTBEAT_S,
+    PROVIDER_TTL_S,
+    CheckpointRecord,
+    ClaimRecord,
+    RunRecord,
+    ckpt_key,
+    claim_key,
+)
+
+console = Console(stderr=True)
+
+
+@dataclass
+class SwarmTrainerConfig:
+    work_dir: str  # fetched data, checkpoints and mirrors of this node
+    wanted: str | None = None  # "expert_K" or "router": only this job
+    heartbeat_s: float = HEARTBEAT_S  # claim renewal; a claim lives 3 heartbeats
+    settle_s: float = 0.0  # wait after claiming before re-reading (0: one heartbeat)
+    poll_s: float = 2.0  # how often an idle trainer looks again
+    run_timeout_s: float = 0.0  # give up if no run appears (0: wait forever)
+    text_encoder: str = "minilm"
+    vae: str = ""
+    router_preset: str = "tiny"
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(ckpt_root="", minutes=60.0))
+
+    @property
+    def claim_ttl_s(self) -> float:
+        return 3 * self.heartbeat_s
+
+
+def build_job(
+    manifest: Manifest,
+    digest: str,
+    job: str,
+    cfg: TrainConfig,
+    text_encoder: str = "minilm",
+    vae: str = "",
+    router_preset: str = "tiny",
+):
+    """The training job for ``expert_K`` or ``router`` on this run's data."""
+    preset = get_preset(manifest.clusters[0].preset)
+    if preset.space == "latent" and not vae:
+        raise ValueError("this run's preset works on latents; pass --vae PATH to an AutoencoderKL folder")
+    space = load_space(vae if preset.space == "latent" else "")
+    if job == "router":
+        return RouterJob(manifest, digest, space.name, space.encode, cfg, router_preset)
+    k = int(job.split("_")[1])
+    encoder = load_text_encoder(TextEncoderConfig.parse(text_encoder))
+    return ExpertJob(manifest, digest, k, encoder, space.name, space.encode, cfg)
+
+
+class ClaimKeeper(threading.Thread):
+    """Renews a claim every heartbeat and notices when this node stops winning it."""
+
+    def __init__(self, node: SwarmNode, run: RunRecord, job: str, claim: ClaimRecord, cfg: SwarmTrainerConfig):
+        super().__init__(name=f"claim-{job}", daemon=True)
+        self.node, self.run_rec, self.job, self.claim, self.cfg = node, run, job, claim, cfg
+        self.lost = threading.Event()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.cfg.heartbeat_s * random.uniform(0.8, 1.0)):  # jitter
+            try:
+                self.node.store(claim_key(self.job), self.claim, self.cfg.claim_ttl_s)
+                if not claims.still_wins(self.node.snapshot(self.run_rec), self.job, self.node.owner):
+                    console.log(f"{self.job}: another node now wins this job; stopping")
+                    self.lost.set()
+                    return
+            except Exception as e:  # a failed renewal is retried next beat; the lease covers 3
+                console.log(f"{self.job}: claim renewal failed: {e!r}")
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+
+class SwarmTrainer:
+    def __init__(self, node: SwarmNode, cfg: SwarmTrainerConfig, stop: threading.Event | None = None) -> None:
+        self.node, self.cfg = node, cfg
+        self.stop = stop or threading.Event()
+        self.store = BlobStore()
+        self.blobs = BlobService(node.dht, self.store)
+        self.work = Path(cfg.work_dir)
+        self._announcer = threading.Thread(target=self._announce_loop, name="provider", daemon=True)
+        self._announcer.start()
+
+    # ---------------------------------------------------------------- plumbing
+    def _announce_loop(self) -> None:
+        while not self.stop.wait(PROVIDER_TTL_S / 3):
+            try:
+                announce(self.node, self.store)
+            except Exception as e:  # the next round tries again
+                console.log(f"provider announcement failed: {e!r}")
+
+    def _sources(self, digest: str, extra: list[str] = ()) -> list[str]:
+        return list(dict.fromkeys([*extra, *providers(self.node, digest)]))
+
+    def wait_for_run(self) -> RunRecord:
+        t0 = time.monotonic()
+        said = False
+        while not self.stop.is_set():
+            run = self.node.run()
+            if run is not None:
+                return run
+            if not said:
+                console.log("waiting for a run to be published (python node.py --role prepare --serve ...)")
+                said = True
+            if self.cfg.run_timeout_s and time.monotonic() - t0 > self.cfg.run_timeout_s:
+                raise TimeoutError(f"no run was published in the swarm within {self.cfg.run_timeout_s:.0f}s")
+            self.stop.wait(self.cfg.poll_s)
+        raise InterruptedError("stopped while waiting for a run")
+
+    def fetch_manifest(self, run: RunRecord) -> tuple[Manifest, str]:
+        data = self.work / "data" / run.manifest_sha256[:12]
+        path = data / "manifest.json"
+        if not (path.is_file() and sha256_file(path) == run.manifest_sha256):
+            self.blobs.fetch(run.manifest_sha256, self._sources(run.manifest_sha256), path)
+        self.store.add_file(path, run.manifest_sha256)
+        manifest, digest = load_manifest(path)
+        if digest != run.manifest_sha256:
+            raise BlobError(f"manifest hash {digest[:12]} differs from the run's {run.manifest_sha256[:12]}")
+        return manifest, digest
+
+    def fetch_shards(self, manifest: Manifest, clusters: list[int]) -> None:
+        """Fetch this job's shards by sha256 (remote URLs are streamed by webdataset instead)."""
+        for c in clusters:
+            for entry in manifest.clusters[c].shards + manifest.clusters[c].holdout:
+                url = manifest.resolve(entry.url)
+                if "://" in url or url.startswith("pipe:"):
+                    continue
+                dest = Path(url)
+                if not dest.resolve().is_relative_to(manifest.root.resolve()):
+                    raise BlobError(f"manifest shard path escapes its folder: {entry.url!r}")
+                if not (dest.is_file() and sha256_file(dest) == entry.sha256):
+                    self.blobs.fetch(entry.sha256, self._sources(entry.sha256), dest)
+                self.store.add_file(dest, entry.sha256)
+
+    def _publish(self, job: str, run: RunRecord, ckpt: Checkpoint) -> None:
+        self.store.add_checkpoint(ckpt)
+        size = (
+            sum((ckpt.path / rel).stat().st_size for rel in ckpt.meta["files"])
+            + (ckpt.path / "meta.json").stat().st_size
+        )
+        objective = ckpt.meta.get("objective", "fm") if job != "router" else "router"
+        preset = ckpt.meta["preset"]["name"] if job != "router" else ckpt.meta["router_preset"]["name"]
+        loss = float(ckpt.meta.get("loss") or 0.0)
+        rec = CheckpointRecord(
+            run.manifest_sha256, ckpt.step, ckpt.sha256, size, objective, preset, loss, [self.node.peer_id]
+        )
+        self.node.store(ckpt_key(job), rec, CKPT_TTL_S)
+        announce(self.node, self.store)
+
+    def _resume_point(self, job: str, snap: claims.Snapshot, root: Path) -> None:
+        """Make the newest published checkpoint of ``job`` the latest one under ``root``."""
+        rec = claims.latest_checkpoint(snap, job)
+        try:
+            local = latest_checkpoint(root)
+        except CheckpointError as e:
+            console.log(f"{job}: ignoring a bad local checkpoint ({e})")
+            local = None
+        if rec is None or (local is not None and local.step >= rec.step):
+            return
+        console.log(f"{job}: fetching published checkpoint step {rec.step} ({rec.sha256[:12]})")
+        for stale in list_checkpoints(root):
+            if int(stale.name.split("_")[1]) >= rec.step:
+                raise CheckpointError(f"{stale} is newer than the published checkpoint; move it away")
+        self.blobs.fetch_checkpoint(rec.sha256, self._sources(rec.sha256, rec.providers), root / f"step_{rec.step:08d}")
+
+    def mirror(self, snap: claims.Snapshot) -> None:
+        mirror_checkpoints(self.node, self.blobs, snap, self.work / "mirror")
+
+    # ---------------------------------------------------------------- the loop
+    def claim(self, run: RunRecord) -> tuple[str, ClaimRecord] | None:
+        snap = self.node.snapshot(run)
+        job = claims.choose_job(snap, self.node.owner, self.cfg.wanted)
+        if job is None:
+            return None
+        mine = snap.live_claims(job).get(self.node.owner)
+        claim = mine or ClaimRecord(run.manifest_sha256, self.node.peer_id, float(get_dht_time()))
+        self.node.store(claim_key(job), claim, self.cfg.claim_ttl_s)
+        self.stop.wait(self.cfg.settle_s or self.cfg.heartbeat_s)
+        if claims.still_wins(self.node.snapshot(run), job, self.node.owner):
+            return job, claim
+        self.node.withdraw_claim(job, claim)
+        return None
+
+    def run(self) -> Checkpoint | None:
+        """Train until the budget is spent or the node is stopped; returns the last checkpoint."""
+        run = self.wait_for_run()
+        manifest, digest = self.fetch_manifest(run)
+        console.log(f"joined run {digest[:12]}: {run.num_clusters} experts + router")
+        deadline = time.monotonic() + self.cfg.train.minutes * 60 if self.cfg.train.minutes else None
+        last = None
+        idle_said = False
+        while not self.stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            won = self.claim(run)
+            if won is None:
+                if not idle_said:
+                    console.log("no free job; waiting for a claim to expire")
+                    idle_said = True
+                self.mirror(self.node.snapshot(run))
+                self.stop.wait(self.cfg.poll_s)
+                continue
+            idle_said = False
+            job, claim = won
+            console.log(f"claimed {job} as {self.node.peer_id[:12]}…")
+            keeper = ClaimKeeper(self.node, run, job, claim, self.cfg)
+            keeper.start()
+            try:
+                clusters = list(range(run.num_clusters)) if job == "router" else [int(job.split("_")[1])]
+                root = self.work / "checkpoints" / job
+                try:
+                    self.fetch_shards(manifest, clusters)
+                    self._resume_point(job, self.node.snapshot(run), root)
+                except (BlobError, CheckpointError) as e:
+                    # Training from scratch would throw the published progress away: back off instead.
+                    console.log(f"{job}: cannot start ({e}); releasing it and retrying later")
+                    self.stop.wait(self.cfg.poll_s)
+                    continue
+                minutes_left = (deadline - time.monotonic()) / 60 if deadline else 0.0
+                tcfg = TrainConfig(
+                    **{
+                        **self.cfg.train.__dict__,
+                        "ckpt_root": str(root),
+                        "minutes": max(minutes_left, 1e-3) if deadline else 0.0,
+                    }
+                )
+                if not tcfg.steps and not tcfg.minutes:
+                    tcfg.minutes = 60.0
+                train_job = build_job(
+                    manifest, digest, job, tcfg, self.cfg.text_encoder, self.cfg.vae, self.cfg.router_preset
+                )
+                last = train(
+                    train_job,
+                    tcfg,
+                    should_stop=lambda k=keeper: self.stop.is_set() or k.lost.is_set(),
+                    on_checkpoint=lambda ck, j=job: self._publish(j, run, ck),
+                )
+            finally:
+                keeper.stop()
+                if not keeper.lost.is_set():
+                    self.node.withdraw_claim(job, claim)
+                    console.log(f"released {job}")
+            if self.cfg.train.steps and last is not None and last.step >= self.cfg.train.steps:
+                break
+        return last
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self.blobs.shutdown()
+
+
+def mirror_checkpoints(node: SwarmNode, blobs: BlobService, snap: claims.Snapshot, folder: Path) -> None:
+    """Hold (and provide) the latest published checkpoint of every job, so that a job can resume
+    after its owner is gone. Older mirrors of a job are deleted."""
+    for job in snap.run.jobs():
+        rec = claims.latest_checkpoint(snap, job)
+        if rec is None or rec.sha256 in blobs.store:
+            continue
+        sources = list(dict.fromkeys([*rec.providers, *providers(node, rec.sha256)]))
+        sources = [p for p in sources if p != node.peer_id]
+        try:
+            blobs.fetch_checkpoint(rec.sha256, sources, folder / job / f"step_{rec.step:08d}")
+        except (BlobError, CheckpointError) as e:
+            console.log(f"mirror of {job} step {rec.step} failed: {e}")
+            continue
+        announce(node, blobs.store)
+        for old in sorted((folder / job).glob("step_*"))[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, period_s: float = 10.0) -> None:
+    """The preparer's side: publish the run record and provide the manifest and shards, until stopped."""
+    from swarm.records import RUN_TTL_S, run_key
+
+    manifest, digest = load_manifest(data_dir)
+    store = BlobStore()
+    store.add_file(data_dir / "manifest.json", digest)
+    for c in manifest.clusters:
+        for entry in c.shards + c.holdout:
+            url = manifest.resolve(entry.url)
+            if Path(url).is_file():
+                store.add_file(Path(url), entry.sha256)
+    blobs = BlobService(node.dht, store)
+    run = RunRecord(
+        digest,
+        manifest.num_clusters,
+        [c.preset for c in manifest.clusters],
+        [c.objective for c in manifest.clusters],
+        (data_dir / "manifest.json").stat().st_size,
+    )
+    last_announce = 0.0
+    try:
+        while True:
+            if time.monotonic() - last_announce > min(RUN_TTL_S, PROVIDER_TTL_S) / 3:
+                node.store(run_key(), run, RUN_TTL_S)
+                announce(node, store)
+                last_announce = time.monotonic()
+            mirror_checkpoints(node, blobs, node.snapshot(run), data_dir.parent / "mirror")
+            if stop.wait(period_s):
+                break
+    finally:
+        blobs.shutdown()

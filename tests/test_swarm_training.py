@@ -1,0 +1,169 @@
+"""Swarm training with real processes on 127.0.0.1: a preparer that serves its run, trainers
+that claim jobs, and a takeover after an owner is SIGKILLed."""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from swarm import claims
+from swarm.dht import SwarmConfig, SwarmNode
+from tests.conftest import ENV, ROOT
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+HEARTBEAT = 2.0
+LEASE = 3 * HEARTBEAT
+
+
+def _spawn(args, log):
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "node.py"), *args, "--host-maddrs", LOOPBACK],
+        cwd=ROOT,
+        env=ENV,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _wait_for(pred, timeout, what, step=0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    procs = []
+    nodes = []
+    try:
+        prep_log = tmp_path / "prep.log"
+        procs.append(
+            _spawn(
+                [
+                    "--role",
+                    "prepare",
+                    "--serve",
+                    "--workdir",
+                    str(tmp_path / "prep"),
+                    "--limit",
+                    "160",
+                    "--clusters",
+                    "2",
+                ],
+                prep_log,
+            )
+        )
+
+        def ready():
+            text = prep_log.read_text()
+            return text if "--initial-peers" in text else None
+
+        text = _wait_for(ready, 180, "the preparer")
+        peers = text.split("--initial-peers", 1)[1].split("\n")[0].split()
+        observer = SwarmNode(SwarmConfig(str(tmp_path / "observer"), initial_peers=peers, host_maddrs=[LOOPBACK]))
+        nodes.append(observer)
+        yield tmp_path, peers, observer, procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+        for n in nodes:
+            n.shutdown()
+
+
+def _peer_of(log):
+    m = re.search(r"trainer (\w+) joined the swarm", log.read_text())
+    return m.group(1) if m else None
+
+
+def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
+    tmp, peers, observer, procs = swarm
+    logs = [tmp / f"t{i}.log" for i in range(4)]
+    trainers = []
+    for i, log in enumerate(logs):
+        trainers.append(
+            _spawn(
+                [
+                    "--role",
+                    "trainer",
+                    "--workdir",
+                    str(tmp / f"t{i}"),
+                    "--initial-peers",
+                    *peers,
+                    "--heartbeat",
+                    str(HEARTBEAT),
+                    "--batch-size",
+                    "8",
+                    "--ckpt-every",
+                    "10",
+                    "--minutes",
+                    "10",
+                ],
+                log,
+            )
+        )
+    procs.extend(trainers)
+    run = _wait_for(observer.run, 60, "the run record")
+    jobs = run.jobs()  # expert_0, expert_1, router
+
+    def settled():
+        snap = observer.snapshot(run)
+        own = claims.owners(snap)
+        return (snap, own) if all(own.values()) else None
+
+    _wait_for(settled, 240, "an owner for every job", step=1.0)
+    time.sleep(2 * HEARTBEAT)  # losers have withdrawn by now
+    for _ in range(3):  # and it stays that way: one live claim per job, three different owners
+        snap, own = settled()
+        assert all(len(snap.live_claims(j)) == 1 for j in jobs), {j: len(snap.live_claims(j)) for j in jobs}
+        assert len(set(own.values())) == len(jobs)
+        time.sleep(HEARTBEAT)
+    peer_of = {_peer_of(log): (proc, log) for proc, log in zip(trainers, logs, strict=True)}
+    owner_peers = {snap.live_claims(j)[own[j]].peer for j in jobs}
+    idle = [p for p in peer_of if p not in owner_peers]
+    assert len(idle) == 1 and "no free job" in peer_of[idle[0]][1].read_text()
+
+    # Let expert_0's owner publish a checkpoint that someone else holds, then SIGKILL it.
+    victim_peer = snap.live_claims("expert_0")[own["expert_0"]].peer
+
+    def mirrored():
+        rec = claims.latest_checkpoint(observer.snapshot(run), "expert_0")
+        from swarm.blobs import providers
+
+        return rec if rec and set(providers(observer, rec.sha256)) - {victim_peer} else None
+
+    _wait_for(mirrored, 120, "a mirrored checkpoint of expert_0", step=1.0)
+    victim, _ = peer_of[victim_peer]
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    victim.wait(timeout=10)
+    last = claims.latest_checkpoint(observer.snapshot(run), "expert_0")
+
+    def new_owner():
+        snap = observer.snapshot(run)
+        w = claims.winner(snap, "expert_0")
+        return (
+            snap.live_claims("expert_0")[w].peer if w and snap.live_claims("expert_0")[w].peer != victim_peer else None
+        )
+
+    successor = _wait_for(new_owner, 60, "a new owner of expert_0", step=0.5)
+    took = time.time() - killed_at
+    assert took <= 2 * LEASE + HEARTBEAT, f"takeover took {took:.1f}s"
+    assert successor == idle[0]
+    log = peer_of[successor][1]
+    _wait_for(lambda: f"resumed from step {last.step}" in log.read_text(), 120, f"resume from step {last.step}")
+
+    def published_past():
+        rec = claims.latest_checkpoint(observer.snapshot(run), "expert_0")
+        return rec if rec and rec.step > last.step and successor in rec.providers else None
+
+    _wait_for(published_past, 120, "a checkpoint past the resumed step", step=1.0)
