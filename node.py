@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 ROLES = ("prepare", "trainer", "client", "export", "bootstrap", "server", "status")
-NOT_YET = ("server", "status")
+NOT_YET = ("server",)
 
 
 class UsageError(ValueError):
@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"], help="addresses to listen on")
     g.add_argument("--announce-maddrs", nargs="*", default=[], help="addresses to tell other peers")
     g.add_argument("--join-timeout", type=float, default=30.0, help="seconds to reach the initial peers")
+    g.add_argument("--once", action="store_true", help="status: print one snapshot and exit")
+    g.add_argument("--json", action="store_true", help="status: print one snapshot as JSON")
     g = p.add_argument_group("prepare")
     g.add_argument("--source", default="twemoji", help="twemoji | folder:PATH | shard paths/URLs (.tar, braces ok)")
     g.add_argument("--clusters", type=int, default=4)
@@ -362,6 +364,20 @@ def run_bootstrap(args: argparse.Namespace) -> None:
         print("bootstrap peer stopped", flush=True)
 
 
+def run_status(args: argparse.Namespace) -> None:
+    from swarm.dht import SwarmNode
+    from swarm.status import run_status as show
+
+    if not args.initial_peers:
+        raise UsageError("status needs --initial-peers of a swarm to look at")
+    stop = _stop_on_signals()
+    node = SwarmNode(_swarm_config(args))
+    try:
+        show(node, once=args.once or args.json, as_json=args.json, stop=stop)
+    finally:
+        node.shutdown()
+
+
 def run_export(args: argparse.Namespace) -> None:
     from router.ensemble import export_paris
 
@@ -388,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             "client": run_client,
             "export": run_export,
             "bootstrap": run_bootstrap,
+            "status": run_status,
         }
         roles[args.role](args)
     except KeyboardInterrupt:

@@ -156,10 +156,12 @@ def train(
     cfg: TrainConfig,
     should_stop: Callable[[], bool] | None = None,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
+    on_log: Callable[[int, float, float], None] | None = None,
 ) -> Checkpoint:
     """Train ``job`` until its budget is spent or ``should_stop()``; returns the last checkpoint.
 
-    ``on_checkpoint`` is called with every checkpoint written (a swarm trainer publishes it).
+    ``on_checkpoint`` is called with every checkpoint written (a swarm trainer publishes it);
+    ``on_log`` with (step, smoothed loss, samples/s) every ``log_every`` steps.
     """
     torch.manual_seed(cfg.seed)
     model = job.model.train()
@@ -214,6 +216,8 @@ def train(
                     progress.update(
                         task, completed=step, description=f"step {step}  loss {running:.4f}  {rate:.0f} samples/s"
                     )
+                    if on_log is not None:
+                        on_log(step, running, rate)
                 stop = done_steps() or out_of_time() or (should_stop is not None and should_stop())
                 due = step % cfg.ckpt_every_steps == 0 or time.monotonic() - t_ckpt >= cfg.ckpt_every_minutes * 60
                 if due or stop:

@@ -8,6 +8,7 @@ stay small (far below hivemind's 64 KiB limit): checkpoint bytes never go into t
     run              owner → RunRecord          which run this swarm trains (manifest sha256, K, ...)
     claim_<job>      owner → ClaimRecord        who trains a job; renewed every heartbeat
     ckpt_<job>       owner → CheckpointRecord   latest checkpoint an owner published for a job
+    peers            owner → PeerRecord         who is up, doing what (step, loss, samples/s)
     blob_<sha256>    owner → ProviderRecord     who can send a blob (manifest, shard, checkpoint)
 """
 
@@ -59,6 +60,16 @@ class CheckpointSchema(pydantic.BaseModel):
     providers: pydantic.conlist(PeerId, max_items=16)
 
 
+class PeerSchema(pydantic.BaseModel):
+    peer: PeerId
+    role: pydantic.constr(max_length=16)
+    state: pydantic.constr(max_length=16)  # "idle", "training", "serving", ...
+    job: pydantic.constr(max_length=16)  # "" when idle
+    step: pydantic.conint(strict=True, ge=0)
+    loss: pydantic.confloat(strict=True)
+    samples_per_s: pydantic.confloat(strict=True, ge=0)
+
+
 class ProviderSchema(pydantic.BaseModel):
     peer: PeerId
     size: pydantic.conint(strict=True, ge=0)
@@ -69,7 +80,10 @@ def job_names() -> list[str]:
 
 
 def _schema() -> type[pydantic.BaseModel]:
-    fields: dict[str, Any] = {"run": (dict[OwnerKey, RunSchema] | None, None)}
+    fields: dict[str, Any] = {
+        "run": (dict[OwnerKey, RunSchema] | None, None),
+        "peers": (dict[OwnerKey, PeerSchema] | None, None),
+    }
     for job in job_names():
         fields[f"claim_{job}"] = (dict[OwnerKey, ClaimSchema] | None, None)
         fields[f"ckpt_{job}"] = (dict[OwnerKey, CheckpointSchema] | None, None)
@@ -85,6 +99,10 @@ def validators(rsa: RSASignatureValidator) -> list:
 # ---------------------------------------------------------------- keys
 def run_key() -> str:
     return f"{PREFIX}_run"
+
+
+def peers_key() -> str:
+    return f"{PREFIX}_peers"
 
 
 def claim_key(job: str) -> str:
@@ -145,6 +163,17 @@ class CheckpointRecord:
 
 
 @dataclass(frozen=True)
+class PeerRecord:
+    peer: str
+    role: str
+    state: str
+    job: str = ""
+    step: int = 0
+    loss: float = 0.0
+    samples_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class ProviderRecord:
     peer: str
     size: int
@@ -155,6 +184,7 @@ _SCHEMAS = {
     ClaimRecord: ClaimSchema,
     CheckpointRecord: CheckpointSchema,
     ProviderRecord: ProviderSchema,
+    PeerRecord: PeerSchema,
 }
 
 

@@ -40,9 +40,11 @@ from swarm.records import (
     PROVIDER_TTL_S,
     CheckpointRecord,
     ClaimRecord,
+    PeerRecord,
     RunRecord,
     ckpt_key,
     claim_key,
+    peers_key,
 )
 
 console = Console(stderr=True)
@@ -119,8 +121,11 @@ class SwarmTrainer:
         self.store = BlobStore()
         self.blobs = BlobService(node.dht, self.store)
         self.work = Path(cfg.work_dir)
+        self.presence = PeerRecord(node.peer_id, "trainer", "joining")
         self._announcer = threading.Thread(target=self._announce_loop, name="provider", daemon=True)
         self._announcer.start()
+        self._presence = threading.Thread(target=self._presence_loop, name="presence", daemon=True)
+        self._presence.start()
 
     # ---------------------------------------------------------------- plumbing
     def _announce_loop(self) -> None:
@@ -129,6 +134,23 @@ class SwarmTrainer:
                 announce(self.node, self.store)
             except Exception as e:  # the next round tries again
                 console.log(f"provider announcement failed: {e!r}")
+
+    def _presence_loop(self) -> None:
+        """Tell the swarm (and its status dashboard) every heartbeat what this node is doing."""
+        while True:
+            try:
+                self.node.store(peers_key(), self.presence, self.cfg.claim_ttl_s)
+            except Exception as e:  # the next beat tries again
+                console.log(f"presence update failed: {e!r}")
+            if self.stop.wait(self.cfg.heartbeat_s):
+                break
+        try:
+            self.node.store(peers_key(), PeerRecord(self.node.peer_id, "trainer", "offline"), self.cfg.claim_ttl_s)
+        except Exception:  # shutting down; the record expires anyway
+            pass
+
+    def _set_presence(self, **changes) -> None:
+        self.presence = PeerRecord(**{**self.presence.__dict__, **changes})
 
     def _sources(self, digest: str, extra: list[str] = ()) -> list[str]:
         return list(dict.fromkeys([*extra, *providers(self.node, digest)]))
@@ -233,6 +255,7 @@ class SwarmTrainer:
         while not self.stop.is_set() and (deadline is None or time.monotonic() < deadline):
             won = self.claim(run)
             if won is None:
+                self._set_presence(state="idle", job="", samples_per_s=0.0)
                 if not idle_said:
                     console.log("no free job; waiting for a claim to expire")
                     idle_said = True
@@ -242,6 +265,7 @@ class SwarmTrainer:
             idle_said = False
             job, claim = won
             console.log(f"claimed {job} as {self.node.peer_id[:12]}…")
+            self._set_presence(state="training", job=job)
             keeper = ClaimKeeper(self.node, run, job, claim, self.cfg)
             keeper.start()
             try:
@@ -273,6 +297,9 @@ class SwarmTrainer:
                     tcfg,
                     should_stop=lambda k=keeper: self.stop.is_set() or k.lost.is_set(),
                     on_checkpoint=lambda ck, j=job: self._publish(j, run, ck),
+                    on_log=lambda st, loss, rate: self._set_presence(
+                        step=st, loss=float(loss), samples_per_s=float(rate)
+                    ),
                 )
             finally:
                 keeper.stop()
@@ -285,6 +312,7 @@ class SwarmTrainer:
 
     def shutdown(self) -> None:
         self.stop.set()
+        self._presence.join(timeout=10)
         self.blobs.shutdown()
 
 

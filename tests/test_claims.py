@@ -4,7 +4,7 @@ import itertools
 import random
 
 from swarm.claims import Snapshot, choose_job, latest_checkpoint, owners, still_wins, winner
-from swarm.records import CheckpointRecord, ClaimRecord, RunRecord, decode, encode
+from swarm.records import CheckpointRecord, ClaimRecord, PeerRecord, RunRecord, decode, encode
 
 RUN = RunRecord("a" * 64, 3, ["tiny"] * 3, ["fm", "fm", "ddpm"], 1234)
 OTHER_RUN = "b" * 64
@@ -90,3 +90,6 @@ def test_records_round_trip_and_reject_malformed_values():
     assert decode(CheckpointRecord, encode(rec) | {"sha256": "not-a-hash"}) is None
     assert decode(ClaimRecord, "a string") is None
     assert decode(RunRecord, encode(RUN)) == RUN
+    peer = PeerRecord("peer", "trainer", "training", "expert_1", 40, 0.25, 171.0)
+    assert decode(PeerRecord, encode(peer)) == peer
+    assert decode(PeerRecord, encode(peer) | {"step": 4.0}) is None  # strict types: no silent conversion

@@ -1,6 +1,7 @@
 """Swarm training with real processes on 127.0.0.1: a preparer that serves its run, trainers
 that claim jobs, and a takeover after an owner is SIGKILLed."""
 
+import json
 import re
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 
 from swarm import claims
 from swarm.dht import SwarmConfig, SwarmNode
-from tests.conftest import ENV, ROOT
+from tests.conftest import ENV, ROOT, node
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 HEARTBEAT = 2.0
@@ -131,6 +132,23 @@ def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
     owner_peers = {snap.live_claims(j)[own[j]].peer for j in jobs}
     idle = [p for p in peer_of if p not in owner_peers]
     assert len(idle) == 1 and "no free job" in peer_of[idle[0]][1].read_text()
+
+    # The status role sees the same thing: every job's owner, and the idle trainer.
+    status = node(
+        "--role",
+        "status",
+        "--json",
+        "--workdir",
+        str(tmp / "status"),
+        "--initial-peers",
+        *peers,
+        "--host-maddrs",
+        LOOPBACK,
+        timeout=120,
+    )
+    data = json.loads(status.stdout)
+    assert {j["job"]: j["owner"] for j in data["jobs"]} == {j: snap.live_claims(j)[own[j]].peer for j in jobs}
+    assert any(p["peer"] == idle[0] and p["state"] == "idle" for p in data["peers"]), (idle, data["peers"])
 
     # Let expert_0's owner publish a checkpoint that someone else holds, then SIGKILL it.
     victim_peer = snap.live_claims("expert_0")[own["expert_0"]].peer

@@ -1,0 +1,124 @@
+"""``--role status``: what the swarm is doing, as a live rich dashboard or one JSON snapshot.
+
+For each job of the run: its owner, step, loss and samples/s (from the owner's presence record),
+and its latest published checkpoint (step, hash prefix, age, providers); then every peer that is
+up, idle trainers included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from hivemind.utils import get_dht_time
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from swarm import claims
+from swarm.blobs import providers
+from swarm.dht import SwarmNode
+from swarm.records import CKPT_TTL_S, CheckpointRecord, PeerRecord, ckpt_key, peers_key
+
+
+def collect(node: SwarmNode) -> dict:
+    """One snapshot of the swarm as plain data (the ``--json`` output)."""
+    run = node.run()
+    peers = node.read(peers_key(), PeerRecord)
+    out: dict = {
+        "time": time.time(),
+        "self": node.peer_id,
+        "run": None,
+        "jobs": [],
+        "peers": sorted(
+            ({**p.__dict__} for p in peers.values() if p.state != "offline"), key=lambda p: (p["state"], p["peer"])
+        ),
+    }
+    if run is None:
+        return out
+    out["run"] = {
+        "manifest_sha256": run.manifest_sha256,
+        "num_clusters": run.num_clusters,
+        "objectives": run.objectives,
+        "presets": run.presets,
+    }
+    snap = node.snapshot(run)
+    by_peer = {p.peer: p for p in peers.values()}
+    for job in run.jobs():
+        owner = claims.winner(snap, job)
+        claim = snap.live_claims(job).get(owner) if owner else None
+        ck = claims.latest_checkpoint(snap, job)
+        presence = by_peer.get(claim.peer) if claim else None
+        out["jobs"].append(
+            {
+                "job": job,
+                "owner": claim.peer if claim else None,
+                "since": claim.t0 if claim else None,
+                "step": presence.step if presence and presence.job == job else (ck.step if ck else 0),
+                "loss": presence.loss if presence and presence.job == job else (ck.loss if ck else None),
+                "samples_per_s": presence.samples_per_s if presence and presence.job == job else 0.0,
+                "checkpoint": None
+                if ck is None
+                else {
+                    "step": ck.step,
+                    "sha256": ck.sha256,
+                    "size": ck.size,
+                    "age_s": _checkpoint_age(node, job, ck),
+                    "providers": sorted(set(ck.providers) | set(providers(node, ck.sha256))),
+                },
+            }
+        )
+    return out
+
+
+def _checkpoint_age(node: SwarmNode, job: str, ck: CheckpointRecord) -> float | None:
+    """Seconds since the record was written: its expiry minus the TTL it was written with."""
+    found = node.dht.get(ckpt_key(job), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return None
+    expirations = [
+        item.expiration_time
+        for item in found.value.values()
+        if isinstance(getattr(item, "value", None), dict) and item.value.get("sha256") == ck.sha256
+    ]
+    return max(0.0, get_dht_time() - (max(expirations) - CKPT_TTL_S)) if expirations else None
+
+
+def render(data: dict) -> Group:
+    if data["run"] is None:
+        return Group("[yellow]no run published yet[/] (python node.py --role prepare --serve ...)")
+    run = data["run"]
+    jobs = Table(title=f"run {run['manifest_sha256'][:12]} · {run['num_clusters']} experts + router")
+    for col in ("job", "owner", "step", "loss", "samples/s", "checkpoint", "age", "providers"):
+        jobs.add_column(col, justify="right" if col in ("step", "loss", "samples/s", "age", "providers") else "left")
+    for j in data["jobs"]:
+        ck = j["checkpoint"]
+        jobs.add_row(
+            j["job"],
+            (j["owner"] or "[red]unclaimed[/]")[:16],
+            str(j["step"]),
+            "-" if j["loss"] is None else f"{j['loss']:.4f}",
+            f"{j['samples_per_s']:.0f}",
+            f"{ck['step']} · {ck['sha256'][:12]}" if ck else "-",
+            "-" if not ck or ck["age_s"] is None else f"{ck['age_s']:.0f}s",
+            str(len(ck["providers"])) if ck else "0",
+        )
+    peers = Table(title=f"{len(data['peers'])} peers up")
+    for col in ("peer", "role", "state", "job"):
+        peers.add_column(col)
+    for p in data["peers"]:
+        peers.add_row(p["peer"][:16], p["role"], p["state"], p["job"] or "-")
+    return Group(jobs, peers)
+
+
+def run_status(node: SwarmNode, once: bool, as_json: bool, interval: float = 2.0, stop=None) -> None:
+    if once:
+        data = collect(node)
+        if as_json:
+            print(json.dumps(data, indent=1))
+        else:
+            Console().print(render(data))
+        return
+    with Live(render(collect(node)), refresh_per_second=2, screen=False) as live:
+        while not (stop.wait(interval) if stop is not None else time.sleep(interval)):
+            live.update(render(collect(node)))
