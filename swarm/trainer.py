@@ -231,18 +231,9 @@ class SwarmTrainer:
 
     # ---------------------------------------------------------------- the loop
     def claim(self, run: RunRecord) -> tuple[str, ClaimRecord] | None:
-        snap = self.node.snapshot(run)
-        job = claims.choose_job(snap, self.node.owner, self.cfg.wanted)
-        if job is None:
-            return None
-        mine = snap.live_claims(job).get(self.node.owner)
-        claim = mine or ClaimRecord(run.manifest_sha256, self.node.peer_id, float(get_dht_time()))
-        self.node.store(claim_key(job), claim, self.cfg.claim_ttl_s)
-        self.stop.wait(self.cfg.settle_s or self.cfg.heartbeat_s)
-        if claims.still_wins(self.node.snapshot(run), job, self.node.owner):
-            return job, claim
-        self.node.withdraw_claim(job, claim)
-        return None
+        return try_claim(
+            self.node, run, self.cfg.wanted, self.cfg.claim_ttl_s, self.cfg.settle_s or self.cfg.heartbeat_s, self.stop
+        )
 
     def run(self) -> Checkpoint | None:
         """Train until the budget is spent or the node is stopped; returns the last checkpoint."""
@@ -314,6 +305,29 @@ class SwarmTrainer:
         self.stop.set()
         self._presence.join(timeout=10)
         self.blobs.shutdown()
+
+
+def try_claim(
+    node: SwarmNode,
+    run: RunRecord,
+    wanted: str | None,
+    ttl_s: float,
+    settle_s: float,
+    stop: threading.Event | None = None,
+) -> tuple[str, ClaimRecord] | None:
+    """One round of the claim rule: choose, claim, settle, re-read; withdraw if not the winner."""
+    snap = node.snapshot(run)
+    job = claims.choose_job(snap, node.owner, wanted)
+    if job is None:
+        return None
+    mine = snap.live_claims(job).get(node.owner)
+    claim = mine or ClaimRecord(run.manifest_sha256, node.peer_id, float(get_dht_time()))
+    node.store(claim_key(job), claim, ttl_s)
+    (stop or threading.Event()).wait(settle_s)
+    if claims.still_wins(node.snapshot(run), job, node.owner):
+        return job, claim
+    node.withdraw_claim(job, claim)
+    return None
 
 
 def mirror_checkpoints(node: SwarmNode, blobs: BlobService, snap: claims.Snapshot, folder: Path) -> None:

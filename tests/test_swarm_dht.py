@@ -138,3 +138,48 @@ def test_unreachable_initial_peers_fail_with_one_line_in_bounded_time(tmp_path):
     assert last.startswith("error: could not join the swarm"), proc.stderr[-2000:]
     with pytest.raises(SwarmError):
         SwarmNode(SwarmConfig(str(tmp_path / "y"), initial_peers=[bad], host_maddrs=LOOPBACK, join_timeout=20))
+
+
+def test_simultaneous_claims_by_six_peers_never_give_two_owners(tmp_path):
+    """6 real peers race for 3 expert jobs (no router job in this run record: K=3 and the router
+    is claimed last), repeatedly. After one settle period each job has exactly one node that
+    believes it owns it, and the swarm agrees."""
+    import threading
+
+    from swarm.claims import owners
+    from swarm.trainer import try_claim
+
+    first = SwarmNode(SwarmConfig(str(tmp_path / "n0"), host_maddrs=LOOPBACK))
+    nodes = [first]
+    try:
+        for i in range(1, 6):
+            nodes.append(
+                SwarmNode(SwarmConfig(str(tmp_path / f"n{i}"), initial_peers=first.maddrs(), host_maddrs=LOOPBACK))
+            )
+        for trial in range(3):
+            run = RunRecord(f"{trial + 1:x}" * 64, 3, ["tiny"] * 3, ["fm"] * 3, 10)
+            results: dict[int, tuple | None] = {}
+            barrier = threading.Barrier(len(nodes))
+
+            def racer(i: int, run=run, results=results, barrier=barrier) -> None:
+                barrier.wait()
+                results[i] = try_claim(nodes[i], run, None, ttl_s=30, settle_s=1.5)
+
+            threads = [threading.Thread(target=racer, args=(i,)) for i in range(len(nodes))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            won = [r[0] for r in results.values() if r]
+            assert won and len(won) == len(set(won)), f"trial {trial}: two nodes won the same job: {won}"
+            snap = first.snapshot(run)
+            agreed = owners(snap)
+            for i, r in results.items():
+                if r:
+                    assert agreed[r[0]] == nodes[i].owner
+            # nobody who lost still holds a live claim
+            live = sum(len(snap.live_claims(j)) for j in run.jobs())
+            assert live == len(won)
+    finally:
+        for n in reversed(nodes):
+            n.shutdown()
