@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,19 +16,84 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 
 
 def node(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python node.py ARGS`` in a subprocess, killed if it outlives ``timeout``."""
-    proc = subprocess.run(
+    """Run ``python node.py ARGS`` to completion; its whole process group is killed if it
+    outlives ``timeout``."""
+    proc = subprocess.Popen(
         [sys.executable, str(ROOT / "node.py"), *args],
         cwd=ROOT,
         env=ENV,
-        capture_output=True,
         text=True,
-        timeout=timeout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"node.py {' '.join(args)} ran past {timeout}s:\n{err[-3000:]}") from None
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and proc.returncode != 0:
-        raise AssertionError(f"node.py {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"node.py {' '.join(args)} exited {proc.returncode}:\n{err[-3000:]}")
+    return result
+
+
+def group_gone(pid: int, timeout: float = 15.0) -> bool:
+    """True once no process of the group led by ``pid`` is left (a clean exit leaves none)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+_SPAWNED: list[subprocess.Popen] = []
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen:
+    """Start ``node.py ARGS`` in the background, in its own process group (with its DHT child
+    and p2pd), output to ``log``. Stop it with :func:`kill_tree`."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "node.py"), *args],
+        cwd=ROOT,
+        env=ENV,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    _SPAWNED.append(proc)
     return proc
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal a spawned node's whole process group: killing only the main process would orphan
+    its hivemind DHT process and p2p daemon."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kill_leftover_nodes():
+    """Whatever a test left running is killed, group and all, when the session ends."""
+    yield
+    for proc in _SPAWNED:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 @pytest.fixture(scope="session")

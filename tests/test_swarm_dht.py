@@ -2,8 +2,6 @@
 and a clear error for unreachable peers."""
 
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -12,7 +10,7 @@ from hivemind.utils import get_dht_time
 from swarm.claims import winner
 from swarm.dht import SwarmConfig, SwarmError, SwarmNode
 from swarm.records import ClaimRecord, RunRecord, claim_key, encode, run_key
-from tests.conftest import ENV, ROOT, node
+from tests.conftest import group_gone, kill_tree, node, spawn
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 RUN = RunRecord("a" * 64, 2, ["tiny", "tiny"], ["fm", "ddpm"], 100)
@@ -56,45 +54,28 @@ def test_records_are_owned_and_validated(two_nodes):
 
 
 def _start_bootstrap(identity, port_maddr="/ip4/127.0.0.1/tcp/0"):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "node.py"),
-            "--role",
-            "bootstrap",
-            "--identity",
-            str(identity),
-            "--host-maddrs",
-            port_maddr,
-        ],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
+    log = identity.parent / f"{identity.name}-{time.time_ns()}.log"
+    proc = spawn(["--role", "bootstrap", "--identity", str(identity), "--host-maddrs", port_maddr], log)
     deadline = time.time() + 90
-    lines = []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "--initial-peers" in line:
-            peer_id = lines[0].split()[2]
-            return proc, peer_id, line.split()[1:]
-    proc.kill()
-    raise AssertionError(f"bootstrap did not start: {lines} {proc.stderr.read()[-2000:]}")
+    while time.time() < deadline and proc.poll() is None:
+        lines = log.read_text().splitlines()
+        peer = next((ln.split()[2] for ln in lines if ln.startswith("bootstrap peer ")), None)
+        maddrs = next((ln.split()[1:] for ln in lines if ln.strip().startswith("--initial-peers")), None)
+        if peer and maddrs:
+            return proc, peer, maddrs
+        time.sleep(0.3)
+    kill_tree(proc)
+    raise AssertionError(f"bootstrap did not start: {log.read_text()[-2000:]}")
 
 
 def _stop(proc):
+    """SIGTERM to the main process: a clean shutdown must take its DHT and p2p daemon with it."""
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        assert group_gone(proc.pid), "a stopped bootstrap peer left processes behind"
+    finally:
+        kill_tree(proc)
 
 
 def test_restarted_bootstrap_keeps_its_peer_id_and_peers_reconnect(tmp_path):

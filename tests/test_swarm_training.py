@@ -4,15 +4,13 @@ that claim jobs, and a takeover after an owner is SIGKILLed."""
 import json
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from swarm import claims
 from swarm.dht import SwarmConfig, SwarmNode
-from tests.conftest import ENV, ROOT, node
+from tests.conftest import group_gone, kill_tree, node, spawn
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 HEARTBEAT = 2.0
@@ -20,14 +18,7 @@ LEASE = 3 * HEARTBEAT
 
 
 def _spawn(args, log):
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "node.py"), *args, "--host-maddrs", LOOPBACK],
-        cwd=ROOT,
-        env=ENV,
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    return spawn([*args, "--host-maddrs", LOOPBACK], log)
 
 
 def _wait_for(pred, timeout, what, step=0.5):
@@ -73,12 +64,10 @@ def swarm(tmp_path):
         nodes.append(observer)
         yield tmp_path, peers, observer, procs
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(timeout=30)
         for n in nodes:
             n.shutdown()
+        for p in procs:
+            kill_tree(p)
 
 
 def _peer_of(log):
@@ -161,9 +150,8 @@ def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
 
     _wait_for(mirrored, 120, "a mirrored checkpoint of expert_0", step=1.0)
     victim, _ = peer_of[victim_peer]
-    victim.send_signal(signal.SIGKILL)
+    kill_tree(victim)  # the machine dies: the trainer, its DHT process and its p2p daemon
     killed_at = time.time()
-    victim.wait(timeout=10)
     last = claims.latest_checkpoint(observer.snapshot(run), "expert_0")
 
     def new_owner():
@@ -185,3 +173,13 @@ def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
         return rec if rec and rec.step > last.step and successor in rec.providers else None
 
     _wait_for(published_past, 120, "a checkpoint past the resumed step", step=1.0)
+
+    # A clean shutdown releases the claim at once rather than letting it expire.
+    proc = peer_of[successor][0]
+    proc.send_signal(signal.SIGTERM)  # the main process only: it must shut its own children down
+    proc.wait(timeout=60)
+    assert proc.returncode == 0, log.read_text()[-2000:]
+    assert group_gone(proc.pid), "a cleanly stopped trainer left processes behind"
+    snap = observer.snapshot(run)
+    assert claims.winner(snap, "expert_0") is None, "the claim outlived a clean shutdown"
+    assert "released expert_0" in log.read_text()
