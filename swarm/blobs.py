@@ -178,12 +178,15 @@ class BlobService:
         self._thread.join(timeout=5)
 
 
-def announce(node, store: BlobStore, ttl: float | None = None) -> int:
-    """Tell the swarm this node provides every blob it holds; returns how many were announced."""
+def announce(node, store: BlobStore, ttl: float | None = None, only: set[str] | None = None) -> int:
+    """Tell the swarm this node provides the blobs it holds (all, or those in ``only``);
+    returns how many were announced."""
     from swarm.records import PROVIDER_TTL_S, ProviderRecord, blob_key
 
     n = 0
     for digest, path in store.items():
+        if only is not None and digest not in only:
+            continue
         if path.is_file() and node.store(
             blob_key(digest), ProviderRecord(node.peer_id, path.stat().st_size), ttl or PROVIDER_TTL_S
         ):

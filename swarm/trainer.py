@@ -207,8 +207,8 @@ class SwarmTrainer:
         rec = CheckpointRecord(
             run.manifest_sha256, ckpt.step, ckpt.sha256, size, objective, preset, loss, [self.node.peer_id]
         )
-        self.node.store(ckpt_key(job), rec, CKPT_TTL_S)
-        announce(self.node, self.store)
+        announce(self.node, self.store, only={ckpt.sha256, *ckpt.meta["files"].values()})
+        self.node.store(ckpt_key(job), rec, CKPT_TTL_S)  # after its blobs are findable
 
     def _resume_point(self, job: str, snap: claims.Snapshot, root: Path) -> None:
         """Make the newest published checkpoint of ``job`` the latest one under ``root``."""
@@ -340,11 +340,11 @@ def mirror_checkpoints(node: SwarmNode, blobs: BlobService, snap: claims.Snapsho
         sources = list(dict.fromkeys([*rec.providers, *providers(node, rec.sha256)]))
         sources = [p for p in sources if p != node.peer_id]
         try:
-            blobs.fetch_checkpoint(rec.sha256, sources, folder / job / f"step_{rec.step:08d}")
+            got = blobs.fetch_checkpoint(rec.sha256, sources, folder / job / f"step_{rec.step:08d}")
         except (BlobError, CheckpointError) as e:
             console.log(f"mirror of {job} step {rec.step} failed: {e}")
             continue
-        announce(node, blobs.store)
+        announce(node, blobs.store, only={got.sha256, *got.meta["files"].values()})
         for old in sorted((folder / job).glob("step_*"))[:-1]:
             shutil.rmtree(old, ignore_errors=True)
 
