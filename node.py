@@ -139,15 +139,6 @@ def run_prepare(args: argparse.Namespace) -> None:
             node.shutdown()
 
 
-def _space(args: argparse.Namespace, preset_space: str):
-    from experts.latent_space import load_space
-
-    if preset_space == "latent" and not args.vae:
-        raise UsageError("this preset works on latents; pass --vae PATH to an AutoencoderKL folder")
-    space = load_space(args.vae if preset_space == "latent" else "")
-    return space
-
-
 def _stop_on_signals():
     import signal
     import threading
@@ -210,40 +201,16 @@ def run_trainer(args: argparse.Namespace) -> None:
     if not args.local:
         return run_swarm_trainer(args)
     from experts.manifest import load_manifest
-    from experts.presets import get_preset
-    from experts.text_encoder import TextEncoderConfig, load_text_encoder
-    from experts.train import ExpertJob, TrainConfig, train
+    from experts.text_encoder import TextEncoderConfig
+    from experts.train import TrainConfig, train
     from router.ensemble import expert_dir, router_dir
-    from router.train import RouterJob
+    from router.train import build_job
 
     data_dir, ckpt = _dirs(args)
     manifest, digest = load_manifest(data_dir)
-    preset = get_preset(manifest.clusters[0].preset)
-    space = _space(args, preset.space)
     minutes = args.minutes if (args.minutes or args.steps) else 5.0
     if args.job == "router":
-        cfg = TrainConfig(
-            ckpt_root=str(router_dir(ckpt)),
-            steps=args.steps or 0,
-            minutes=minutes,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            ckpt_every_steps=args.ckpt_every,
-            seed=args.seed,
-            cond_dropout=0.0,
-        )
-        job = RouterJob(manifest, digest, space.name, space.encode, cfg, args.router_preset)
-        result = train(job, cfg)
-        acc = result.meta.get("heldout_accuracy", {})
-        print(
-            f"router: step {result.step}, held-out accuracy "
-            f"({acc.get('split')}, {acc.get('samples')} images) by noise level:"
-        )
-        print(
-            "  "
-            + "  ".join(f"{k} {v:.2f}" for k, v in acc.items() if k.startswith("t="))
-            + f"  (chance {1 / manifest.num_clusters:.2f})"
-        )
+        job_name, root, seed = "router", router_dir(ckpt), args.seed
     else:
         if args.expert is None:
             raise UsageError("--local training needs --expert K (or --job router)")
@@ -258,17 +225,31 @@ def run_trainer(args: argparse.Namespace) -> None:
             )
         if not 0 <= k[0] < manifest.num_clusters:
             raise UsageError(f"unknown expert {k[0]}; this run has experts 0..{manifest.num_clusters - 1}")
-        cfg = TrainConfig(
-            ckpt_root=str(expert_dir(ckpt, k[0])),
-            steps=args.steps or 0,
-            minutes=minutes,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            ckpt_every_steps=args.ckpt_every,
-            seed=args.seed + k[0],
+        job_name, root, seed = f"expert_{k[0]}", expert_dir(ckpt, k[0]), args.seed + k[0]
+    cfg = TrainConfig(
+        ckpt_root=str(root),
+        steps=args.steps or 0,
+        minutes=minutes,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        ckpt_every_steps=args.ckpt_every,
+        ckpt_every_minutes=args.ckpt_minutes,
+        seed=seed,
+    )
+    job = build_job(manifest, digest, job_name, cfg, args.text_encoder, args.vae, args.router_preset)
+    result = train(job, cfg)
+    if job_name == "router":
+        acc = result.meta.get("heldout_accuracy", {})
+        print(
+            f"router: step {result.step}, held-out accuracy "
+            f"({acc.get('split')}, {acc.get('samples')} images) by noise level:"
         )
-        job = ExpertJob(manifest, digest, k[0], load_text_encoder(encoder_cfg), space.name, space.encode, cfg)
-        result = train(job, cfg)
+        print(
+            "  "
+            + "  ".join(f"{k} {v:.2f}" for k, v in acc.items() if k.startswith("t="))
+            + f"  (chance {1 / manifest.num_clusters:.2f})"
+        )
+    else:
         print(
             f"expert {k[0]}: step {result.step}, loss {result.meta.get('loss')}, "
             f"{result.meta['samples_seen']} samples seen, checkpoint {result.path} sha256 {result.sha256[:12]}"
@@ -345,15 +326,10 @@ def _swarm_config(args: argparse.Namespace):
 
 def run_bootstrap(args: argparse.Namespace) -> None:
     """A long-lived DHT entry point; its identity folder keeps its peer id across restarts."""
-    import signal
-    import threading
-
     from swarm.dht import SwarmNode
 
     node = SwarmNode(_swarm_config(args))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = _stop_on_signals()
     print(f"bootstrap peer {node.peer_id} is up; other nodes join with:", flush=True)
     print(f"  {node.initial_peers_line()}", flush=True)
     try:

@@ -13,10 +13,12 @@ from collections.abc import Iterator
 import torch
 
 from experts.data import Batch, DataPosition, stream_batches
+from experts.latent_space import load_space
 from experts.manifest import Manifest
 from experts.objectives import TIMESTEP_SCALE, fm_interpolate
 from experts.presets import get_preset
-from experts.train import TrainConfig
+from experts.text_encoder import TextEncoderConfig, load_text_encoder
+from experts.train import ExpertJob, TrainConfig
 from router.network import RouterNet, build_router, get_router_preset
 
 NOISE_BINS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -105,3 +107,24 @@ def router_accuracy(
         "samples": n,
         "split": "holdout" if holdout else "train",
     }
+
+
+def build_job(
+    manifest: Manifest,
+    digest: str,
+    job: str,
+    cfg: TrainConfig,
+    text_encoder: str = "minilm",
+    vae: str = "",
+    router_preset: str = "tiny",
+):
+    """The training job for ``expert_K`` or ``router`` on this run's data (local or swarm)."""
+    preset = get_preset(manifest.clusters[0].preset)
+    if preset.space == "latent" and not vae:
+        raise ValueError("this run's preset works on latents; pass --vae PATH to an AutoencoderKL folder")
+    space = load_space(vae if preset.space == "latent" else "")
+    if job == "router":
+        return RouterJob(manifest, digest, space.name, space.encode, cfg, router_preset)
+    k = int(job.split("_")[1])
+    encoder = load_text_encoder(TextEncoderConfig.parse(text_encoder))
+    return ExpertJob(manifest, digest, k, encoder, space.name, space.encode, cfg)

@@ -25,12 +25,9 @@ from hivemind.utils import get_dht_time
 from rich.console import Console
 
 from experts.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints
-from experts.latent_space import load_space
 from experts.manifest import Manifest, load_manifest, sha256_file
-from experts.presets import get_preset
-from experts.text_encoder import TextEncoderConfig, load_text_encoder
-from experts.train import ExpertJob, TrainConfig, train
-from router.train import RouterJob
+from experts.train import TrainConfig, train
+from router.train import build_job
 from swarm import claims
 from swarm.blobs import BlobError, BlobService, BlobStore, announce, providers
 from swarm.dht import SwarmNode
@@ -66,27 +63,6 @@ class SwarmTrainerConfig:
     @property
     def claim_ttl_s(self) -> float:
         return 3 * self.heartbeat_s
-
-
-def build_job(
-    manifest: Manifest,
-    digest: str,
-    job: str,
-    cfg: TrainConfig,
-    text_encoder: str = "minilm",
-    vae: str = "",
-    router_preset: str = "tiny",
-):
-    """The training job for ``expert_K`` or ``router`` on this run's data."""
-    preset = get_preset(manifest.clusters[0].preset)
-    if preset.space == "latent" and not vae:
-        raise ValueError("this run's preset works on latents; pass --vae PATH to an AutoencoderKL folder")
-    space = load_space(vae if preset.space == "latent" else "")
-    if job == "router":
-        return RouterJob(manifest, digest, space.name, space.encode, cfg, router_preset)
-    k = int(job.split("_")[1])
-    encoder = load_text_encoder(TextEncoderConfig.parse(text_encoder))
-    return ExpertJob(manifest, digest, k, encoder, space.name, space.encode, cfg)
 
 
 class ClaimKeeper(threading.Thread):
@@ -153,7 +129,7 @@ class SwarmTrainer:
         self.presence = PeerRecord(**{**self.presence.__dict__, **changes})
 
     def _sources(self, digest: str, extra: list[str] = ()) -> list[str]:
-        return list(dict.fromkeys([*extra, *providers(self.node, digest)]))
+        return sources(self.node, digest, extra)
 
     def wait_for_run(self) -> RunRecord:
         t0 = time.monotonic()
@@ -307,6 +283,12 @@ class SwarmTrainer:
         self.blobs.shutdown()
 
 
+def sources(node: SwarmNode, digest: str, extra: list[str] = ()) -> list[str]:
+    """Peers to fetch ``digest`` from: ``extra`` first (e.g. a record's providers), then every
+    announced provider; never this node itself."""
+    return [p for p in dict.fromkeys([*extra, *providers(node, digest)]) if p != node.peer_id]
+
+
 def try_claim(
     node: SwarmNode,
     run: RunRecord,
@@ -337,10 +319,10 @@ def mirror_checkpoints(node: SwarmNode, blobs: BlobService, snap: claims.Snapsho
         rec = claims.latest_checkpoint(snap, job)
         if rec is None or rec.sha256 in blobs.store:
             continue
-        sources = list(dict.fromkeys([*rec.providers, *providers(node, rec.sha256)]))
-        sources = [p for p in sources if p != node.peer_id]
         try:
-            got = blobs.fetch_checkpoint(rec.sha256, sources, folder / job / f"step_{rec.step:08d}")
+            got = blobs.fetch_checkpoint(
+                rec.sha256, sources(node, rec.sha256, rec.providers), folder / job / f"step_{rec.step:08d}"
+            )
         except (BlobError, CheckpointError) as e:
             console.log(f"mirror of {job} step {rec.step} failed: {e}")
             continue
