@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--join-timeout", type=float, default=30.0, help="seconds to reach the initial peers")
     g.add_argument("--once", action="store_true", help="status: print one snapshot and exit")
     g.add_argument("--json", action="store_true", help="status: print one snapshot as JSON")
+    g.add_argument("--until-done", action="store_true", help="status: exit once every job reached its target")
     g = p.add_argument_group("prepare")
     g.add_argument("--source", default="twemoji", help="twemoji | folder:PATH | shard paths/URLs (.tar, braces ok)")
     g.add_argument("--clusters", type=int, default=4)
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--embed", default="caption", help="caption | image:PATH[@ARCH]")
     g.add_argument("--limit", type=int, default=0, help="use at most N items")
     g.add_argument("--serve", action="store_true", help="after preparing, publish the run and provide its data")
+    g.add_argument("--expert-steps", type=int, default=0, help="--serve: an expert is done at this step (0: never)")
+    g.add_argument("--router-steps", type=int, default=0, help="--serve: the router is done at this step (0: never)")
     g = p.add_argument_group("trainer")
     g.add_argument("--local", action="store_true", help="train/sample on this machine without a swarm")
     g.add_argument("--expert", help="trainer: cluster id; server: id or list")
@@ -100,6 +103,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 def run_prepare(args: argparse.Namespace) -> None:
     from experts.prepare import PrepareConfig, prepare
 
+    if args.expert_steps < 0 or args.router_steps < 0:
+        raise UsageError("--expert-steps and --router-steps take a step count >= 0")
     data_dir, _ = _dirs(args)
     cfg = PrepareConfig(
         source=args.source,
@@ -134,7 +139,7 @@ def run_prepare(args: argparse.Namespace) -> None:
             flush=True,
         )
         try:
-            serve_run(node, data_dir, stop)
+            serve_run(node, data_dir, stop, args.expert_steps, args.router_steps)
         finally:
             node.shutdown()
 
@@ -164,8 +169,7 @@ def run_swarm_trainer(args: argparse.Namespace) -> None:
         wanted = f"expert_{k[0]}"
     tcfg = TrainConfig(
         ckpt_root="",
-        steps=args.steps or 0,
-        minutes=args.minutes or (0.0 if args.steps else 60.0),
+        minutes=60.0,  # the budget is set per job by the swarm trainer
         batch_size=args.batch_size,
         lr=args.lr,
         ckpt_every_steps=args.ckpt_every,
@@ -179,6 +183,8 @@ def run_swarm_trainer(args: argparse.Namespace) -> None:
         text_encoder=args.text_encoder,
         vae=args.vae,
         router_preset=args.router_preset,
+        minutes=args.minutes,
+        steps=args.steps or 0,
         train=tcfg,
         run_timeout_s=args.run_timeout,
     )
@@ -261,8 +267,9 @@ def _slug(text: str) -> str:
 
 
 def run_client(args: argparse.Namespace) -> None:
-    if not args.local and not args.from_export:
-        raise UsageError("remote experts are not available in this version yet; use --local or --from-export")
+    from_swarm = not args.local and not args.from_export
+    if from_swarm and not args.initial_peers:
+        raise UsageError("the client needs --initial-peers of a swarm (or --local / --from-export FOLDER)")
     prompts = args.prompts
     if not prompts:
         raise UsageError('give a prompt, e.g. python node.py --role client --local "a red apple"')
@@ -279,7 +286,18 @@ def run_client(args: argparse.Namespace) -> None:
         mode=args.mode, k=args.k, tau=args.tau, guidance=args.guidance, steps=args.steps or 30, seed=args.seed
     )
     subset = _int_list(args.local_experts, "--local-experts") if args.local_experts else None
-    if args.from_export:
+    if from_swarm:
+        from swarm.dht import SwarmNode
+        from swarm.mirror import fetch_for_sampling
+
+        folder = Path(args.ckpt_dir or Path(args.workdir) / "fetched")
+        node = SwarmNode(_swarm_config(args))
+        try:
+            subset = fetch_for_sampling(node, folder, subset)
+        finally:
+            node.shutdown()
+        ens, encoder, space = load_ensemble(folder, subset, vae=args.vae)
+    elif args.from_export:
         ens, encoder, space = load_export(Path(args.from_export), vae=args.vae)
         if subset is not None:
             ens.experts = {k: v for k, v in ens.experts.items() if k in subset}
@@ -349,7 +367,7 @@ def run_status(args: argparse.Namespace) -> None:
     stop = _stop_on_signals()
     node = SwarmNode(_swarm_config(args))
     try:
-        show(node, once=args.once or args.json, as_json=args.json, stop=stop)
+        show(node, once=args.once or args.json, as_json=args.json, stop=stop, until_done=args.until_done)
     finally:
         node.shutdown()
 

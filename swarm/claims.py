@@ -46,18 +46,29 @@ def latest_checkpoint(snapshot: Snapshot, job: str) -> CheckpointRecord | None:
     return max(recs, key=lambda r: (r.step, r.sha256)) if recs else None
 
 
+def done(snapshot: Snapshot, job: str) -> bool:
+    """A job is done once a checkpoint at the run's target step is published (never without a target)."""
+    target = snapshot.run.target(job)
+    ck = latest_checkpoint(snapshot, job)
+    return target > 0 and ck is not None and ck.step >= target
+
+
+def run_complete(snapshot: Snapshot) -> bool:
+    return all(done(snapshot, job) for job in snapshot.run.jobs())
+
+
 def choose_job(snapshot: Snapshot, me: bytes, wanted: str | None = None) -> str | None:
     """The job this node should claim now, or ``None`` to wait.
 
-    A job this node already wins is kept. Otherwise: ``wanted`` if it is free; else one of the
-    free experts with the least training so far (lowest published step), and the router only
-    once every expert has an owner (it is the least urgent job).
+    A job this node already wins is kept (until it is done). Otherwise: ``wanted`` if it is free;
+    else one of the free, unfinished experts with the least training so far (lowest published
+    step), and the router only once every expert has an owner or is done (it is the least urgent).
     """
     current = owners(snapshot)
     for job, owner in current.items():
-        if owner == me:
+        if owner == me and not done(snapshot, job):
             return job
-    free = [job for job, owner in current.items() if owner is None]
+    free = [job for job, owner in current.items() if owner is None and not done(snapshot, job)]
     if wanted is not None:
         return wanted if wanted in free else None
     experts = [j for j in free if j != "router"]

@@ -40,6 +40,8 @@ class RunSchema(pydantic.BaseModel):
     presets: pydantic.conlist(pydantic.constr(max_length=16), min_items=2, max_items=MAX_EXPERTS)
     objectives: pydantic.conlist(pydantic.constr(regex=r"^(fm|ddpm)$"), min_items=2, max_items=MAX_EXPERTS)
     manifest_size: pydantic.conint(strict=True, ge=1)
+    expert_steps: pydantic.conint(strict=True, ge=0)  # an expert job is done at this step (0: never)
+    router_steps: pydantic.conint(strict=True, ge=0)
 
 
 class ClaimSchema(pydantic.BaseModel):
@@ -137,9 +139,15 @@ class RunRecord:
     presets: list[str]
     objectives: list[str]
     manifest_size: int
+    expert_steps: int = 0  # the run's training target per expert (0: train as long as peers do)
+    router_steps: int = 0
 
     def jobs(self) -> list[str]:
         return [expert_job(k) for k in range(self.num_clusters)] + ["router"]
+
+    def target(self, job: str) -> int:
+        """The step at which ``job`` is done (0: never)."""
+        return self.router_steps if job == "router" else self.expert_steps
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ def collect(node: SwarmNode) -> dict:
         "time": time.time(),
         "self": node.peer_id,
         "run": None,
+        "complete": False,
         "jobs": [],
         "peers": sorted(
             ({**p.__dict__} for p in peers.values() if p.state != "offline"), key=lambda p: (p["state"], p["peer"])
@@ -41,8 +42,11 @@ def collect(node: SwarmNode) -> dict:
         "num_clusters": run.num_clusters,
         "objectives": run.objectives,
         "presets": run.presets,
+        "expert_steps": run.expert_steps,
+        "router_steps": run.router_steps,
     }
     snap = node.snapshot(run)
+    out["complete"] = claims.run_complete(snap)
     by_peer = {p.peer: p for p in peers.values()}
     for job in run.jobs():
         owner = claims.winner(snap, job)
@@ -52,6 +56,8 @@ def collect(node: SwarmNode) -> dict:
         out["jobs"].append(
             {
                 "job": job,
+                "target": run.target(job),
+                "done": claims.done(snap, job),
                 "owner": claim.peer if claim else None,
                 "since": claim.t0 if claim else None,
                 "step": presence.step if presence and presence.job == job else (ck.step if ck else 0),
@@ -88,15 +94,16 @@ def render(data: dict) -> Group:
     if data["run"] is None:
         return Group("[yellow]no run published yet[/] (python node.py --role prepare --serve ...)")
     run = data["run"]
-    jobs = Table(title=f"run {run['manifest_sha256'][:12]} · {run['num_clusters']} experts + router")
+    state = " · [green]complete[/]" if data["complete"] else ""
+    jobs = Table(title=f"run {run['manifest_sha256'][:12]} · {run['num_clusters']} experts + router{state}")
     for col in ("job", "owner", "step", "loss", "samples/s", "checkpoint", "age", "providers"):
         jobs.add_column(col, justify="right" if col in ("step", "loss", "samples/s", "age", "providers") else "left")
     for j in data["jobs"]:
         ck = j["checkpoint"]
         jobs.add_row(
             j["job"],
-            (j["owner"] or "[red]unclaimed[/]")[:16],
-            str(j["step"]),
+            "[green]done[/]" if j["done"] else (j["owner"] or "[red]unclaimed[/]")[:16],
+            f"{j['step']}/{j['target']}" if j["target"] else str(j["step"]),
             "-" if j["loss"] is None else f"{j['loss']:.4f}",
             f"{j['samples_per_s']:.0f}",
             f"{ck['step']} · {ck['sha256'][:12]}" if ck else "-",
@@ -111,7 +118,11 @@ def render(data: dict) -> Group:
     return Group(jobs, peers)
 
 
-def run_status(node: SwarmNode, once: bool, as_json: bool, interval: float = 2.0, stop=None) -> None:
+def run_status(
+    node: SwarmNode, once: bool, as_json: bool, interval: float = 2.0, stop=None, until_done: bool = False
+) -> None:
+    """Print one snapshot, or keep a live dashboard until stopped (or, ``until_done``, until every
+    job of the run reached its target)."""
     if once:
         data = collect(node)
         if as_json:
@@ -119,6 +130,10 @@ def run_status(node: SwarmNode, once: bool, as_json: bool, interval: float = 2.0
         else:
             Console().print(render(data))
         return
-    with Live(render(collect(node)), refresh_per_second=2, screen=False) as live:
-        while not (stop.wait(interval) if stop is not None else time.sleep(interval)):
-            live.update(render(collect(node)))
+    data = collect(node)
+    with Live(render(data), refresh_per_second=2, screen=False) as live:
+        while not (until_done and data["complete"]):
+            if stop.wait(interval) if stop is not None else time.sleep(interval):
+                break
+            data = collect(node)
+            live.update(render(data))

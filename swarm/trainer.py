@@ -15,7 +15,6 @@ A clean shutdown (SIGINT/SIGTERM) saves a checkpoint and withdraws the claim at 
 from __future__ import annotations
 
 import random
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,8 +28,9 @@ from experts.manifest import Manifest, load_manifest, sha256_file
 from experts.train import TrainConfig, train
 from router.train import build_job
 from swarm import claims
-from swarm.blobs import BlobError, BlobService, BlobStore, announce, providers
+from swarm.blobs import BlobError, BlobService, BlobStore, announce
 from swarm.dht import SwarmNode
+from swarm.mirror import mirror_checkpoints, sources
 from swarm.records import (
     CKPT_TTL_S,
     HEARTBEAT_S,
@@ -58,6 +58,10 @@ class SwarmTrainerConfig:
     text_encoder: str = "minilm"
     vae: str = ""
     router_preset: str = "tiny"
+    minutes: float = 0.0  # this node's whole budget (0: until stopped)
+    steps: int = 0  # stop a job at this step even before the run's target (0: the run's target)
+    chunk_minutes: float = 60.0  # with neither target nor cap, release and re-choose a job this often
+    # batch size, learning rate, checkpoint cadence, seed; its budget fields are set per job
     train: TrainConfig = field(default_factory=lambda: TrainConfig(ckpt_root="", minutes=60.0))
 
     @property
@@ -216,20 +220,26 @@ class SwarmTrainer:
         run = self.wait_for_run()
         manifest, digest = self.fetch_manifest(run)
         console.log(f"joined run {digest[:12]}: {run.num_clusters} experts + router")
-        deadline = time.monotonic() + self.cfg.train.minutes * 60 if self.cfg.train.minutes else None
+        deadline = time.monotonic() + self.cfg.minutes * 60 if self.cfg.minutes else None
         last = None
-        idle_said = False
+        idle_said = None
         while not self.stop.is_set() and (deadline is None or time.monotonic() < deadline):
             won = self.claim(run)
             if won is None:
-                self._set_presence(state="idle", job="", samples_per_s=0.0)
-                if not idle_said:
-                    console.log("no free job; waiting for a claim to expire")
-                    idle_said = True
-                self.mirror(self.node.snapshot(run))
+                snap = self.node.snapshot(run)
+                complete = claims.run_complete(snap)
+                self._set_presence(state="done" if complete else "idle", job="", samples_per_s=0.0)
+                if idle_said != complete:
+                    console.log(
+                        "run complete: every job reached its target; providing checkpoints until stopped"
+                        if complete
+                        else "no free job; waiting for a claim to expire"
+                    )
+                    idle_said = complete
+                self.mirror(snap)
                 self.stop.wait(self.cfg.poll_s)
                 continue
-            idle_said = False
+            idle_said = None
             job, claim = won
             console.log(f"claimed {job} as {self.node.peer_id[:12]}…")
             self._set_presence(state="training", job=job)
@@ -247,15 +257,16 @@ class SwarmTrainer:
                     self.stop.wait(self.cfg.poll_s)
                     continue
                 minutes_left = (deadline - time.monotonic()) / 60 if deadline else 0.0
+                steps = [n for n in (self.cfg.steps, run.target(job)) if n > 0]
+                minutes = max(minutes_left, 1e-3) if deadline else (0.0 if steps else self.cfg.chunk_minutes)
                 tcfg = TrainConfig(
                     **{
                         **self.cfg.train.__dict__,
                         "ckpt_root": str(root),
-                        "minutes": max(minutes_left, 1e-3) if deadline else 0.0,
+                        "steps": min(steps) if steps else 0,
+                        "minutes": minutes,
                     }
                 )
-                if not tcfg.steps and not tcfg.minutes:
-                    tcfg.minutes = 60.0
                 train_job = build_job(
                     manifest, digest, job, tcfg, self.cfg.text_encoder, self.cfg.vae, self.cfg.router_preset
                 )
@@ -268,12 +279,15 @@ class SwarmTrainer:
                         step=st, loss=float(loss), samples_per_s=float(rate)
                     ),
                 )
+                rec = claims.latest_checkpoint(self.node.snapshot(run), job)
+                if rec is None or rec.step < last.step:  # resumed at its target: nothing new was saved
+                    self._publish(job, run, last)
             finally:
                 keeper.stop()
                 if not keeper.lost.is_set():
                     self.node.withdraw_claim(job, claim)
                     console.log(f"released {job}")
-            if self.cfg.train.steps and last is not None and last.step >= self.cfg.train.steps:
+            if self.cfg.steps and last is not None and last.step >= self.cfg.steps:
                 break
         return last
 
@@ -281,12 +295,6 @@ class SwarmTrainer:
         self.stop.set()
         self._presence.join(timeout=10)
         self.blobs.shutdown()
-
-
-def sources(node: SwarmNode, digest: str, extra: list[str] = ()) -> list[str]:
-    """Peers to fetch ``digest`` from: ``extra`` first (e.g. a record's providers), then every
-    announced provider; never this node itself."""
-    return [p for p in dict.fromkeys([*extra, *providers(node, digest)]) if p != node.peer_id]
 
 
 def try_claim(
@@ -312,27 +320,16 @@ def try_claim(
     return None
 
 
-def mirror_checkpoints(node: SwarmNode, blobs: BlobService, snap: claims.Snapshot, folder: Path) -> None:
-    """Hold (and provide) the latest published checkpoint of every job, so that a job can resume
-    after its owner is gone. Older mirrors of a job are deleted."""
-    for job in snap.run.jobs():
-        rec = claims.latest_checkpoint(snap, job)
-        if rec is None or rec.sha256 in blobs.store:
-            continue
-        try:
-            got = blobs.fetch_checkpoint(
-                rec.sha256, sources(node, rec.sha256, rec.providers), folder / job / f"step_{rec.step:08d}"
-            )
-        except (BlobError, CheckpointError) as e:
-            console.log(f"mirror of {job} step {rec.step} failed: {e}")
-            continue
-        announce(node, blobs.store, only={got.sha256, *got.meta["files"].values()})
-        for old in sorted((folder / job).glob("step_*"))[:-1]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, period_s: float = 10.0) -> None:
-    """The preparer's side: publish the run record and provide the manifest and shards, until stopped."""
+def serve_run(
+    node: SwarmNode,
+    data_dir: Path,
+    stop: threading.Event,
+    expert_steps: int = 0,
+    router_steps: int = 0,
+    period_s: float = 5.0,
+) -> None:
+    """The preparer's side: publish the run record (with the run's step targets, 0 = none) and
+    provide the manifest and shards; mirror every job's latest checkpoint; until stopped."""
     from swarm.records import RUN_TTL_S, run_key
 
     manifest, digest = load_manifest(data_dir)
@@ -350,6 +347,8 @@ def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, period_s: 
         [c.preset for c in manifest.clusters],
         [c.objective for c in manifest.clusters],
         (data_dir / "manifest.json").stat().st_size,
+        expert_steps,
+        router_steps,
     )
     last_announce = 0.0
     try:

@@ -3,7 +3,7 @@
 import itertools
 import random
 
-from swarm.claims import Snapshot, choose_job, latest_checkpoint, owners, still_wins, winner
+from swarm.claims import Snapshot, choose_job, done, latest_checkpoint, owners, run_complete, still_wins, winner
 from swarm.records import CheckpointRecord, ClaimRecord, PeerRecord, RunRecord, decode, encode
 
 RUN = RunRecord("a" * 64, 3, ["tiny"] * 3, ["fm", "fm", "ddpm"], 1234)
@@ -50,6 +50,27 @@ def test_choose_job_keeps_own_job_then_prefers_least_trained_expert_then_router(
     assert choose_job(Snapshot(RUN, claims=everything), key(7)) == "router"
     everything["router"] = {key(8): ClaimRecord(RUN.manifest_sha256, "p", 1.0)}
     assert choose_job(Snapshot(RUN, claims=everything), key(7)) is None  # nothing free: wait
+
+
+def test_jobs_at_the_run_target_are_done_and_trainers_move_on():
+    run = RunRecord("a" * 64, 2, ["tiny"] * 2, ["fm", "fm"], 1234, expert_steps=300, router_steps=100)
+
+    def ck(step: int) -> dict:
+        return {key(9): CheckpointRecord(run.manifest_sha256, step, "c" * 64, 1, "fm", "tiny", 0.1, ["p9"])}
+
+    snap = Snapshot(
+        run,
+        claims={"expert_0": {key(1): ClaimRecord(run.manifest_sha256, "p1", 1.0)}},
+        ckpts={"expert_0": ck(300), "expert_1": ck(299)},
+    )
+    assert done(snap, "expert_0") and not done(snap, "expert_1")
+    assert choose_job(snap, key(1)) == "expert_1"  # its own job is done: it moves on
+    assert choose_job(snap, key(2), wanted="expert_0") is None  # a done job is not taken again
+    snap.claims["expert_1"] = {key(2): ClaimRecord(run.manifest_sha256, "p2", 2.0)}
+    assert choose_job(snap, key(1)) == "router"  # every unfinished expert has an owner
+    snap.ckpts["expert_1"], snap.ckpts["router"] = ck(300), ck(100)
+    assert run_complete(snap) and choose_job(snap, key(3)) is None
+    assert not run_complete(Snapshot(RUN, ckpts={j: ck(10**6) for j in RUN.jobs()}))  # no target: never done
 
 
 def test_simultaneous_claims_settle_to_one_owner_per_job():

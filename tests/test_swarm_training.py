@@ -31,43 +31,43 @@ def _wait_for(pred, timeout, what, step=0.5):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-@pytest.fixture
-def swarm(tmp_path):
-    procs = []
-    nodes = []
-    try:
-        prep_log = tmp_path / "prep.log"
-        procs.append(
-            _spawn(
-                [
-                    "--role",
-                    "prepare",
-                    "--serve",
-                    "--workdir",
-                    str(tmp_path / "prep"),
-                    "--limit",
-                    "160",
-                    "--clusters",
-                    "2",
-                ],
-                prep_log,
-            )
+def _start_swarm(tmp_path, procs, nodes, extra=()):
+    prep_log = tmp_path / "prep.log"
+    procs.append(
+        _spawn(
+            ["--role", "prepare", "--serve", "--workdir", str(tmp_path / "prep"), "--limit", "160", "--clusters", "2"]
+            + list(extra),
+            prep_log,
         )
+    )
 
-        def ready():
-            text = prep_log.read_text()
-            return text if "--initial-peers" in text else None
+    def ready():
+        text = prep_log.read_text()
+        return text if "--initial-peers" in text else None
 
-        text = _wait_for(ready, 180, "the preparer")
-        peers = text.split("--initial-peers", 1)[1].split("\n")[0].split()
-        observer = SwarmNode(SwarmConfig(str(tmp_path / "observer"), initial_peers=peers, host_maddrs=[LOOPBACK]))
-        nodes.append(observer)
-        yield tmp_path, peers, observer, procs
+    text = _wait_for(ready, 180, "the preparer")
+    peers = text.split("--initial-peers", 1)[1].split("\n")[0].split()
+    observer = SwarmNode(SwarmConfig(str(tmp_path / "observer"), initial_peers=peers, host_maddrs=[LOOPBACK]))
+    nodes.append(observer)
+    return peers, observer
+
+
+@pytest.fixture
+def swarm_factory(tmp_path):
+    """Starts a preparer serving a 2-cluster run (extra flags: e.g. step targets) and an observer."""
+    procs, nodes = [], []
+    try:
+        yield lambda extra=(): (tmp_path, *_start_swarm(tmp_path, procs, nodes, extra), procs)
     finally:
         for n in nodes:
             n.shutdown()
         for p in procs:
             kill_tree(p)
+
+
+@pytest.fixture
+def swarm(swarm_factory):
+    return swarm_factory()
 
 
 def _peer_of(log):
@@ -183,3 +183,60 @@ def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
     snap = observer.snapshot(run)
     assert claims.winner(snap, "expert_0") is None, "the claim outlived a clean shutdown"
     assert "released expert_0" in log.read_text()
+
+
+def test_trainers_move_on_at_the_run_target_and_a_client_samples_from_the_swarm(swarm_factory):
+    tmp, peers, observer, procs = swarm_factory(["--expert-steps", "12", "--router-steps", "8"])
+    for i in range(2):
+        procs.append(
+            _spawn(
+                ["--role", "trainer", "--workdir", str(tmp / f"t{i}"), "--initial-peers", *peers]
+                + ["--heartbeat", str(HEARTBEAT), "--batch-size", "8", "--ckpt-every", "5"],
+                tmp / f"t{i}.log",
+            )
+        )
+    run = _wait_for(observer.run, 60, "the run record")
+    assert (run.expert_steps, run.router_steps) == (12, 8)
+    # status --until-done returns once every job (2 experts + router, 2 trainers) is at its target.
+    node(
+        "--role",
+        "status",
+        "--until-done",
+        "--workdir",
+        str(tmp / "status"),
+        "--initial-peers",
+        *peers,
+        "--host-maddrs",
+        LOOPBACK,
+        timeout=400,
+    )
+    snap = observer.snapshot(run)
+    assert claims.run_complete(snap)
+    assert {j: claims.latest_checkpoint(snap, j).step for j in run.jobs()} == {
+        "expert_0": 12,
+        "expert_1": 12,
+        "router": 8,
+    }
+    for i in range(2):  # nobody trains past the target; both say so once everything is done
+        _wait_for(lambda i=i: "run complete" in (tmp / f"t{i}.log").read_text(), 60, f"trainer {i} to see it")
+    # A client with only --initial-peers fetches router + experts (hash-verified) and draws.
+    out = tmp / "apple.png"
+    result = node(
+        "--role",
+        "client",
+        "red apple",
+        "--workdir",
+        str(tmp / "client"),
+        "--initial-peers",
+        *peers,
+        "--host-maddrs",
+        LOOPBACK,
+        "--steps",
+        "4",
+        "--output",
+        str(out),
+        timeout=300,
+    )
+    assert out.is_file() and out.stat().st_size > 0, result.stderr
+    fetched = sorted(p.parent.name for p in (tmp / "client" / "fetched").glob("*/step_*"))
+    assert fetched == ["expert_0", "expert_1", "router"]

@@ -1,0 +1,96 @@
+"""Holding copies of published checkpoints: where a checkpoint can be fetched from, and the
+mirror that keeps the latest checkpoint of every job on this node.
+
+Idle trainers and the preparer mirror every job, so a job outlives its owner; a client mirrors
+the router and the experts it runs itself. A mirror folder has the layout of a local run
+(``<folder>/expert_K/step_N``, ``<folder>/router/step_N``), so it loads like one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+
+from experts.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
+from swarm import claims
+from swarm.blobs import BlobError, BlobService, announce, providers
+from swarm.dht import SwarmNode
+
+console = Console(stderr=True)
+
+
+def sources(node: SwarmNode, digest: str, extra: list[str] = ()) -> list[str]:
+    """Peers to fetch ``digest`` from: ``extra`` first (e.g. a record's providers), then every
+    announced provider; never this node itself."""
+    return [p for p in dict.fromkeys([*extra, *providers(node, digest)]) if p != node.peer_id]
+
+
+def mirror_checkpoints(
+    node: SwarmNode,
+    blobs: BlobService,
+    snap: claims.Snapshot,
+    folder: Path,
+    jobs: list[str] | None = None,
+) -> dict[str, Checkpoint | str]:
+    """Hold (and provide) the latest published checkpoint of each job (default: all of the run).
+
+    Returns, per job with a published checkpoint, the verified local copy, or the reason it
+    could not be had (then the other jobs still go on). A copy already on disk is verified and
+    reused; older copies of a job are deleted.
+    """
+    out: dict[str, Checkpoint | str] = {}
+    for job in jobs or snap.run.jobs():
+        rec = claims.latest_checkpoint(snap, job)
+        if rec is None:
+            continue
+        dest = folder / job / f"step_{rec.step:08d}"
+        held = blobs.store.path(rec.sha256)
+        if held is not None:  # verified when it was added: no need to hash it again every round
+            if held.parent.resolve() == dest.resolve():
+                out[job] = Checkpoint(dest, json.loads(held.read_bytes()), rec.sha256)
+            continue  # else held elsewhere (this trainer's own checkpoint): nothing to mirror
+        try:
+            try:
+                got = verify_checkpoint(dest, expected_sha256=rec.sha256)
+                blobs.store.add_checkpoint(got)
+            except CheckpointError:
+                got = blobs.fetch_checkpoint(rec.sha256, sources(node, rec.sha256, rec.providers), dest)
+        except (BlobError, CheckpointError) as e:
+            console.log(f"mirror of {job} step {rec.step} failed: {e}")
+            out[job] = str(e)
+            continue
+        out[job] = got
+        announce(node, blobs.store, only={got.sha256, *got.meta["files"].values()})
+        for old in sorted((folder / job).glob("step_*")):
+            if old.resolve() != dest.resolve():
+                shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def fetch_for_sampling(node: SwarmNode, folder: Path, experts: list[int] | None = None) -> list[int]:
+    """Fetch the router and the experts (all, or ``experts``) of the swarm's run into ``folder``,
+    each verified; returns the experts that could be had. No router or no expert at all is an error."""
+    from swarm.blobs import BlobStore
+    from swarm.dht import SwarmError
+
+    run = node.run()
+    if run is None:
+        raise SwarmError("no run is published in this swarm yet (python node.py --role prepare --serve ...)")
+    wanted = list(range(run.num_clusters)) if experts is None else experts
+    unknown = [k for k in wanted if not 0 <= k < run.num_clusters]
+    if unknown:
+        raise SwarmError(f"unknown expert(s) {unknown}; this run has experts 0..{run.num_clusters - 1}")
+    blobs = BlobService(node.dht, BlobStore())
+    try:
+        got = mirror_checkpoints(node, blobs, node.snapshot(run), folder, ["router"] + [f"expert_{k}" for k in wanted])
+    finally:
+        blobs.shutdown()
+    if not isinstance(got.get("router"), Checkpoint):
+        raise SwarmError(f"the router's checkpoint could not be had: {got.get('router') or 'none is published yet'}")
+    have = [k for k in wanted if isinstance(got.get(f"expert_{k}"), Checkpoint)]
+    if not have:
+        raise SwarmError(f"no checkpoint of experts {wanted} could be had from the swarm")
+    return have
