@@ -6,8 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
-DEMO_MINUTES ?= 1.9
-ROUTER_MINUTES ?= 1.0
+DEMO_TRAINERS ?= 2
+EXPERT_STEPS ?= 300
+ROUTER_STEPS ?= 150
 PROMPTS := "red apple" "grinning face" "red heart" "flag: Japan" "dog face" "woman dark skin tone" "sun" "rocket"
 
 export HF_HUB_OFFLINE=1
@@ -25,13 +26,12 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
+# A real local swarm: bootstrap peer, preparer serving the run, trainers that claim the 4 experts
+# and the router and train each to its target step, the live status dashboard, then a client that
+# fetches the trained ensemble from the swarm (sha256-verified) and draws the grid.
 demo: $(STAMP)
-	@start=$$(date +%s); \
-	$(PY) node.py --role prepare --workdir $(DEMO) --clusters 4 && \
-	for k in 0 1 2 3; do $(PY) node.py --role trainer --local --workdir $(DEMO) --expert $$k --minutes $(DEMO_MINUTES) || exit 1; done && \
-	$(PY) node.py --role trainer --local --workdir $(DEMO) --job router --minutes $(ROUTER_MINUTES) && \
-	$(PY) node.py --role client --local --workdir $(DEMO) --mode topk --k 2 --steps 30 --output outputs/demo.png $(PROMPTS) && \
-	echo "demo done in $$(( $$(date +%s) - start ))s: outputs/demo.png (clusters: $(DEMO)/data/clusters.png)"
+	$(PY) -m swarm.local --workdir $(DEMO) --trainers $(DEMO_TRAINERS) --clusters 4 \
+		--expert-steps $(EXPERT_STEPS) --router-steps $(ROUTER_STEPS) --output outputs/demo.png $(PROMPTS)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

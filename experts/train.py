@@ -34,7 +34,7 @@ from experts.objectives import make_training_batch, sample_train_times
 from experts.presets import ExpertPreset, build_expert, expert_forward, get_preset
 from experts.text_encoder import TextEncoder
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)  # logged errors hold multiaddrs like [/ip4/...]
 
 
 @dataclass

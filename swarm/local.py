@@ -55,7 +55,7 @@ class NodeProcess:
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
 
-    def wait_for(self, marker: str, timeout: float) -> str:
+    def wait_for(self, marker: str, timeout: float, poll_s: float = 0.5) -> str:
         """Wait until ``marker`` appears in the log; returns the rest of that line."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -64,7 +64,7 @@ class NodeProcess:
                 return text.split(marker, 1)[1].split("\n", 1)[0]
             if not self.alive():
                 raise LocalSwarmError(f"{self.name} exited {self.proc.returncode}:\n{self.tail()}")
-            time.sleep(0.5)
+            time.sleep(poll_s)
         raise LocalSwarmError(f"{self.name} did not print {marker!r} within {timeout:.0f}s:\n{self.tail()}")
 
     def tail(self, n: int = 15) -> str:

@@ -19,7 +19,7 @@ from swarm import claims
 from swarm.blobs import BlobError, BlobService, announce, providers
 from swarm.dht import SwarmNode
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)  # logged errors hold multiaddrs like [/ip4/...]
 
 
 def sources(node: SwarmNode, digest: str, extra: list[str] = ()) -> list[str]:

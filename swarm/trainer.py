@@ -15,6 +15,7 @@ A clean shutdown (SIGINT/SIGTERM) saves a checkpoint and withdraws the claim at 
 from __future__ import annotations
 
 import random
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pathlib import Path
 from hivemind.utils import get_dht_time
 from rich.console import Console
 
-from experts.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints
+from experts.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
 from experts.manifest import Manifest, load_manifest, sha256_file
 from experts.train import TrainConfig, train
 from router.train import build_job
@@ -44,7 +45,7 @@ from swarm.records import (
     peers_key,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)  # logged errors hold multiaddrs like [/ip4/...]
 
 
 @dataclass
@@ -204,7 +205,30 @@ class SwarmTrainer:
         for stale in list_checkpoints(root):
             if int(stale.name.split("_")[1]) >= rec.step:
                 raise CheckpointError(f"{stale} is newer than the published checkpoint; move it away")
-        self.blobs.fetch_checkpoint(rec.sha256, self._sources(rec.sha256, rec.providers), root / f"step_{rec.step:08d}")
+        try:
+            self.blobs.fetch_checkpoint(
+                rec.sha256, self._sources(rec.sha256, rec.providers), root / f"step_{rec.step:08d}"
+            )
+            return
+        except BlobError as e:
+            reason = e
+        # Its only holder may have died before anyone mirrored it: the newest checkpoint this node
+        # holds (its own, or its mirror of the job) loses less than waiting forever would.
+        mirrored = self.work / "mirror" / job
+        fallback = None
+        for candidate in sorted(mirrored.glob("step_*"), reverse=True):
+            try:
+                fallback = verify_checkpoint(candidate)
+                break
+            except CheckpointError:
+                continue
+        if fallback is not None and (local is None or fallback.step > local.step):
+            shutil.copytree(fallback.path, root / fallback.path.name)
+            console.log(f"{job}: step {rec.step} cannot be had ({reason}); resuming from mirrored step {fallback.step}")
+        elif local is not None:
+            console.log(f"{job}: step {rec.step} cannot be had ({reason}); resuming from own step {local.step}")
+        else:
+            raise reason
 
     def mirror(self, snap: claims.Snapshot) -> None:
         mirror_checkpoints(self.node, self.blobs, snap, self.work / "mirror")
