@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 ROLES = ("prepare", "trainer", "client", "export", "bootstrap", "server", "status")
-NOT_YET = ("server",)
 
 
 class UsageError(ValueError):
@@ -81,10 +80,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--k", type=int, default=2)
     g.add_argument("--tau", type=float, default=0.2)
     g.add_argument("--guidance", type=float, default=3.0)
-    g.add_argument("--local-experts", help="client: experts to use (default all found)")
+    g.add_argument("--local-experts", help="client: experts to run here: 0,3 or all (swarm default: none)")
     g.add_argument("--from-export", help="client: load an exported folder instead of checkpoints")
     g.add_argument("--output", help="client: PNG path (default outputs/<prompt>.png)")
     g.add_argument("--out", default="exports/diffswarm", help="export: destination folder")
+    g = p.add_argument_group("server")
+    g.add_argument("--follow", action="store_true", help="load newer published checkpoints while serving")
+    g.add_argument("--max-batch", type=int, default=32, help="images per forward pass and per request")
+    g.add_argument("--max-queue", type=int, default=64, help="requests waiting before 'busy' replies")
+    g.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request may take")
     return p.parse_args(argv)
 
 
@@ -139,7 +143,7 @@ def run_prepare(args: argparse.Namespace) -> None:
             flush=True,
         )
         try:
-            serve_run(node, data_dir, stop, args.expert_steps, args.router_steps)
+            serve_run(node, data_dir, stop, args.expert_steps, args.router_steps, ckpt_dir=_dirs(args)[1])
         finally:
             node.shutdown()
 
@@ -275,43 +279,100 @@ def run_client(args: argparse.Namespace) -> None:
         raise UsageError('give a prompt, e.g. python node.py --role client --local "a red apple"')
     if any(not p.strip() for p in prompts):
         raise UsageError("empty prompt; give some text")
-    from rich.console import Console
-    from rich.table import Table
-
-    from router.ensemble import load_ensemble, load_export
-    from router.grid import save_images
-    from router.sampling import SamplerConfig, generate
+    from router.sampling import SamplerConfig
 
     cfg = SamplerConfig(
         mode=args.mode, k=args.k, tau=args.tau, guidance=args.guidance, steps=args.steps or 30, seed=args.seed
     )
-    subset = _int_list(args.local_experts, "--local-experts") if args.local_experts else None
+    if args.local_experts == "all":
+        subset = "all" if from_swarm else None
+    else:
+        subset = _int_list(args.local_experts, "--local-experts") if args.local_experts else None
     if from_swarm:
-        from swarm.dht import SwarmNode
-        from swarm.mirror import fetch_for_sampling
+        return _client_from_swarm(args, prompts, cfg, subset)
+    from router.ensemble import load_ensemble, load_export
 
-        folder = Path(args.ckpt_dir or Path(args.workdir) / "fetched")
-        node = SwarmNode(_swarm_config(args))
-        try:
-            subset = fetch_for_sampling(node, folder, subset)
-        finally:
-            node.shutdown()
-        ens, encoder, space = load_ensemble(folder, subset, vae=args.vae)
-    elif args.from_export:
+    if args.from_export:
         ens, encoder, space = load_export(Path(args.from_export), vae=args.vae)
         if subset is not None:
             ens.experts = {k: v for k, v in ens.experts.items() if k in subset}
     else:
         _, ckpt = _dirs(args)
         ens, encoder, space = load_ensemble(ckpt, subset, vae=args.vae)
-    missing = sorted(set(range(ens.num_experts)) - set(ens.experts))
+    objectives = {k: m["objective"] for k, m in ens.expert_meta.items() if k in ens.experts}
+    served_by = dict.fromkeys(ens.experts, "local")
+    _sample(args, prompts, cfg, ens.router, ens.experts, objectives, served_by, encoder, space, ens.shape, [])
+
+
+def _client_from_swarm(args: argparse.Namespace, prompts: list[str], cfg, subset) -> None:
+    from router.remote import swarm_ensemble
+    from swarm.blobs import BlobService, BlobStore
+    from swarm.dht import SwarmNode
+
+    node = SwarmNode(_swarm_config(args))
+    blobs = BlobService(node.dht, BlobStore())
+    ens = None
+    try:
+        folder = Path(args.ckpt_dir or Path(args.workdir) / "fetched")
+        ens = swarm_ensemble(node, blobs, folder, subset, vae=args.vae)
+        events = ens.pool.events if ens.pool else []
+        _sample(
+            args,
+            prompts,
+            cfg,
+            ens.router,
+            ens.experts,
+            ens.objectives,
+            ens.served_by,
+            ens.encoder,
+            ens.space,
+            ens.shape,
+            events,
+        )
+    finally:
+        if ens is not None and ens.pool is not None:
+            ens.pool.close()
+        blobs.shutdown()
+        node.shutdown()
+
+
+def _sample(args, prompts, cfg, router, experts, objectives, served_by, encoder, space, shape, events) -> None:
+    """Generate, write the PNG and a routing JSON beside it, print the routing summary."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from router.grid import save_images
+    from router.sampling import ExpertUnavailable, generate
+
+    num_experts = int(router.config.num_experts)
+    missing = sorted(set(range(num_experts)) - set(experts))
     if missing:
         print(
             f"note: experts {missing} are not available; the router's choice is renormalised over the others",
             file=sys.stderr,
         )
+    console = Console(stderr=True)
     t0 = time.time()
-    images, log = generate(prompts, ens.router, ens.experts, encoder, space, ens.shape, cfg)
+    with Progress(
+        TextColumn("[bold]sampling"),
+        BarColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("", total=cfg.steps)
+
+        def progress(i: int, log) -> None:
+            who = ", ".join(f"{k}@{w[:10]}" for k, w in sorted(log.where[-1].items()))
+            bar.update(task, completed=i + 1, description=f"step {i + 1}/{cfg.steps}  experts {who}")
+
+        try:
+            images, log = generate(prompts, router, experts, encoder, space, shape, cfg, progress=progress)
+        except ExpertUnavailable as e:
+            raise RuntimeError(f"no expert can serve any more ({e.reason}); stopping") from None
     dt = time.time() - t0
     out = Path(args.output or f"outputs/{_slug(prompts[0]) if len(prompts) == 1 else 'grid'}.png")
     save_images(images, prompts, out)
@@ -319,14 +380,38 @@ def run_client(args: argparse.Namespace) -> None:
         title=f"routing ({cfg.mode}{'' if cfg.mode != 'topk' else f', k={cfg.k}'}), "
         f"{cfg.steps} steps x {len(prompts)} images"
     )
-    table.add_column("expert")
-    table.add_column("objective")
-    table.add_column("(image, step) pairs served", justify="right")
-    for k in range(ens.num_experts):
-        obj = ens.expert_meta[k]["objective"] if k in ens.expert_meta else "-"
-        table.add_row(str(k), obj, str(log.usage[k]) if k in ens.experts else "unavailable")
+    for col in ("expert", "objective", "served by", "(image, step) pairs"):
+        table.add_column(col, justify="right" if col.startswith("(") else "left")
+    for k in range(num_experts):
+        if k not in experts:
+            table.add_row(str(k), "-", "unavailable", "0")
+            continue
+        peers = sorted((w, n) for (kk, w), n in log.by_peer.items() if kk == k)
+        table.add_row(
+            str(k),
+            objectives.get(k, "-"),
+            "\n".join(w[:16] for w, _ in peers) or served_by[k],
+            "\n".join(str(n) for _, n in peers) or "0",
+        )
     Console().print(table)
-    print(f"wrote {out} ({dt:.1f}s, {dt / len(prompts):.2f}s per image)")
+    for step, k, reason in log.reroutes:
+        print(f"rerouted at step {step + 1}: expert {k} dropped ({reason}); renormalised over the others")
+    for event in events:
+        print(f"failover: {event}")
+    routing = {
+        "prompts": prompts,
+        "mode": cfg.mode,
+        "k": cfg.k,
+        "steps": cfg.steps,
+        "seed": cfg.seed,
+        "usage": log.usage,
+        "per_step": log.per_step,
+        "where": [{str(k): w for k, w in step.items()} for step in log.where],
+        "reroutes": [{"step": s, "expert": k, "reason": r} for s, k, r in log.reroutes],
+        "failovers": events,
+    }
+    out.with_suffix(".json").write_text(json.dumps(routing, indent=1))
+    print(f"wrote {out} ({dt:.1f}s, {dt / len(prompts):.2f}s per image); routing: {out.with_suffix('.json')}")
 
 
 def _swarm_config(args: argparse.Namespace):
@@ -372,6 +457,44 @@ def run_status(args: argparse.Namespace) -> None:
         node.shutdown()
 
 
+def run_server(args: argparse.Namespace) -> None:
+    """Serve the denoising forward pass of the published checkpoint(s) of ``--expert K[,K...]``."""
+    from experts.server import ExpertServer, ServerConfig
+    from swarm.dht import SwarmNode
+
+    if args.expert is None:
+        raise UsageError("a server serves one or more experts: --expert K or --expert 0,3")
+    experts = _int_list(args.expert, "--expert")
+    if not experts or len(set(experts)) != len(experts) or min(experts) < 0:
+        raise UsageError(f"--expert takes distinct expert ids like 0 or 0,3; got {args.expert!r}")
+    if args.max_batch < 1 or args.max_queue < 1 or args.request_timeout <= 0:
+        raise UsageError("--max-batch, --max-queue and --request-timeout must be positive")
+    cfg = ServerConfig(
+        experts=experts,
+        work_dir=str(Path(args.workdir) / "served"),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout,
+        follow=args.follow,
+        run_timeout_s=args.run_timeout or 60.0,
+    )
+    stop = _stop_on_signals()
+    node = SwarmNode(_swarm_config(args))
+    if not args.initial_peers:
+        print(f"started a new swarm; other nodes join with:\n  {node.initial_peers_line()}", flush=True)
+    try:
+        server = ExpertServer(node, cfg, stop)
+        try:
+            steps = ", ".join(f"expert {k} step {server.served[k][0].ckpt.step}" for k in experts)
+            print(f"server {node.peer_id} serving {steps}", flush=True)
+            server.run()
+        finally:
+            server.shutdown()
+    finally:
+        node.shutdown()
+    print("server stopped", flush=True)
+
+
 def run_export(args: argparse.Namespace) -> None:
     from router.ensemble import export_paris
 
@@ -390,8 +513,6 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        if args.role in NOT_YET:
-            raise UsageError(f"--role {args.role} is not available in this version yet")
         roles = {
             "prepare": run_prepare,
             "trainer": run_trainer,
@@ -399,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             "export": run_export,
             "bootstrap": run_bootstrap,
             "status": run_status,
+            "server": run_server,
         }
         roles[args.role](args)
     except KeyboardInterrupt:

@@ -102,10 +102,7 @@ def load_ensemble(
     expert_meta = {k: c.meta for k, c in found.items()}
     enc_name = _check_compatible(router_ckpt.meta, expert_meta)
     models = {
-        k: LocalExpert(
-            PixArtTransformer2DModel.from_pretrained(c.model_dir, low_cpu_mem_usage=False), c.meta["objective"]
-        )
-        for k, c in found.items()
+        k: LocalExpert.from_checkpoint(c) for k, c in found.items()
     }
     router = RouterNet.from_pretrained(router_ckpt.model_dir, low_cpu_mem_usage=False).eval()
     ens = Ensemble(models, expert_meta, router, router_ckpt.meta, enc_name, router_ckpt.meta["space"])

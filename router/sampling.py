@@ -37,8 +37,17 @@ class SamplerConfig:
             raise ValueError(f"--k must be at least 1, got {self.k}")
 
 
-# An expert runner maps (x_t (B,C,H,W), t (B,), states (2B,L,D), mask (2B,L), guidance) → v (B,C,H,W).
-ExpertRunner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# An expert runner maps (x_t (B,C,H,W), t (B,), states (2B,L,D), mask (2B,L), guidance, t_next) → v (B,C,H,W).
+# It raises ExpertUnavailable when it cannot serve (a remote expert with no replica left).
+ExpertRunner = Callable[..., torch.Tensor]
+
+
+class ExpertUnavailable(RuntimeError):
+    """Expert ``expert`` cannot serve this step; the router's choice is renormalised over the rest."""
+
+    def __init__(self, expert: int, reason: str) -> None:
+        super().__init__(f"expert {expert}: {reason}")
+        self.expert, self.reason = expert, reason
 
 
 class LocalExpert:
@@ -47,10 +56,24 @@ class LocalExpert:
     def __init__(self, model: torch.nn.Module, objective: str) -> None:
         self.model = model.eval()
         self.objective = objective
+        self.where = "local"
+
+    @classmethod
+    def from_checkpoint(cls, ckpt) -> LocalExpert:
+        from diffusers import PixArtTransformer2DModel
+
+        model = PixArtTransformer2DModel.from_pretrained(ckpt.model_dir, low_cpu_mem_usage=False)
+        return cls(model, ckpt.meta["objective"])
 
     @torch.no_grad()
     def __call__(
-        self, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, guidance: float
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        guidance: float | torch.Tensor,
+        t_next: float | None = None,
     ) -> torch.Tensor:
         return guided_velocity(self.model, self.objective, x_t, t, states, mask, guidance)
 
@@ -62,26 +85,34 @@ def guided_velocity(
     t: torch.Tensor,
     states: torch.Tensor,
     mask: torch.Tensor,
-    guidance: float,
+    guidance: float | torch.Tensor,
 ) -> torch.Tensor:
-    """v = v(∅) + s (v(c) − v(∅)); ``states``/``mask`` hold the B cond rows, then the B uncond rows."""
+    """v = v(∅) + s (v(c) − v(∅)); ``states``/``mask`` hold the B cond rows, then the B uncond rows.
+    ``guidance`` is one scale, or one per row (B,) when a server batches several requests."""
     b = x_t.shape[0]
     x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])  # (2B, C, H, W), (2B,)
     net_in, timestep = network_input(objective, x2, t2)
     v = velocity_from_output(objective, expert_forward(model, net_in, timestep, states, mask), x2, t2)  # (2B, C, H, W)
     v_cond, v_uncond = v[:b], v[b:]
+    if isinstance(guidance, torch.Tensor):
+        guidance = guidance.reshape(-1, 1, 1, 1).to(v.dtype)
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
 @dataclass
 class RoutingLog:
-    """Which experts served which steps: ``usage[k]`` counts (sample, step) pairs served by k."""
+    """Which experts served which steps: ``usage[k]`` counts (sample, step) pairs served by k,
+    ``by_peer[(k, where)]`` the same per server ("local" for an expert in this process)."""
 
     num_experts: int
     steps: int
     usage: list[int] = field(default_factory=list)
     per_step: list[list[int]] = field(default_factory=list)  # experts used at each step (any sample)
     weights: list[torch.Tensor] = field(default_factory=list)  # (B, K) weights at each step
+    by_peer: dict[tuple[int, str], int] = field(default_factory=dict)
+    where: list[dict[int, str]] = field(default_factory=list)  # per step: expert → who served it
+    reroutes: list[tuple[int, int, str]] = field(default_factory=list)  # (step, expert, reason)
+    unavailable: set[int] = field(default_factory=set)  # experts that could not serve (kept out)
 
     def __post_init__(self) -> None:
         self.usage = [0] * self.num_experts
@@ -98,29 +129,44 @@ def routed_step(
     cfg: SamplerConfig,
     log: RoutingLog | None = None,
 ) -> torch.Tensor:
-    """One denoising step of the routed ensemble, from t to t_next."""
+    """One denoising step of the routed ensemble, from t to t_next.
+
+    An expert that raises :class:`ExpertUnavailable` is dropped and the step is routed again
+    over the others (the router's probabilities renormalised); it stays out for later steps.
+    """
     b = x_t.shape[0]
     tt = torch.full((b,), float(t))
     with torch.no_grad():
         probs = torch.softmax(router(x_t, TIMESTEP_SCALE * tt).float(), dim=-1)  # (B, K)
-    available = torch.zeros(probs.shape[-1], dtype=torch.bool)
-    available[list(experts)] = True
-    w = routing_weights(probs, cfg.mode, cfg.k, cfg.tau, available)  # (B, K)
-    v = torch.zeros_like(x_t)
-    used = []
-    for k in sorted(experts):
-        rows = (w[:, k] > 0).nonzero().flatten()
-        if len(rows) == 0:
+    log = log if log is not None else RoutingLog(probs.shape[-1], 0)
+    while True:
+        available = torch.zeros(probs.shape[-1], dtype=torch.bool)
+        available[[k for k in experts if k not in log.unavailable]] = True
+        if not bool(available.any()):
+            raise ExpertUnavailable(-1, "no expert at all can serve this step")
+        w = routing_weights(probs, cfg.mode, cfg.k, cfg.tau, available)  # (B, K)
+        v = torch.zeros_like(x_t)
+        served: dict[int, tuple[int, str]] = {}
+        try:
+            for k in sorted(experts):
+                rows = (w[:, k] > 0).nonzero().flatten()
+                if len(rows) == 0:
+                    continue
+                idx = torch.cat([rows, rows + b])  # the cond and the uncond row of each selected sample
+                v_k = experts[k](x_t[rows], tt[rows], states[idx], mask[idx], cfg.guidance, t_next=t_next)
+                v[rows] += w[rows, k].reshape(-1, 1, 1, 1).to(v.dtype) * v_k
+                served[k] = (len(rows), getattr(experts[k], "where", "local"))
+        except ExpertUnavailable as e:
+            log.unavailable.add(e.expert)
+            log.reroutes.append((len(log.per_step), e.expert, e.reason))
             continue
-        used.append(k)
-        idx = torch.cat([rows, rows + b])  # the cond and the uncond row of each selected sample
-        v_k = experts[k](x_t[rows], tt[rows], states[idx], mask[idx], cfg.guidance)
-        v[rows] += w[rows, k].reshape(-1, 1, 1, 1).to(v.dtype) * v_k
-        if log is not None:
-            log.usage[k] += len(rows)
-    if log is not None:
-        log.per_step.append(used)
-        log.weights.append(w)
+        break
+    for k, (n, where) in served.items():
+        log.usage[k] += n
+        log.by_peer[(k, where)] = log.by_peer.get((k, where), 0) + n
+    log.per_step.append(sorted(served))
+    log.where.append({k: where for k, (_, where) in served.items()})
+    log.weights.append(w)
     return euler_step(x_t, v, t, t_next)
 
 
@@ -152,5 +198,5 @@ def generate(
     for i in range(cfg.steps):
         x = routed_step(x, times[i], times[i + 1], router, experts, states, mask, cfg, log)
         if progress is not None:
-            progress(i, log.per_step[-1])
+            progress(i, log)
     return space.decode(x), log

@@ -78,11 +78,21 @@ class BlobService:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="blob-service", daemon=True)
         self._thread.start()
+        self._extra: list[str] = []
         self.p2p = self._run(dht.replicate_p2p())
         self._run(self.p2p.add_binary_stream_handler(PROTOCOL, self._serve))
 
     def _run(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def call(self, coro, timeout: float | None = None):
+        """Run a coroutine on this node's P2P event loop from synchronous code and wait for it."""
+        return self._run(coro, timeout)
+
+    def add_stream_handler(self, protocol: str, handler) -> None:
+        """Serve another binary stream protocol on the same libp2p endpoint (e.g. denoising)."""
+        self._run(self.p2p.add_binary_stream_handler(protocol, handler))
+        self._extra.append(protocol)
 
     async def _serve(self, _info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -170,7 +180,8 @@ class BlobService:
 
     def shutdown(self) -> None:
         try:
-            self._run(self.p2p.remove_binary_stream_handler(PROTOCOL), timeout=5)
+            for protocol in [PROTOCOL, *self._extra]:
+                self._run(self.p2p.remove_binary_stream_handler(protocol), timeout=5)
             self._run(self.p2p.shutdown(), timeout=5)
         except Exception:  # shutting down: the daemon may already be gone
             pass

@@ -70,27 +70,12 @@ def mirror_checkpoints(
     return out
 
 
-def fetch_for_sampling(node: SwarmNode, folder: Path, experts: list[int] | None = None) -> list[int]:
-    """Fetch the router and the experts (all, or ``experts``) of the swarm's run into ``folder``,
-    each verified; returns the experts that could be had. No router or no expert at all is an error."""
-    from swarm.blobs import BlobStore
+def fetch_published(node: SwarmNode, blobs: BlobService, run, folder: Path, jobs: list[str]) -> dict[str, Checkpoint]:
+    """Fetch the latest published checkpoint of each of ``jobs`` into ``folder`` (verified, or
+    reused if already there). The router is required; an expert that cannot be had is left out."""
     from swarm.dht import SwarmError
 
-    run = node.run()
-    if run is None:
-        raise SwarmError("no run is published in this swarm yet (python node.py --role prepare --serve ...)")
-    wanted = list(range(run.num_clusters)) if experts is None else experts
-    unknown = [k for k in wanted if not 0 <= k < run.num_clusters]
-    if unknown:
-        raise SwarmError(f"unknown expert(s) {unknown}; this run has experts 0..{run.num_clusters - 1}")
-    blobs = BlobService(node.dht, BlobStore())
-    try:
-        got = mirror_checkpoints(node, blobs, node.snapshot(run), folder, ["router"] + [f"expert_{k}" for k in wanted])
-    finally:
-        blobs.shutdown()
-    if not isinstance(got.get("router"), Checkpoint):
+    got = mirror_checkpoints(node, blobs, node.snapshot(run), folder, jobs)
+    if "router" in jobs and not isinstance(got.get("router"), Checkpoint):
         raise SwarmError(f"the router's checkpoint could not be had: {got.get('router') or 'none is published yet'}")
-    have = [k for k in wanted if isinstance(got.get(f"expert_{k}"), Checkpoint)]
-    if not have:
-        raise SwarmError(f"no checkpoint of experts {wanted} could be had from the swarm")
-    return have
+    return {job: ck for job, ck in got.items() if isinstance(ck, Checkpoint)}

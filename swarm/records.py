@@ -10,6 +10,7 @@ stay small (far below hivemind's 64 KiB limit): checkpoint bytes never go into t
     ckpt_<job>       owner → CheckpointRecord   latest checkpoint an owner published for a job
     peers            owner → PeerRecord         who is up, doing what (step, loss, samples/s)
     blob_<sha256>    owner → ProviderRecord     who can send a blob (manifest, shard, checkpoint)
+    serve_<job>      owner → ServeRecord        a server of an expert: state, load, checkpoint
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ CLAIM_TTL_S = 3 * HEARTBEAT_S  # a claim not renewed for ~3 heartbeats has expir
 RUN_TTL_S = 600.0  # the preparer re-publishes the run record well within this
 CKPT_TTL_S = 24 * 3600.0  # checkpoint records outlive their trainer: others resume from them
 PROVIDER_TTL_S = 120.0  # a provider re-announces its blobs while it is up
+SERVE_PERIOD_S = 15.0  # a server announces itself this often
+SERVE_TTL_S = 3 * SERVE_PERIOD_S
 
 OwnerKey = BytesWithPublicKey  # a subkey that names its owner: only that key may sign it
 Sha256 = pydantic.constr(regex=r"^[0-9a-f]{64}$")
@@ -72,6 +75,21 @@ class PeerSchema(pydantic.BaseModel):
     samples_per_s: pydantic.confloat(strict=True, ge=0)
 
 
+class ServeSchema(pydantic.BaseModel):
+    run: Sha256
+    peer: PeerId
+    state: pydantic.constr(regex=r"^(online|offline)$")
+    rps: pydantic.confloat(strict=True, ge=0)  # requests answered per second lately
+    queue: pydantic.conint(strict=True, ge=0)  # requests waiting now
+    ckpt: Sha256  # the checkpoint it serves: requests must name it
+    step: pydantic.conint(strict=True, ge=0)
+    objective: pydantic.constr(regex=r"^(fm|ddpm)$")
+    text_encoder: pydantic.constr(max_length=200)
+    text_dim: pydantic.conint(strict=True, ge=1, le=1 << 16)
+    shape: pydantic.conlist(pydantic.conint(strict=True, ge=1, le=4096), min_items=3, max_items=3)
+    max_batch: pydantic.conint(strict=True, ge=1, le=4096)
+
+
 class ProviderSchema(pydantic.BaseModel):
     peer: PeerId
     size: pydantic.conint(strict=True, ge=0)
@@ -89,6 +107,8 @@ def _schema() -> type[pydantic.BaseModel]:
     for job in job_names():
         fields[f"claim_{job}"] = (dict[OwnerKey, ClaimSchema] | None, None)
         fields[f"ckpt_{job}"] = (dict[OwnerKey, CheckpointSchema] | None, None)
+        if job != "router":
+            fields[f"serve_{job}"] = (dict[OwnerKey, ServeSchema] | None, None)
     return pydantic.create_model("DiffswarmSchema", **fields)
 
 
@@ -113,6 +133,10 @@ def claim_key(job: str) -> str:
 
 def ckpt_key(job: str) -> str:
     return f"{PREFIX}_ckpt_{_check_job(job)}"
+
+
+def serve_key(expert: int) -> str:
+    return f"{PREFIX}_serve_{_check_job(expert_job(expert))}"
 
 
 def blob_key(sha256: str) -> str:
@@ -182,6 +206,22 @@ class PeerRecord:
 
 
 @dataclass(frozen=True)
+class ServeRecord:
+    run: str
+    peer: str
+    state: str
+    rps: float
+    queue: int
+    ckpt: str
+    step: int
+    objective: str
+    text_encoder: str
+    text_dim: int
+    shape: list[int]
+    max_batch: int
+
+
+@dataclass(frozen=True)
 class ProviderRecord:
     peer: str
     size: int
@@ -193,6 +233,7 @@ _SCHEMAS = {
     CheckpointRecord: CheckpointSchema,
     ProviderRecord: ProviderSchema,
     PeerRecord: PeerSchema,
+    ServeRecord: ServeSchema,
 }
 
 

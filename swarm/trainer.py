@@ -177,19 +177,7 @@ class SwarmTrainer:
                 self.store.add_file(dest, entry.sha256)
 
     def _publish(self, job: str, run: RunRecord, ckpt: Checkpoint) -> None:
-        self.store.add_checkpoint(ckpt)
-        size = (
-            sum((ckpt.path / rel).stat().st_size for rel in ckpt.meta["files"])
-            + (ckpt.path / "meta.json").stat().st_size
-        )
-        objective = ckpt.meta.get("objective", "fm") if job != "router" else "router"
-        preset = ckpt.meta["preset"]["name"] if job != "router" else ckpt.meta["router_preset"]["name"]
-        loss = float(ckpt.meta.get("loss") or 0.0)
-        rec = CheckpointRecord(
-            run.manifest_sha256, ckpt.step, ckpt.sha256, size, objective, preset, loss, [self.node.peer_id]
-        )
-        announce(self.node, self.store, only={ckpt.sha256, *ckpt.meta["files"].values()})
-        self.node.store(ckpt_key(job), rec, CKPT_TTL_S)  # after its blobs are findable
+        publish_checkpoint(self.node, self.store, run, job, ckpt)
 
     def _resume_point(self, job: str, snap: claims.Snapshot, root: Path) -> None:
         """Make the newest published checkpoint of ``job`` the latest one under ``root``."""
@@ -321,6 +309,20 @@ class SwarmTrainer:
         self.blobs.shutdown()
 
 
+def publish_checkpoint(node: SwarmNode, store: BlobStore, run: RunRecord, job: str, ckpt: Checkpoint) -> None:
+    """Provide a checkpoint's blobs, then publish its record {step, sha256, size, ...} under ``job``."""
+    store.add_checkpoint(ckpt)
+    size = (
+        sum((ckpt.path / rel).stat().st_size for rel in ckpt.meta["files"]) + (ckpt.path / "meta.json").stat().st_size
+    )
+    objective = ckpt.meta.get("objective", "fm") if job != "router" else "router"
+    preset = ckpt.meta["preset"]["name"] if job != "router" else ckpt.meta["router_preset"]["name"]
+    loss = float(ckpt.meta.get("loss") or 0.0)
+    rec = CheckpointRecord(run.manifest_sha256, ckpt.step, ckpt.sha256, size, objective, preset, loss, [node.peer_id])
+    announce(node, store, only={ckpt.sha256, *ckpt.meta["files"].values()})
+    node.store(ckpt_key(job), rec, CKPT_TTL_S)  # after its blobs are findable
+
+
 def try_claim(
     node: SwarmNode,
     run: RunRecord,
@@ -351,9 +353,11 @@ def serve_run(
     expert_steps: int = 0,
     router_steps: int = 0,
     period_s: float = 5.0,
+    ckpt_dir: Path | None = None,
 ) -> None:
     """The preparer's side: publish the run record (with the run's step targets, 0 = none) and
-    provide the manifest and shards; mirror every job's latest checkpoint; until stopped."""
+    provide the manifest and shards; publish checkpoints trained here (``ckpt_dir``, e.g. with
+    ``--local``) when they are ahead of the swarm's; mirror every job's latest; until stopped."""
     from swarm.records import RUN_TTL_S, run_key
 
     manifest, digest = load_manifest(data_dir)
@@ -380,9 +384,28 @@ def serve_run(
             if time.monotonic() - last_announce > min(RUN_TTL_S, PROVIDER_TTL_S) / 3:
                 node.store(run_key(), run, RUN_TTL_S)
                 announce(node, store)
+                if ckpt_dir is not None:
+                    _publish_local(node, blobs.store, run, ckpt_dir)
                 last_announce = time.monotonic()
             mirror_checkpoints(node, blobs, node.snapshot(run), data_dir.parent / "mirror")
             if stop.wait(period_s):
                 break
     finally:
         blobs.shutdown()
+
+
+def _publish_local(node: SwarmNode, store: BlobStore, run: RunRecord, ckpt_dir: Path) -> None:
+    snap = node.snapshot(run)
+    for job in run.jobs():
+        try:
+            ck = latest_checkpoint(ckpt_dir / job)
+        except CheckpointError as e:
+            console.log(f"not publishing {job}: {e}")
+            continue
+        if ck is None or ck.meta.get("manifest_sha256") != run.manifest_sha256:
+            continue
+        rec = claims.latest_checkpoint(snap, job)
+        if rec is None or rec.step < ck.step or rec.sha256 == ck.sha256:
+            if rec is None or rec.sha256 != ck.sha256:
+                console.log(f"publishing local checkpoint of {job}: step {ck.step} ({ck.sha256[:12]})")
+            publish_checkpoint(node, store, run, job, ck)

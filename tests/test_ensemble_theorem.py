@@ -63,7 +63,7 @@ def test_full_ensemble_equals_mixture_velocity():
 def analytic_expert(k: int):
     """An ExpertRunner for component k (guidance is irrelevant for an unconditional expert)."""
 
-    def run(x, tt, states, mask, guidance):
+    def run(x, tt, states, mask, guidance, t_next=None):
         return component_velocity(k, x.reshape(len(x), -1), float(tt[0])).reshape(x.shape)
 
     return run

@@ -1,0 +1,191 @@
+"""The wire format of a denoising request between a client and an expert server.
+
+A client opens one binary stream per server per generation and sends framed requests on it; the
+server answers each in order on the same stream, so a step costs one round trip and no
+connection set-up. A frame is ``>I`` header length, a UTF-8 JSON header, then ``nbytes`` of raw
+little-endian tensor data named by the header — never pickle, and every field is checked before
+a byte of payload is trusted.
+
+    request  {"op": "denoise", "id", "expert", "ckpt", "x": [B,C,H,W], "states": [2B,L,D],
+              "t": [B floats], "t_next", "guidance", "nbytes"}
+             payload: x float32 | states float32 | mask uint8 (2B×L)
+    reply    {"id", "ok": true, "v": [B,C,H,W], "nbytes"}  payload: v float32
+             {"id", "ok": false, "error": "...", "nbytes": 0}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PROTOCOL = "diffswarm-denoise-v1"
+MAX_HEADER = 16 << 10
+MAX_TEXT_LEN = 512
+
+
+class ProtocolError(ValueError):
+    """A malformed frame or request; the message is sent back to the peer."""
+
+
+@dataclass
+class DenoiseRequest:
+    id: int
+    expert: int
+    ckpt: str
+    x: torch.Tensor  # (B, C, H, W) float32 at time t
+    t: torch.Tensor  # (B,) float32 in (0, 1]
+    t_next: float
+    states: torch.Tensor  # (2B, L, D): B cond rows, then B uncond rows
+    mask: torch.Tensor  # (2B, L) 1 = real token
+    guidance: float
+
+
+def _f32(t: torch.Tensor) -> bytes:
+    return t.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
+
+
+def encode_request(req: DenoiseRequest) -> bytes:
+    payload = _f32(req.x) + _f32(req.states) + req.mask.to(torch.uint8).contiguous().numpy().tobytes()
+    header = {
+        "op": "denoise",
+        "id": req.id,
+        "expert": req.expert,
+        "ckpt": req.ckpt,
+        "x": list(req.x.shape),
+        "states": list(req.states.shape),
+        "t": [float(v) for v in req.t],
+        "t_next": float(req.t_next),
+        "guidance": float(req.guidance),
+        "nbytes": len(payload),
+    }
+    return frame(header, payload)
+
+
+def encode_reply(req_id: int, v: torch.Tensor | None = None, error: str | None = None) -> bytes:
+    if v is None:
+        return frame({"id": req_id, "ok": False, "error": (error or "failed")[:500], "nbytes": 0}, b"")
+    payload = _f32(v)
+    return frame({"id": req_id, "ok": True, "v": list(v.shape), "nbytes": len(payload)}, payload)
+
+
+def frame(header: dict, payload: bytes) -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack(">I", len(raw)) + raw + payload
+
+
+async def read_frame(reader: asyncio.StreamReader, max_payload: int) -> tuple[dict, bytes]:
+    """One frame; a header or payload over the limits is refused before it is read."""
+    (n,) = struct.unpack(">I", await reader.readexactly(4))
+    if n > MAX_HEADER:
+        raise ProtocolError(f"header of {n} bytes is over the {MAX_HEADER}-byte limit")
+    try:
+        header = json.loads(await reader.readexactly(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProtocolError("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a JSON object")
+    nbytes = header.get("nbytes")
+    if not isinstance(nbytes, int) or nbytes < 0:
+        raise ProtocolError("header lacks a valid nbytes")
+    if nbytes > max_payload:
+        raise ProtocolError(f"payload of {nbytes} bytes is over this server's {max_payload}-byte limit")
+    return header, await reader.readexactly(nbytes)
+
+
+def _shape(header: dict, key: str, ndim: int) -> tuple[int, ...]:
+    s = header.get(key)
+    if not (isinstance(s, list) and len(s) == ndim and all(isinstance(d, int) and 0 < d < 1 << 20 for d in s)):
+        raise ProtocolError(f"{key!r} must be a list of {ndim} positive integers")
+    return tuple(s)
+
+
+def _number(header: dict, key: str) -> float:
+    v = header.get(key)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ProtocolError(f"{key!r} must be a finite number")
+    return float(v)
+
+
+def parse_request(header: dict, payload: bytes, expected: ExpectedInput) -> DenoiseRequest:
+    """Check every field of a request against what this server serves; raise :class:`ProtocolError`."""
+    if header.get("op") != "denoise":
+        raise ProtocolError(f"unknown op {header.get('op')!r}")
+    req_id = header.get("id")
+    if not isinstance(req_id, int):
+        raise ProtocolError("'id' must be an integer")
+    expert = header.get("expert")
+    if not isinstance(expert, int) or expert not in expected.experts:
+        raise ProtocolError(f"this server does not serve expert {expert!r} (it serves {sorted(expected.experts)})")
+    ckpt = header.get("ckpt")
+    if ckpt not in expected.experts[expert]:
+        raise ProtocolError(
+            f"expert {expert} is served from checkpoint {expected.current(expert)[:12]}, not {str(ckpt)[:12]}"
+        )
+    b, c, h, w = _shape(header, "x", 4)
+    if b > expected.max_batch:
+        raise ProtocolError(f"batch of {b} images is over this server's limit of {expected.max_batch}")
+    if (c, h, w) != expected.shape:
+        raise ProtocolError(f"x must be (B, {', '.join(map(str, expected.shape))}), got {(b, c, h, w)}")
+    b2, length, dim = _shape(header, "states", 3)
+    if b2 != 2 * b or dim != expected.text_dim or length > MAX_TEXT_LEN:
+        raise ProtocolError(
+            f"states must be (2B={2 * b}, L<={MAX_TEXT_LEN}, {expected.text_dim}), got {(b2, length, dim)}"
+        )
+    t = header.get("t")
+    if not (isinstance(t, list) and len(t) == b and all(isinstance(v, int | float) and 0 < v <= 1 for v in t)):
+        raise ProtocolError(f"'t' must hold {b} times in (0, 1]")
+    t_next = _number(header, "t_next")
+    if not (0 <= t_next < min(t)):
+        raise ProtocolError("'t_next' must be in [0, t)")
+    guidance = _number(header, "guidance")
+    if not 0 <= guidance <= 100:
+        raise ProtocolError("'guidance' must be in [0, 100]")
+    nx, ns, nm = b * c * h * w * 4, b2 * length * dim * 4, b2 * length
+    if len(payload) != nx + ns + nm:
+        raise ProtocolError(f"payload is {len(payload)} bytes; x, states and mask need {nx + ns + nm}")
+    x = torch.from_numpy(np.frombuffer(payload, "<f4", b * c * h * w).copy()).reshape(b, c, h, w)
+    states = torch.from_numpy(np.frombuffer(payload, "<f4", b2 * length * dim, nx).copy()).reshape(b2, length, dim)
+    mask = torch.from_numpy(np.frombuffer(payload, np.uint8, nm, nx + ns).copy()).reshape(b2, length)
+    if not (torch.isfinite(x).all() and torch.isfinite(states).all()):
+        raise ProtocolError("x and states must be finite (no NaN or inf)")
+    if mask.max() > 1:
+        raise ProtocolError("mask must hold 0 or 1")
+    return DenoiseRequest(
+        req_id, expert, ckpt, x, torch.tensor(t, dtype=torch.float32), t_next, states, mask.float(), guidance
+    )
+
+
+def parse_reply(header: dict, payload: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    """The velocity from a reply, checked like any peer data; a server's error becomes ProtocolError."""
+    if header.get("ok") is not True:
+        raise ProtocolError(str(header.get("error", "the server refused the request"))[:500])
+    if tuple(header.get("v") or ()) != tuple(shape) or len(payload) != 4 * math.prod(shape):
+        raise ProtocolError(f"reply shape {header.get('v')} does not match the request's {list(shape)}")
+    v = torch.from_numpy(np.frombuffer(payload, "<f4").copy()).reshape(shape)
+    if not torch.isfinite(v).all():
+        raise ProtocolError("the server replied with non-finite values")
+    return v
+
+
+@dataclass
+class ExpectedInput:
+    """What a server accepts: per expert the checkpoint hashes it can serve (newest first)."""
+
+    experts: dict[int, list[str]]
+    shape: tuple[int, int, int]
+    text_dim: int
+    max_batch: int
+
+    def current(self, expert: int) -> str:
+        return self.experts[expert][0]
+
+    def max_payload(self) -> int:
+        c, h, w = self.shape
+        b = self.max_batch
+        return b * c * h * w * 4 + 2 * b * MAX_TEXT_LEN * (self.text_dim * 4 + 1)

@@ -1,0 +1,320 @@
+"""The expert server: serves the denoising forward pass of one or more published experts.
+
+    find the expert's latest checkpoint record → fetch it peer-to-peer (sha256-verified) → load
+    → serve ``experts.protocol`` on the node's libp2p endpoint, announce ``serve_expert_K``
+    every ~15 s (state, requests/s, queue, checkpoint, step), provide the checkpoint's blobs.
+
+Requests from all clients go through one bounded queue to one worker thread, which batches the
+requests waiting for the same checkpoint up to ``max_batch`` images into one forward pass (each
+request keeps its own guidance scale). A request that waits past its timeout gets an error reply;
+a full queue answers "busy" at once, so a client can go to another replica. A malformed request
+gets an error reply and the server keeps serving. With ``follow`` a newer published checkpoint is
+fetched and loaded beside the old one: requests naming the old hash are still answered for
+``keep_old_s``, so nothing in flight is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from experts.checkpoint import Checkpoint
+from experts.protocol import PROTOCOL, ExpectedInput, ProtocolError, encode_reply, parse_request, read_frame
+from router.sampling import LocalExpert
+from swarm import claims
+from swarm.blobs import BlobService, BlobStore, announce
+from swarm.dht import SwarmError, SwarmNode
+from swarm.mirror import mirror_checkpoints
+from swarm.records import PROVIDER_TTL_S, SERVE_PERIOD_S, SERVE_TTL_S, RunRecord, ServeRecord, serve_key
+
+console = Console(stderr=True, markup=False)
+
+
+@dataclass
+class ServerConfig:
+    experts: list[int]
+    work_dir: str  # fetched checkpoints go in <work_dir>/expert_K/step_N
+    max_batch: int = 32  # images per forward pass (and per request)
+    max_queue: int = 64  # requests waiting; beyond that a request is answered "busy"
+    request_timeout_s: float = 30.0
+    announce_s: float = SERVE_PERIOD_S
+    follow: bool = False  # load newer published checkpoints of the served experts
+    keep_old_s: float = 120.0  # after a reload, the previous checkpoint is still served this long
+    run_timeout_s: float = 60.0  # wait this long for a run record
+
+
+@dataclass
+class Served:
+    """One loaded checkpoint of an expert."""
+
+    ckpt: Checkpoint
+    runner: LocalExpert
+    loaded_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Job:
+    req: object  # DenoiseRequest
+    future: asyncio.Future
+    deadline: float
+
+
+class ExpertServer:
+    def __init__(self, node: SwarmNode, cfg: ServerConfig, stop: threading.Event | None = None) -> None:
+        self.node, self.cfg = node, cfg
+        self.stop = stop or threading.Event()
+        self.blobs = BlobService(node.dht, BlobStore())
+        self.served: dict[int, list[Served]] = {}  # newest first
+        self._lock = threading.Lock()
+        self.queue: queue.Queue[_Job] = queue.Queue(maxsize=cfg.max_queue)
+        self.answered = 0
+        self._window = (time.monotonic(), 0)
+        try:
+            self.run_rec = self._wait_for_run()
+            bad = [k for k in cfg.experts if not 0 <= k < self.run_rec.num_clusters]
+            if bad:
+                raise SwarmError(f"unknown expert(s) {bad}; this run has experts 0..{self.run_rec.num_clusters - 1}")
+            self._load_latest(initial=True)
+        except BaseException:
+            self.blobs.shutdown()
+            raise
+        first = self.served[cfg.experts[0]][0].ckpt.meta
+        self.text_encoder = first["text_encoder"]
+        self.text_dim = int(self.served[cfg.experts[0]][0].runner.model.config.caption_channels)
+        preset = first["preset"]
+        self.shape = (int(preset["channels"]), int(preset["sample_size"]), int(preset["sample_size"]))
+        self._worker = threading.Thread(target=self._work, name="denoise-worker", daemon=True)
+        self._worker.start()
+        self.blobs.add_stream_handler(PROTOCOL, self._serve)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _wait_for_run(self) -> RunRecord:
+        deadline = time.monotonic() + self.cfg.run_timeout_s
+        while True:
+            run = self.node.run()
+            if run is not None:
+                return run
+            if time.monotonic() > deadline or self.stop.wait(1.0):
+                raise SwarmError("no run is published in this swarm (python node.py --role prepare --serve ...)")
+
+    def _load_latest(self, initial: bool = False) -> None:
+        """Fetch and load the newest published checkpoint of each served expert, if it is new."""
+        snap = self.node.snapshot(self.run_rec)
+        jobs = [f"expert_{k}" for k in self.cfg.experts]
+        if initial:
+            missing = [j for j in jobs if claims.latest_checkpoint(snap, j) is None]
+            if missing:
+                raise SwarmError(f"no checkpoint of {', '.join(missing)} is published yet; train it first")
+        current = {k: self.served[k][0].ckpt.sha256 for k in self.served}
+        todo = [
+            j
+            for j in jobs
+            if (rec := claims.latest_checkpoint(snap, j)) is not None and current.get(int(j[7:])) != rec.sha256
+        ]
+        if not todo:
+            return
+        got = mirror_checkpoints(self.node, self.blobs, snap, Path(self.cfg.work_dir), todo)
+        for job in todo:
+            k = int(job[7:])
+            ck = got.get(job)
+            if not isinstance(ck, Checkpoint):
+                if initial:
+                    raise SwarmError(f"could not fetch the checkpoint of {job}: {ck}")
+                continue
+            if ck.meta.get("kind") != "expert" or ck.meta.get("cluster") != k:
+                raise SwarmError(f"the published checkpoint of {job} is not expert {k}'s")
+            served = Served(ck, LocalExpert.from_checkpoint(ck))
+            with self._lock:
+                now = time.monotonic()
+                old = [s for s in self.served.get(k, []) if now - s.loaded_at < self.cfg.keep_old_s]
+                self.served[k] = [served, *old[:1]]  # the new one, and the previous while in flight
+            console.log(f"expert {k}: serving step {ck.step} ({ck.sha256[:12]})")
+
+    def expected(self) -> ExpectedInput:
+        with self._lock:
+            now = time.monotonic()
+            hashes = {
+                k: [s.ckpt.sha256 for i, s in enumerate(v) if i == 0 or now - v[0].loaded_at < self.cfg.keep_old_s]
+                for k, v in self.served.items()
+            }
+        return ExpectedInput(hashes, self.shape, self.text_dim, self.cfg.max_batch)
+
+    def _runner(self, expert: int, sha256: str) -> LocalExpert:
+        with self._lock:
+            return next(s.runner for s in self.served[expert] if s.ckpt.sha256 == sha256)
+
+    # ---------------------------------------------------------------- the stream handler
+    async def _serve(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        expected = self.expected()
+        try:
+            while True:
+                try:
+                    header, payload = await read_frame(reader, expected.max_payload())
+                except ProtocolError as e:  # framing is lost: answer once and close the stream
+                    writer.write(encode_reply(-1, error=str(e)))
+                    await writer.drain()
+                    return
+                req_id = header.get("id") if isinstance(header.get("id"), int) else -1
+                try:
+                    expected = self.expected()
+                    req = parse_request(header, payload, expected)
+                except ProtocolError as e:
+                    writer.write(encode_reply(req_id, error=str(e)))
+                    await writer.drain()
+                    continue
+                job = _Job(req, loop.create_future(), time.monotonic() + self.cfg.request_timeout_s)
+                try:
+                    self.queue.put_nowait(job)
+                except queue.Full:
+                    writer.write(encode_reply(req_id, error=f"busy: {self.cfg.max_queue} requests are waiting"))
+                    await writer.drain()
+                    continue
+                try:
+                    v = await asyncio.wait_for(job.future, self.cfg.request_timeout_s)
+                    reply = encode_reply(req_id, v)
+                except TimeoutError:
+                    reply = encode_reply(req_id, error=f"timed out after {self.cfg.request_timeout_s:.0f}s")
+                except Exception as e:  # the forward pass failed: tell the client, keep serving
+                    reply = encode_reply(req_id, error=f"forward failed: {e}")
+                writer.write(reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client finished or went away
+        finally:
+            writer.close()
+
+    # ---------------------------------------------------------------- the worker
+    def _work(self) -> None:
+        pending: collections.deque[_Job] = collections.deque()
+        while not self.stop.is_set():
+            if not pending:
+                try:
+                    pending.append(self.queue.get(timeout=0.2))
+                except queue.Empty:
+                    continue
+            while True:  # everything waiting now is a candidate for this batch
+                try:
+                    pending.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            first = pending.popleft()
+            key = (first.req.expert, first.req.ckpt)
+            batch, rows, rest = [first], len(first.req.x), collections.deque()
+            while pending:
+                j = pending.popleft()
+                if (j.req.expert, j.req.ckpt) == key and rows + len(j.req.x) <= self.cfg.max_batch:
+                    batch.append(j)
+                    rows += len(j.req.x)
+                else:
+                    rest.append(j)
+            pending = rest
+            now = time.monotonic()
+            live = [j for j in batch if j.deadline > now and not j.future.done()]
+            for j in batch:
+                if j not in live:
+                    self._resolve(j, error=TimeoutError("waited past its timeout"))
+            if live:
+                self._forward(live)
+
+    def _forward(self, batch: list[_Job]) -> None:
+        reqs = [j.req for j in batch]
+        try:
+            runner = self._runner(reqs[0].expert, reqs[0].ckpt)
+            length = max(r.states.shape[1] for r in reqs)
+
+            def pad(t: torch.Tensor) -> torch.Tensor:  # text states of different lengths: masked padding
+                extra = length - t.shape[1]
+                return t if extra == 0 else torch.nn.functional.pad(t, (0, 0, 0, extra) if t.dim() == 3 else (0, extra))
+
+            sizes = [len(r.x) for r in reqs]
+            states = torch.cat(
+                [pad(r.states[:b]) for r, b in zip(reqs, sizes, strict=True)]
+                + [pad(r.states[b:]) for r, b in zip(reqs, sizes, strict=True)]
+            )
+            mask = torch.cat(
+                [pad(r.mask[:b]) for r, b in zip(reqs, sizes, strict=True)]
+                + [pad(r.mask[b:]) for r, b in zip(reqs, sizes, strict=True)]
+            )
+            guidance = torch.cat([torch.full((b,), r.guidance) for r, b in zip(reqs, sizes, strict=True)])
+            v = runner(torch.cat([r.x for r in reqs]), torch.cat([r.t for r in reqs]), states, mask, guidance)
+        except Exception as e:  # noqa: BLE001 (one failed batch must not stop the server)
+            for j in batch:
+                self._resolve(j, error=e)
+            return
+        for j, part in zip(batch, torch.split(v, sizes), strict=True):
+            self._resolve(j, value=part.contiguous())
+        self.answered += len(batch)
+
+    @staticmethod
+    def _resolve(job: _Job, value=None, error: BaseException | None = None) -> None:
+        def settle() -> None:
+            if job.future.done():  # the handler gave up on it already
+                return
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(value)
+
+        job.future.get_loop().call_soon_threadsafe(settle)
+
+    # ---------------------------------------------------------------- announcing
+    def record(self, expert: int, state: str = "online") -> ServeRecord:
+        now, n = time.monotonic(), self.answered
+        t0, n0 = self._window
+        rps = (n - n0) / max(now - t0, 1e-6)
+        cur = self.served[expert][0].ckpt
+        return ServeRecord(
+            self.run_rec.manifest_sha256,
+            self.node.peer_id,
+            state,
+            round(rps, 3),
+            self.queue.qsize(),
+            cur.sha256,
+            cur.step,
+            cur.meta["objective"],
+            self.text_encoder,
+            self.text_dim,
+            list(self.shape),
+            self.cfg.max_batch,
+        )
+
+    def announce(self, state: str = "online") -> None:
+        for k in self.cfg.experts:
+            self.node.store(serve_key(k), self.record(k, state), SERVE_TTL_S)
+        self._window = (time.monotonic(), self.answered)
+
+    def run(self) -> None:
+        """Announce and (with ``follow``) reload until stopped; then announce OFFLINE."""
+        last_blobs = 0.0
+        try:
+            while True:
+                if self.cfg.follow:
+                    try:
+                        self._load_latest()
+                    except Exception as e:  # a bad new checkpoint: keep serving the one we have
+                        console.log(f"reload failed: {e}")
+                self.announce()
+                if time.monotonic() - last_blobs > PROVIDER_TTL_S / 3:
+                    announce(self.node, self.blobs.store)
+                    last_blobs = time.monotonic()
+                if self.stop.wait(self.cfg.announce_s):
+                    break
+        finally:
+            try:
+                self.announce("offline")
+            except Exception as e:  # shutting down; the record expires by itself
+                console.log(f"could not announce OFFLINE: {e}")
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self._worker.join(timeout=10)
+        self.blobs.shutdown()

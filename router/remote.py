@@ -1,0 +1,207 @@
+"""Remote experts: the client's side of ``experts.protocol``.
+
+One binary stream per server for the whole generation (opened at the first step, reused by
+every later one), so a step costs one round trip on an open stream — not a new RPC. A server
+that fails (no answer within the timeout, a closed stream, an error reply, a reply that does
+not check out) is banned for a while and the step is retried on the next replica of the same
+expert; with no replica left the expert raises :class:`ExpertUnavailable` and the sampler
+renormalises the router's choice over the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+from hivemind.p2p import PeerID
+
+from experts.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame
+from router.sampling import ExpertUnavailable
+from swarm.records import ServeRecord
+
+
+@dataclass
+class RemoteConfig:
+    timeout_s: float = 30.0  # one request, queueing at the server included
+    connect_timeout_s: float = 5.0
+    ban_s: float = 60.0  # a failed server is not asked again for this long
+
+
+class RemotePool:
+    """Live sessions to the servers of every remote expert, with bans and failover."""
+
+    def __init__(self, p2p_service, servers: dict[int, list[ServeRecord]], cfg: RemoteConfig | None = None) -> None:
+        self.service, self.cfg = p2p_service, cfg or RemoteConfig()
+        self.servers = {k: list(v) for k, v in servers.items() if v}
+        self.sessions: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+        self.banned: dict[str, float] = {}
+        self.last: dict[int, str] = {}
+        self.events: list[str] = []  # failovers, for the summary
+        self.latency: list[float] = []  # seconds per request, for benchmarks
+        self._ids = itertools.count()
+
+    def experts(self) -> dict[int, RemoteExpert]:
+        return {k: RemoteExpert(self, k) for k in self.servers}
+
+    def _candidates(self, k: int) -> list[ServeRecord]:
+        now = time.monotonic()
+        live = [r for r in self.servers[k] if self.banned.get(r.peer, 0.0) <= now]
+        # The server already used keeps the stream warm; otherwise the least loaded first.
+        return sorted(live, key=lambda r: (r.peer != self.last.get(k), r.queue, r.peer))
+
+    def call(self, k: int, x: torch.Tensor, t: torch.Tensor, states, mask, guidance: float, t_next: float):
+        req = DenoiseRequest(next(self._ids), k, "", x, t, float(t_next), states, mask, float(guidance))
+        reason = "no server"
+        for rec in self._candidates(k):
+            req.ckpt = rec.ckpt
+            t0 = time.perf_counter()
+            try:
+                v = self.service.call(self._request(rec.peer, req, x.shape), timeout=self.cfg.timeout_s + 5)
+            except Exception as e:  # any failure of one server: ban it, try the next replica
+                reason = str(e) or type(e).__name__
+                self.banned[rec.peer] = time.monotonic() + self.cfg.ban_s
+                self._drop(rec.peer)
+                self.events.append(f"expert {k}: server {rec.peer[:12]}… failed ({reason}); banned for a while")
+                continue
+            self.latency.append(time.perf_counter() - t0)
+            self.last[k] = rec.peer
+            return v
+        raise ExpertUnavailable(k, f"no live server left ({reason})")
+
+    async def _request(self, peer: str, req: DenoiseRequest, shape) -> torch.Tensor:
+        if peer not in self.sessions:
+            _, reader, writer = await asyncio.wait_for(
+                self.service.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL),
+                self.cfg.connect_timeout_s,
+            )
+            self.sessions[peer] = (reader, writer)
+        reader, writer = self.sessions[peer]
+        writer.write(encode_request(req))
+        await writer.drain()
+        limit = 4 * req.x.numel() + 4096  # a reply larger than the velocity asked for is refused
+        header, payload = await asyncio.wait_for(read_frame(reader, limit), self.cfg.timeout_s)
+        if header.get("id") != req.id:
+            raise ConnectionError(f"reply {header.get('id')} to request {req.id}: the stream is out of step")
+        return parse_reply(header, payload, tuple(shape))
+
+    def _drop(self, peer: str) -> None:
+        session = self.sessions.pop(peer, None)
+        if session is not None:
+            self.service.call(_close(session[1]), timeout=5)
+
+    def close(self) -> None:
+        for peer in list(self.sessions):
+            try:
+                self._drop(peer)
+            except Exception:  # already gone
+                pass
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+
+class RemoteExpert:
+    """The :data:`router.sampling.ExpertRunner` of one remote expert."""
+
+    def __init__(self, pool: RemotePool, expert: int) -> None:
+        self.pool, self.expert = pool, expert
+
+    @property
+    def where(self) -> str:
+        return self.pool.last.get(self.expert, "remote")
+
+    def __call__(self, x_t, t, states, mask, guidance, t_next: float = 0.0) -> torch.Tensor:
+        return self.pool.call(self.expert, x_t, t, states, mask, guidance, t_next)
+
+
+def live_servers(node, run, experts: list[int]) -> dict[int, list[ServeRecord]]:
+    """Online servers of each expert for this run, read from the DHT."""
+    from swarm.records import serve_key
+
+    out: dict[int, list[ServeRecord]] = collections.defaultdict(list)
+    for k in experts:
+        for rec in node.read(serve_key(k), ServeRecord).values():
+            if rec.state == "online" and rec.run == run.manifest_sha256:
+                out[k].append(rec)
+    return dict(out)
+
+
+@dataclass
+class SwarmEnsemble:
+    """What a client samples with: the router, and per expert a local model or a remote pool."""
+
+    router: torch.nn.Module
+    experts: dict  # expert → ExpertRunner (LocalExpert or RemoteExpert)
+    objectives: dict[int, str]
+    served_by: dict[int, str]  # expert → "local" or "N server(s)"
+    encoder: object
+    space: object
+    shape: tuple[int, int, int]
+    pool: RemotePool | None
+
+
+def swarm_ensemble(
+    node, blobs, folder, local: list[int] | None, vae: str = "", cfg: RemoteConfig | None = None
+) -> SwarmEnsemble:
+    """Discover the run's router and servers through the DHT; fetch (and verify) the router and the
+    experts asked to run locally; every other expert with a live server runs remotely."""
+    from pathlib import Path
+
+    from router.ensemble import _encoder_for, _space_for
+    from router.network import RouterNet
+    from router.sampling import LocalExpert
+    from swarm.dht import SwarmError
+    from swarm.mirror import fetch_published
+
+    run = node.run()
+    if run is None:
+        raise SwarmError("no run is published in this swarm yet (python node.py --role prepare --serve ...)")
+    everyone = list(range(run.num_clusters))
+    local = everyone if local == "all" else (local or [])
+    unknown = [k for k in local if k not in everyone]
+    if unknown:
+        raise SwarmError(f"unknown expert(s) {unknown}; this run has experts 0..{run.num_clusters - 1}")
+    servers = live_servers(node, run, [k for k in everyone if k not in local])
+    if not servers and not local:
+        raise SwarmError(
+            f"no server is up for any expert of run {run.manifest_sha256[:12]} "
+            "(start one with --role server --expert K, or run experts here with --local-experts 0,1 or all)"
+        )
+    got = fetch_published(node, blobs, run, Path(folder), ["router"] + [f"expert_{k}" for k in local])
+    router_ckpt = got["router"]
+    router = RouterNet.from_pretrained(router_ckpt.model_dir, low_cpu_mem_usage=False).eval()
+    experts, objectives, served_by, encoders, shapes = {}, {}, {}, set(), set()
+    for k in local:
+        ck = got.get(f"expert_{k}")
+        if ck is None:
+            continue
+        experts[k] = LocalExpert.from_checkpoint(ck)
+        objectives[k], served_by[k] = ck.meta["objective"], "local"
+        encoders.add(ck.meta["text_encoder"])
+        p = ck.meta["preset"]
+        shapes.add((p["channels"], p["sample_size"], p["sample_size"]))
+    pool = RemotePool(blobs, servers, cfg) if servers else None
+    for k, recs in servers.items():
+        experts[k] = RemoteExpert(pool, k)
+        objectives[k], served_by[k] = recs[0].objective, f"{len(recs)} server(s)"
+        encoders.update(r.text_encoder for r in recs)
+        shapes.update(tuple(r.shape) for r in recs)
+    if not experts:
+        raise SwarmError("no expert could be loaded here or reached on a server")
+    if len(encoders) != 1 or len(shapes) != 1:
+        raise SwarmError(f"the experts disagree on text encoder {sorted(encoders)} or shape {sorted(shapes)}")
+    return SwarmEnsemble(
+        router,
+        experts,
+        objectives,
+        served_by,
+        _encoder_for(encoders.pop()),
+        _space_for(router_ckpt.meta["space"], vae),
+        shapes.pop(),
+        pool,
+    )
