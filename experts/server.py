@@ -155,6 +155,7 @@ class ExpertServer:
     async def _serve(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
         expected = self.expected()
+        console.log(f"session from {str(getattr(info, 'peer_id', '?'))[:16]}…")
         try:
             while True:
                 try:

@@ -1,0 +1,236 @@
+"""Serving experts over P2P with real processes on 127.0.0.1: a preparer publishing a small
+trained run, expert servers, and clients that route every step to them."""
+
+import asyncio
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from experts.protocol import PROTOCOL, DenoiseRequest, encode_request, frame, parse_reply, read_frame
+from router.remote import live_servers
+from swarm.blobs import BlobService, BlobStore
+from swarm.dht import SwarmConfig, SwarmNode
+from tests.conftest import kill_tree, node, spawn
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+def _wait_for(pred, timeout, what, step=0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Swarm:
+    def __init__(self, tmp, peers, observer, procs):
+        self.tmp, self.peers, self.observer, self.procs = tmp, peers, observer, procs
+        self.servers: dict[str, tuple] = {}
+
+    def server(self, name: str, experts: str, *extra: str):
+        log = self.tmp / f"{name}.log"
+        proc = spawn(
+            ["--role", "server", "--expert", experts, "--workdir", str(self.tmp / name), "--initial-peers"]
+            + [*self.peers, "--host-maddrs", LOOPBACK, *extra],
+            log,
+        )
+        self.procs.append(proc)
+        text = _wait_for(lambda: "serving expert" in log.read_text() and log.read_text(), 180, f"server {name}")
+        peer = text.split("server ", 1)[1].split()[0]
+        self.servers[name] = (proc, log, peer)
+        return peer
+
+    def client(self, out, *extra: str, check=True, timeout=300):
+        return node(
+            "--role", "client", "--workdir", str(self.tmp / "client"), "--initial-peers", *self.peers,
+            "--host-maddrs", LOOPBACK, "--output", str(out), *extra, timeout=timeout, check=check,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def swarm(small_run, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serving")
+    run = tmp / "run"
+    shutil.copytree(small_run, run)  # the preparer re-prepares (identically) and publishes its checkpoints
+    procs, observer = [], None
+    try:
+        log = tmp / "prep.log"
+        procs.append(
+            spawn(
+                ["--role", "prepare", "--serve", "--workdir", str(run), "--limit", "300", "--clusters", "2"]
+                + ["--objective", "mixed", "--host-maddrs", LOOPBACK],
+                log,
+            )
+        )
+        text = _wait_for(lambda: "--initial-peers" in log.read_text() and log.read_text(), 240, "the preparer")
+        peers = text.split("--initial-peers", 1)[1].split("\n")[0].split()
+        observer = SwarmNode(SwarmConfig(str(tmp / "observer"), initial_peers=peers, host_maddrs=[LOOPBACK]))
+        _wait_for(lambda: "publishing local checkpoint of router" in log.read_text(), 60, "published checkpoints")
+        yield Swarm(tmp, peers, observer, procs)
+    finally:
+        if observer is not None:
+            observer.shutdown()
+        for p in procs:
+            kill_tree(p)
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path)).astype(int)
+
+
+def test_no_server_for_any_expert_is_one_clear_line(swarm):
+    result = swarm.client(swarm.tmp / "none.png", "red apple", check=False, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: no server is up for any expert"), result.stderr[-500:]
+    assert "Traceback" not in result.stderr
+
+
+def test_two_servers_route_every_step_and_match_local_experts(swarm):
+    p0 = swarm.server("s0", "0", "--max-batch", "4")
+    p1 = swarm.server("s1", "1")
+    run = swarm.observer.run()
+    _wait_for(lambda: len(live_servers(swarm.observer, run, [0, 1])) == 2, 60, "both serve records")
+    prompts, steps = ["red apple", "rocket"], "8"
+    remote = swarm.client(swarm.tmp / "remote.png", *prompts, "--steps", steps, "--k", "1")
+    assert "Traceback" not in remote.stderr
+    routing = json.loads((swarm.tmp / "remote.json").read_text())
+    # Every step went to the expert the router chose, on that expert's server.
+    server_of = {"0": p0, "1": p1}
+    assert len(routing["where"]) == 8
+    for experts, where in zip(routing["per_step"], routing["where"], strict=True):
+        assert sorted(int(k) for k in where) == experts
+        assert all(server_of[k] == peer for k, peer in where.items())
+    # The same seed with every expert in this process: same routing, same image.
+    local = swarm.client(swarm.tmp / "local.png", *prompts, "--steps", steps, "--k", "1", "--local-experts", "all")
+    assert "Traceback" not in local.stderr
+    local_routing = json.loads((swarm.tmp / "local.json").read_text())
+    assert local_routing["per_step"] == routing["per_step"]
+    assert all(set(w.values()) == {"local"} for w in local_routing["where"])
+    assert np.abs(_pixels(swarm.tmp / "remote.png") - _pixels(swarm.tmp / "local.png")).max() <= 2
+
+
+def _session_call(blobs: BlobService, peer: str, frames: list[bytes]) -> list[tuple[dict, bytes]]:
+    from hivemind.p2p import PeerID
+
+    async def go():
+        _, reader, writer = await blobs.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL)
+        replies = []
+        try:
+            for f in frames:
+                writer.write(f)
+                await writer.drain()
+                replies.append(await asyncio.wait_for(read_frame(reader, 1 << 24), 30))
+        finally:
+            writer.close()
+        return replies
+
+    return blobs.call(go(), timeout=120)
+
+
+def test_malformed_requests_get_error_replies_and_the_server_keeps_serving(swarm):
+    if "s0" not in swarm.servers:
+        swarm.server("s0", "0", "--max-batch", "4")
+    run = swarm.observer.run()
+    rec = _wait_for(lambda: live_servers(swarm.observer, run, [0]).get(0), 60, "expert 0's server")[0]
+    c, h, w = rec.shape
+    blobs = BlobService(swarm.observer.dht, BlobStore())
+
+    def request(b=1, shape=None, nan=False, ckpt=None, rid=0):
+        x = torch.randn(b, *(shape or (c, h, w)))
+        if nan:
+            x[0, 0, 0, 0] = float("nan")
+        states, mask = torch.randn(2 * b, 8, rec.text_dim), torch.ones(2 * b, 8)
+        req = DenoiseRequest(rid, 0, ckpt or rec.ckpt, x, torch.full((b,), 0.5), 0.4, states, mask, 3.0)
+        return encode_request(req)
+
+    try:
+        replies = _session_call(
+            blobs,
+            rec.peer,
+            [
+                request(shape=(c, h // 2, w // 2), rid=1),  # wrong shape
+                request(nan=True, rid=2),  # NaN
+                request(b=rec.max_batch + 1, rid=3),  # over the batch limit
+                request(ckpt="0" * 64, rid=4),  # a checkpoint the server does not serve
+                frame({"op": "denoise", "id": 5, "nbytes": 0}, b""),  # fields missing
+                request(b=2, rid=6),  # and then a valid one, on the same stream
+            ],
+        )
+    finally:
+        blobs.shutdown()
+    errors = [h.get("error", "") for h, _ in replies[:5]]
+    assert [h["id"] for h, _ in replies] == [1, 2, 3, 4, 5, 6]
+    assert all(h["ok"] is False for h, _ in replies[:5]), errors
+    assert "x must be" in errors[0] and "finite" in errors[1] and "over this server's limit" in errors[2]
+    assert "served from checkpoint" in errors[3] and errors[4]
+    header, payload = replies[5]
+    v = parse_reply(header, payload, (2, c, h, w))
+    assert torch.isfinite(v).all()
+
+
+def _kill_when_connected(swarm, names):
+    """Kill the first server of ``names`` that a client opens a new session with from now on."""
+    before = {n: swarm.servers[n][1].read_text().count("session from") for n in names}
+
+    def connected():
+        return next((n for n in names if swarm.servers[n][1].read_text().count("session from") > before[n]), None)
+
+    name = _wait_for(connected, 120, "a client session", step=0.05)
+    kill_tree(swarm.servers[name][0])  # the machine dies: server, DHT process and p2p daemon
+    return name
+
+
+def test_killed_server_with_a_replica_fails_over_and_the_image_completes(swarm):
+    for name, expert in (("s0", "0"), ("s1", "1"), ("s0b", "0")):
+        if name not in swarm.servers:
+            swarm.server(name, expert)
+    run = swarm.observer.run()
+    _wait_for(lambda: len(live_servers(swarm.observer, run, [0]).get(0, [])) == 2, 60, "two servers of expert 0")
+    out, log = swarm.tmp / "failover.png", swarm.tmp / "failover.log"
+    client = spawn(
+        ["--role", "client", "red apple", "rocket", "--workdir", str(swarm.tmp / "client"), "--initial-peers"]
+        + [*swarm.peers, "--host-maddrs", LOOPBACK, "--steps", "400", "--mode", "full", "--output", str(out)],
+        log,
+    )
+    try:
+        killed = _kill_when_connected(swarm, ["s0", "s0b"])
+        assert client.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        kill_tree(client)
+    routing = json.loads(out.with_suffix(".json").read_text())
+    dead, alive = swarm.servers[killed][2], swarm.servers["s0b" if killed == "s0" else "s0"][2]
+    served_0 = [w["0"] for w in routing["where"] if "0" in w]
+    assert len(served_0) == 400 and served_0[-1] == alive  # expert 0 served every step, the replica at the end
+    assert routing["failovers"] and dead[:12] in routing["failovers"][0]
+    assert not routing["reroutes"]
+
+
+def test_killed_server_without_a_replica_reroutes_and_the_image_completes(swarm):
+    for name, expert in (("s0b", "0"), ("s1", "1")):
+        if name not in swarm.servers or swarm.servers[name][0].poll() is not None:
+            swarm.server(name, expert)
+    out, log = swarm.tmp / "reroute.png", swarm.tmp / "reroute.log"
+    client = spawn(
+        ["--role", "client", "red apple", "--workdir", str(swarm.tmp / "client"), "--initial-peers", *swarm.peers]
+        + ["--host-maddrs", LOOPBACK, "--steps", "400", "--mode", "full", "--output", str(out)],
+        log,
+    )
+    try:
+        _kill_when_connected(swarm, ["s1"])
+        assert client.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        kill_tree(client)
+    routing = json.loads(out.with_suffix(".json").read_text())
+    assert [r["expert"] for r in routing["reroutes"]] == [1]
+    step = routing["reroutes"][0]["step"]
+    assert all(sorted(w) == ["0"] for w in routing["where"][step:])  # expert 0 alone after the reroute
+    assert "rerouted at step" in log.read_text()
