@@ -27,8 +27,8 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 # A real local swarm: bootstrap peer, preparer serving the run, trainers that claim the 4 experts
-# and the router and train each to its target step, the live status dashboard, then a client that
-# fetches the trained ensemble from the swarm (sha256-verified) and draws the grid.
+# and the router and train each to its target step, the live status dashboard, then expert servers
+# for the trained experts and a client that routes every denoising step to them and draws the grid.
 demo: $(STAMP)
 	$(PY) -m swarm.local --workdir $(DEMO) --trainers $(DEMO_TRAINERS) --clusters 4 \
 		--expert-steps $(EXPERT_STEPS) --router-steps $(ROUTER_STEPS) --output outputs/demo.png $(PROMPTS)
@@ -44,6 +44,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/swarm.py
+	$(PY) benchmarks/serving.py
 
 clean:
 	rm -rf runs outputs exports

@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--serve", action="store_true", help="after preparing, publish the run and provide its data")
     g.add_argument("--expert-steps", type=int, default=0, help="--serve: an expert is done at this step (0: never)")
     g.add_argument("--router-steps", type=int, default=0, help="--serve: the router is done at this step (0: never)")
+    g.add_argument(
+        "--publish-local", action="store_true", help="--serve: also publish checkpoints trained here (--ckpt-dir)"
+    )
     g = p.add_argument_group("trainer")
     g.add_argument("--local", action="store_true", help="train/sample on this machine without a swarm")
     g.add_argument("--expert", help="trainer: cluster id; server: id or list")
@@ -143,7 +146,8 @@ def run_prepare(args: argparse.Namespace) -> None:
             flush=True,
         )
         try:
-            serve_run(node, data_dir, stop, args.expert_steps, args.router_steps, ckpt_dir=_dirs(args)[1])
+            published = _dirs(args)[1] if args.publish_local else None
+            serve_run(node, data_dir, stop, args.expert_steps, args.router_steps, ckpt_dir=published)
         finally:
             node.shutdown()
 

@@ -1,6 +1,7 @@
 """A whole swarm on one machine: a bootstrap peer, the preparer serving the run, N trainers, the
-live status dashboard, and a client that fetches the trained ensemble from the swarm and draws a
-grid — every one a real ``node.py`` process talking over 127.0.0.1. ``make demo`` runs this.
+live status dashboard, then expert servers for the trained experts and a client that routes every
+denoising step to them and draws a grid — every one a real ``node.py`` process talking over
+127.0.0.1. ``make demo`` runs this.
 
     python -m swarm.local --workdir runs/demo --trainers 2 --expert-steps 300 --router-steps 150 \\
         --output outputs/demo.png "red apple" "rocket"
@@ -99,6 +100,11 @@ class LocalSwarmConfig:
     output: str = "outputs/demo.png"
     client_args: list[str] = field(default_factory=lambda: ["--mode", "topk", "--k", "2", "--steps", "30"])
     timeout_s: float = 3600.0  # the whole training phase
+    servers: int = 2  # expert servers started after training (0: the client runs every expert itself)
+
+    @property
+    def serve_groups(self) -> list[int]:
+        return list(range(self.clusters))
 
 
 def peers_from(line: str) -> list[str]:
@@ -106,12 +112,13 @@ def peers_from(line: str) -> list[str]:
 
 
 def run_local_swarm(cfg: LocalSwarmConfig) -> Path:
-    """Start the swarm, train every job to its target, sample the grid through the swarm, stop all."""
+    """Start the swarm, train every job to its target, serve the experts, sample the grid through
+    the servers, stop all."""
     import shutil
 
     work = Path(cfg.workdir)
     logs = work / "logs"
-    for stale in [logs, work / "mirror", work / "client", *work.glob("trainer_*")]:
+    for stale in [logs, work / "mirror", work / "client", *work.glob("trainer_*"), *work.glob("server_*")]:
         shutil.rmtree(stale, ignore_errors=True)  # a fresh swarm each time; prepared data is reused
     logs.mkdir(parents=True, exist_ok=True)
     loop = ["--host-maddrs", LOOPBACK]
@@ -157,10 +164,25 @@ def run_local_swarm(cfg: LocalSwarmConfig) -> Path:
             time.sleep(1)
         if status.proc.returncode != 0:
             raise LocalSwarmError(f"the status dashboard exited {status.proc.returncode}")
-        print("every job reached its target; sampling through the swarm", flush=True)
+        servers = [cfg.serve_groups[i :: cfg.servers] for i in range(cfg.servers)] if cfg.servers else []
+        for i, group in enumerate(servers):
+            experts = ",".join(str(k) for k in group)
+            nodes.append(
+                NodeProcess(
+                    f"server_{i}",
+                    ["--role", "server", "--expert", experts, "--workdir", str(work / f"server_{i}"), *join]
+                    + ["--threads", str(threads)],
+                    logs / f"server_{i}.log",
+                )
+            )
+        for n in nodes:
+            if n.name.startswith("server_"):
+                print(f"{n.name}: serving expert{n.wait_for('serving expert', 300)}", flush=True)
+        print("every job reached its target; sampling through the expert servers", flush=True)
         client = NodeProcess(
             "client",
             ["--role", "client", "--workdir", str(work / "client"), *join, *cfg.client_args]
+            + ([] if cfg.servers else ["--local-experts", "all"])
             + ["--output", cfg.output, *cfg.prompts],
             None,
         )
@@ -185,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clusters", type=int, default=4)
     p.add_argument("--expert-steps", type=int, default=300)
     p.add_argument("--router-steps", type=int, default=150)
+    p.add_argument("--servers", type=int, default=2, help="expert servers after training (0: client runs all)")
     p.add_argument("--output", default="outputs/demo.png")
     args = p.parse_args(argv)
     if args.trainers < 1 or args.expert_steps < 1 or args.router_steps < 1:
@@ -196,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         clusters=args.clusters,
         expert_steps=args.expert_steps,
         router_steps=args.router_steps,
+        servers=args.servers,
         prompts=args.prompts,
         output=args.output,
     )

@@ -66,7 +66,7 @@ def swarm(small_run, tmp_path_factory):
         procs.append(
             spawn(
                 ["--role", "prepare", "--serve", "--workdir", str(run), "--limit", "300", "--clusters", "2"]
-                + ["--objective", "mixed", "--host-maddrs", LOOPBACK],
+                + ["--objective", "mixed", "--publish-local", "--host-maddrs", LOOPBACK],
                 log,
             )
         )
@@ -153,6 +153,27 @@ def test_malformed_requests_get_error_replies_and_the_server_keeps_serving(swarm
         return encode_request(req)
 
     try:
+        # Concurrent clients are batched together by the server: every one is answered.
+        async def one_client(i: int):
+            from hivemind.p2p import PeerID
+
+            _, reader, writer = await blobs.p2p.call_binary_stream_handler(PeerID.from_base58(rec.peer), PROTOCOL)
+            try:
+                out = []
+                for r in range(5):
+                    writer.write(request(b=1 + i % 2, rid=100 * i + r))
+                    await writer.drain()
+                    out.append(await asyncio.wait_for(read_frame(reader, 1 << 24), 60))
+                return out
+            finally:
+                writer.close()
+
+        async def many():
+            return await asyncio.gather(*(one_client(i) for i in range(6)))
+
+        for i, answers in enumerate(blobs.call(many(), timeout=180)):
+            assert [h["id"] for h, _ in answers] == [100 * i + r for r in range(5)]
+            assert all(h["ok"] for h, _ in answers), [h.get("error") for h, _ in answers]
         replies = _session_call(
             blobs,
             rec.peer,

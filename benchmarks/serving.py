@@ -1,0 +1,194 @@
+"""Serving costs, measured side by side in one run on loopback:
+
+1. per-step overhead of a remote expert (one open stream per server, ``experts.protocol``) vs the
+   same expert in this process: p50 / p95 of one guided forward (cond + uncond, 1 image);
+2. server throughput (requests/s) with 8 concurrent clients ÷ 1 client (the server batches);
+3. seconds per image with top-1, top-2 and the full ensemble, every expert remote.
+
+The experts are ``tiny`` presets with random weights (cost does not depend on training); a
+``node.py --role server`` subprocess serves all four, fetching them peer-to-peer from this process.
+
+    .venv/bin/python benchmarks/serving.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.train_throughput import machine  # noqa: E402
+from experts.checkpoint import save_checkpoint  # noqa: E402
+from experts.latent_space import load_space  # noqa: E402
+from experts.presets import build_expert, get_preset  # noqa: E402
+from experts.text_encoder import TextEncoderConfig, load_text_encoder  # noqa: E402
+from router.network import build_router, get_router_preset  # noqa: E402
+from router.remote import RemotePool, live_servers  # noqa: E402
+from router.sampling import LocalExpert, SamplerConfig, generate  # noqa: E402
+from swarm.blobs import BlobService, BlobStore  # noqa: E402
+from swarm.dht import SwarmConfig, SwarmNode  # noqa: E402
+from swarm.local import LOOPBACK, NodeProcess  # noqa: E402
+from swarm.records import RUN_TTL_S, RunRecord, run_key  # noqa: E402
+from swarm.trainer import publish_checkpoint  # noqa: E402
+
+K = 4
+RUN = "5e" * 32  # a run id for the random-weight set
+
+
+def publish_random_set(tmp: Path, node: SwarmNode, store: BlobStore, text_dim: int) -> dict:
+    preset = get_preset("tiny")
+    run = RunRecord(RUN, K, ["tiny"] * K, ["fm"] * K, 1)
+    node.store(run_key(), run, RUN_TTL_S)
+    models = {}
+    for k in range(K):
+        torch.manual_seed(k)
+        models[k] = build_expert(preset, text_dim)
+        meta = {"kind": "expert", "cluster": k, "objective": "fm", "preset": preset.to_dict()}
+        meta |= {"text_encoder": "minilm", "space": "pixel", "manifest_sha256": RUN}
+        publish_checkpoint(node, store, run, f"expert_{k}", save_checkpoint(tmp / f"expert_{k}", 1, models[k], meta))
+    rp = get_router_preset("tiny")
+    router = build_router(rp, K, preset.channels, preset.sample_size).eval()
+    meta = {"kind": "router", "num_experts": K, "router_preset": rp.to_dict(), "space": "pixel"}
+    publish_checkpoint(
+        node, store, run, "router", save_checkpoint(tmp / "router", 1, router, meta | {"manifest_sha256": RUN})
+    )
+    return {"models": models, "router": router, "run": run}
+
+
+def percentiles(xs: list[float]) -> tuple[float, float]:
+    xs = sorted(xs)
+    return statistics.median(xs), xs[int(0.95 * (len(xs) - 1))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--seconds", type=float, default=10.0, help="per throughput measurement")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"))
+    args = ap.parse_args()
+    encoder = load_text_encoder(TextEncoderConfig())
+    cond, cmask = encoder.encode(["red apple"])
+    uncond, umask = encoder.encode([""])
+    states, mask = torch.cat([cond, uncond]), torch.cat([cmask, umask])
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        node = SwarmNode(SwarmConfig(str(tmp / "me"), host_maddrs=[LOOPBACK]))
+        blobs = BlobService(node.dht, BlobStore())
+        server = None
+        try:
+            made = publish_random_set(tmp / "set", node, blobs.store, encoder.dim)
+            server = NodeProcess(
+                "server",
+                ["--role", "server", "--expert", ",".join(map(str, range(K))), "--workdir", str(tmp / "server")]
+                + ["--initial-peers", *node.maddrs(), "--host-maddrs", LOOPBACK],
+                tmp / "server.log",
+            )
+            server.wait_for("serving expert", 300)
+            deadline = time.monotonic() + 60
+            while len(servers := live_servers(node, made["run"], list(range(K)))) < K:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the server never announced itself:\n" + server.tail())
+                time.sleep(0.5)
+            x, t = torch.randn(1, 3, 32, 32), torch.full((1,), 0.5)
+
+            # 1. one step of expert 0: in this process vs on the server, alternating
+            local = LocalExpert(made["models"][0], "fm")
+            pool = RemotePool(blobs, servers)
+            local_t, remote_t = [], []
+            for i in range(args.calls + 20):
+                t0 = time.perf_counter()
+                local(x, t, states, mask, 3.0)
+                t1 = time.perf_counter()
+                pool.call(0, x, t, states, mask, 3.0, 0.45)
+                t2 = time.perf_counter()
+                if i >= 20:  # warm-up: first stream, first allocations
+                    local_t.append(t1 - t0)
+                    remote_t.append(t2 - t1)
+            pool.close()
+            lp50, lp95 = percentiles(local_t)
+            rp50, rp95 = percentiles(remote_t)
+            overhead = [r - loc for r, loc in zip(remote_t, local_t, strict=True)]
+            op50, op95 = percentiles(overhead)
+            print(f"step: local p50 {lp50 * 1e3:.2f} ms, remote p50 {rp50 * 1e3:.2f} ms", flush=True)
+
+            # 2. requests/s with 1 and 8 concurrent clients (each its own stream)
+            def throughput(clients: int) -> float:
+                stop, counts = time.monotonic() + args.seconds, [0] * clients
+
+                def client(i: int) -> None:
+                    p = RemotePool(blobs, servers)
+                    while time.monotonic() < stop:
+                        p.call(0, x, t, states, mask, 3.0, 0.45)
+                        counts[i] += 1
+                    p.close()
+
+                threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+                return sum(counts) / args.seconds
+
+            one, eight = throughput(1), throughput(8)
+            print(f"throughput: 1 client {one:.0f} req/s, 8 clients {eight:.0f} req/s", flush=True)
+
+            # 3. seconds per image, every expert remote
+            pool = RemotePool(blobs, servers)
+            space = load_space("")
+            per_image = {}
+            prompts = ["red apple", "rocket", "sun", "dog face"]
+            for mode, k in (("top1", 1), ("topk", 2), ("full", K)):
+                cfg = SamplerConfig(mode=mode, k=k, steps=30)
+                t0 = time.perf_counter()
+                generate(prompts, made["router"], pool.experts(), encoder, space, (3, 32, 32), cfg)
+                per_image[f"{mode}{k if mode == 'topk' else ''}"] = (time.perf_counter() - t0) / len(prompts)
+            pool.close()
+        finally:
+            if server is not None:
+                server.stop()
+            blobs.shutdown()
+            node.shutdown()
+    lines = [
+        f"## Serving ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"Machine: {machine()}. Loopback; one `node.py --role server` serving 4 random-weight `tiny` experts; "
+        "the client in the benchmark process; measured side by side in one run.",
+        "",
+        "| measurement | value | side-by-side reference | ratio |",
+        "|---|---:|---:|---:|",
+        "| one step of one expert (1 image, cond + uncond), remote, p50 / p95 | "
+        f"{rp50 * 1e3:.2f} / {rp95 * 1e3:.2f} ms "
+        f"| same expert in-process {lp50 * 1e3:.2f} / {lp95 * 1e3:.2f} ms | {rp50 / lp50:.2f} |",
+        "| per-step overhead of remote (remote − local, paired), p50 / p95 | "
+        f"{op50 * 1e3:.2f} / {op95 * 1e3:.2f} ms "
+        "| target ≤ 2 ms p50 | |",
+        f"| server throughput, 8 concurrent clients | {eight:.0f} requests/s | 1 client {one:.0f} requests/s "
+        f"| {eight / one:.2f} |",
+        f"| seconds per image, 30 steps, every expert remote: top-1 / top-2 / full | {per_image['top1']:.3f} / "
+        f"{per_image['topk2']:.3f} / {per_image['full']:.3f} s | top-1 "
+        f"| 1.00 / {per_image['topk2'] / per_image['top1']:.2f} / {per_image['full'] / per_image['top1']:.2f} |",
+        "",
+        "Command: `.venv/bin/python benchmarks/serving.py`",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    data = {"local_ms": [lp50 * 1e3, lp95 * 1e3], "remote_ms": [rp50 * 1e3, rp95 * 1e3]}
+    data |= {"overhead_ms": [op50 * 1e3, op95 * 1e3], "rps_1": one, "rps_8": eight, "s_per_image": per_image}
+    print(json.dumps(data))
+    out = Path(args.out)
+    out.write_text((out.read_text() if out.exists() else "# Benchmark results\n\n") + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
