@@ -88,8 +88,11 @@ def test_routing_summary_counts_every_step(small_run, tmp_path):
         "grinning face",
     )
     rows = [line for line in proc.stdout.splitlines() if line.startswith("│")]
-    served = [int(r.split("│")[3]) for r in rows]
+    served = [int(r.split("│")[4]) for r in rows]  # expert │ objective │ served by │ pairs
     assert sum(served) == 5  # top-1: one expert per (image, step)
+    routing = json.loads((tmp_path / "c.json").read_text())
+    assert routing["usage"] == served and all(len(step) == 1 for step in routing["per_step"])
+    assert all(set(w.values()) == {"local"} for w in routing["where"])
 
 
 def test_training_resumes_from_the_latest_checkpoint(small_run):
