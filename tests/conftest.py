@@ -40,6 +40,17 @@ def node(*args: str, timeout: float = 300, check: bool = True) -> subprocess.Com
     return result
 
 
+def wait_for(pred, timeout: float, what: str, step: float = 0.5):
+    """Poll ``pred`` until it returns something truthy (returned) or fail after ``timeout`` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def group_gone(pid: int, timeout: float = 15.0) -> bool:
     """True once no process of the group led by ``pid`` is left (a clean exit leaves none)."""
     deadline = time.time() + timeout

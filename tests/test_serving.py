@@ -4,7 +4,6 @@ trained run, expert servers, and clients that route every step to them."""
 import asyncio
 import json
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -15,19 +14,9 @@ from experts.protocol import PROTOCOL, DenoiseRequest, encode_request, frame, pa
 from router.remote import live_servers
 from swarm.blobs import BlobService, BlobStore
 from swarm.dht import SwarmConfig, SwarmNode
-from tests.conftest import kill_tree, node, spawn
+from tests.conftest import kill_tree, node, spawn, wait_for
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-
-
-def _wait_for(pred, timeout, what, step=0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Swarm:
@@ -43,7 +32,7 @@ class Swarm:
             log,
         )
         self.procs.append(proc)
-        text = _wait_for(lambda: "serving expert" in log.read_text() and log.read_text(), 180, f"server {name}")
+        text = wait_for(lambda: "serving expert" in log.read_text() and log.read_text(), 180, f"server {name}")
         peer = text.split("server ", 1)[1].split()[0]
         self.servers[name] = (proc, log, peer)
         return peer
@@ -70,10 +59,10 @@ def swarm(small_run, tmp_path_factory):
                 log,
             )
         )
-        text = _wait_for(lambda: "--initial-peers" in log.read_text() and log.read_text(), 240, "the preparer")
+        text = wait_for(lambda: "--initial-peers" in log.read_text() and log.read_text(), 240, "the preparer")
         peers = text.split("--initial-peers", 1)[1].split("\n")[0].split()
         observer = SwarmNode(SwarmConfig(str(tmp / "observer"), initial_peers=peers, host_maddrs=[LOOPBACK]))
-        _wait_for(lambda: "publishing local checkpoint of router" in log.read_text(), 60, "published checkpoints")
+        wait_for(lambda: "publishing local checkpoint of router" in log.read_text(), 60, "published checkpoints")
         yield Swarm(tmp, peers, observer, procs)
     finally:
         if observer is not None:
@@ -98,7 +87,7 @@ def test_two_servers_route_every_step_and_match_local_experts(swarm):
     p0 = swarm.server("s0", "0", "--max-batch", "4")
     p1 = swarm.server("s1", "1")
     run = swarm.observer.run()
-    _wait_for(lambda: len(live_servers(swarm.observer, run, [0, 1])) == 2, 60, "both serve records")
+    wait_for(lambda: len(live_servers(swarm.observer, run, [0, 1])) == 2, 60, "both serve records")
     prompts, steps = ["red apple", "rocket"], "8"
     remote = swarm.client(swarm.tmp / "remote.png", *prompts, "--steps", steps, "--k", "1")
     assert "Traceback" not in remote.stderr
@@ -140,7 +129,7 @@ def test_malformed_requests_get_error_replies_and_the_server_keeps_serving(swarm
     if "s0" not in swarm.servers:
         swarm.server("s0", "0", "--max-batch", "4")
     run = swarm.observer.run()
-    rec = _wait_for(lambda: live_servers(swarm.observer, run, [0]).get(0), 60, "expert 0's server")[0]
+    rec = wait_for(lambda: live_servers(swarm.observer, run, [0]).get(0), 60, "expert 0's server")[0]
     c, h, w = rec.shape
     blobs = BlobService(swarm.observer.dht, BlobStore())
 
@@ -205,7 +194,7 @@ def _kill_when_connected(swarm, names):
     def connected():
         return next((n for n in names if swarm.servers[n][1].read_text().count("session from") > before[n]), None)
 
-    name = _wait_for(connected, 120, "a client session", step=0.05)
+    name = wait_for(connected, 120, "a client session", step=0.05)
     kill_tree(swarm.servers[name][0])  # the machine dies: server, DHT process and p2p daemon
     return name
 
@@ -215,7 +204,7 @@ def test_killed_server_with_a_replica_fails_over_and_the_image_completes(swarm):
         if name not in swarm.servers:
             swarm.server(name, expert)
     run = swarm.observer.run()
-    _wait_for(lambda: len(live_servers(swarm.observer, run, [0]).get(0, [])) == 2, 60, "two servers of expert 0")
+    wait_for(lambda: len(live_servers(swarm.observer, run, [0]).get(0, [])) == 2, 60, "two servers of expert 0")
     out, log = swarm.tmp / "failover.png", swarm.tmp / "failover.log"
     client = spawn(
         ["--role", "client", "red apple", "rocket", "--workdir", str(swarm.tmp / "client"), "--initial-peers"]

@@ -10,7 +10,7 @@ import pytest
 
 from swarm import claims
 from swarm.dht import SwarmConfig, SwarmNode
-from tests.conftest import group_gone, kill_tree, node, spawn
+from tests.conftest import group_gone, kill_tree, node, spawn, wait_for
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 HEARTBEAT = 2.0
@@ -19,16 +19,6 @@ LEASE = 3 * HEARTBEAT
 
 def _spawn(args, log):
     return spawn([*args, "--host-maddrs", LOOPBACK], log)
-
-
-def _wait_for(pred, timeout, what, step=0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _start_swarm(tmp_path, procs, nodes, extra=()):
@@ -45,7 +35,7 @@ def _start_swarm(tmp_path, procs, nodes, extra=()):
         text = prep_log.read_text()
         return text if "--initial-peers" in text else None
 
-    text = _wait_for(ready, 180, "the preparer")
+    text = wait_for(ready, 180, "the preparer")
     peers = text.split("--initial-peers", 1)[1].split("\n")[0].split()
     observer = SwarmNode(SwarmConfig(str(tmp_path / "observer"), initial_peers=peers, host_maddrs=[LOOPBACK]))
     nodes.append(observer)
@@ -102,7 +92,7 @@ def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
             )
         )
     procs.extend(trainers)
-    run = _wait_for(observer.run, 60, "the run record")
+    run = wait_for(observer.run, 60, "the run record")
     jobs = run.jobs()  # expert_0, expert_1, router
 
     def settled():
@@ -110,7 +100,7 @@ def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
         own = claims.owners(snap)
         return (snap, own) if all(own.values()) else None
 
-    _wait_for(settled, 240, "an owner for every job", step=1.0)
+    wait_for(settled, 240, "an owner for every job", step=1.0)
     time.sleep(2 * HEARTBEAT)  # losers have withdrawn by now
     for _ in range(3):  # and it stays that way: one live claim per job, three different owners
         snap, own = settled()
@@ -148,7 +138,7 @@ def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
 
         return rec if rec and set(providers(observer, rec.sha256)) - {victim_peer} else None
 
-    _wait_for(mirrored, 120, "a mirrored checkpoint of expert_0", step=1.0)
+    wait_for(mirrored, 120, "a mirrored checkpoint of expert_0", step=1.0)
     victim, _ = peer_of[victim_peer]
     kill_tree(victim)  # the machine dies: the trainer, its DHT process and its p2p daemon
     killed_at = time.time()
@@ -161,18 +151,18 @@ def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
             snap.live_claims("expert_0")[w].peer if w and snap.live_claims("expert_0")[w].peer != victim_peer else None
         )
 
-    successor = _wait_for(new_owner, 60, "a new owner of expert_0", step=0.5)
+    successor = wait_for(new_owner, 60, "a new owner of expert_0", step=0.5)
     took = time.time() - killed_at
     assert took <= 2 * LEASE + HEARTBEAT, f"takeover took {took:.1f}s"
     assert successor == idle[0]
     log = peer_of[successor][1]
-    _wait_for(lambda: f"resumed from step {last.step}" in log.read_text(), 120, f"resume from step {last.step}")
+    wait_for(lambda: f"resumed from step {last.step}" in log.read_text(), 120, f"resume from step {last.step}")
 
     def published_past():
         rec = claims.latest_checkpoint(observer.snapshot(run), "expert_0")
         return rec if rec and rec.step > last.step and successor in rec.providers else None
 
-    _wait_for(published_past, 120, "a checkpoint past the resumed step", step=1.0)
+    wait_for(published_past, 120, "a checkpoint past the resumed step", step=1.0)
 
     # A clean shutdown releases the claim at once rather than letting it expire.
     proc = peer_of[successor][0]
@@ -195,7 +185,7 @@ def test_trainers_move_on_at_the_run_target_and_a_client_samples_from_the_swarm(
                 tmp / f"t{i}.log",
             )
         )
-    run = _wait_for(observer.run, 60, "the run record")
+    run = wait_for(observer.run, 60, "the run record")
     assert (run.expert_steps, run.router_steps) == (12, 8)
     # status --until-done returns once every job (2 experts + router, 2 trainers) is at its target.
     node(
@@ -218,7 +208,7 @@ def test_trainers_move_on_at_the_run_target_and_a_client_samples_from_the_swarm(
         "router": 8,
     }
     for i in range(2):  # nobody trains past the target; both say so once everything is done
-        _wait_for(lambda i=i: "run complete" in (tmp / f"t{i}.log").read_text(), 60, f"trainer {i} to see it")
+        wait_for(lambda i=i: "run complete" in (tmp / f"t{i}.log").read_text(), 60, f"trainer {i} to see it")
     # With no server up, a client can fetch router + experts (hash-verified) and run them itself.
     out = tmp / "apple.png"
     result = node(
