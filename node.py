@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-ROLES = ("prepare", "trainer", "client", "export", "bootstrap", "server", "status")
+ROLES = ("prepare", "trainer", "client", "export", "bootstrap", "server", "status", "eval")
 
 
 class UsageError(ValueError):
@@ -68,7 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("trainer")
     g.add_argument("--local", action="store_true", help="train/sample on this machine without a swarm")
     g.add_argument("--expert", help="trainer: cluster id; server: id or list")
-    g.add_argument("--job", choices=("expert", "router"), default="expert")
+    g.add_argument(
+        "--job",
+        choices=("expert", "router", "monolith"),
+        default="expert",
+        help="monolith: the baseline on all clusters at the experts' total compute (--local)",
+    )
     g.add_argument("--steps", type=int, default=None, help="trainer: total steps; client: denoising steps")
     g.add_argument("--minutes", type=float, default=0.0)
     g.add_argument("--batch-size", type=int, default=0)
@@ -85,8 +90,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--guidance", type=float, default=3.0)
     g.add_argument("--local-experts", help="client: experts to run here: 0,3 or all (swarm default: none)")
     g.add_argument("--from-export", help="client: load an exported folder instead of checkpoints")
-    g.add_argument("--output", help="client: PNG path (default outputs/<prompt>.png)")
+    g.add_argument("--output", help="client: PNG path (default outputs/<prompt>.png); eval: report folder")
     g.add_argument("--out", default="exports/diffswarm", help="export: destination folder")
+    g = p.add_argument_group("eval")
+    g.add_argument("--eval-n", type=int, default=0, help="held-out images to compute FID on (0: all)")
+    g.add_argument(
+        "--eval-rows",
+        default="top-1,top-2,threshold,full,monolith",
+        help="what to evaluate: routing modes and/or monolith, comma-separated",
+    )
     g = p.add_argument_group("server")
     g.add_argument("--follow", action="store_true", help="load newer published checkpoints while serving")
     g.add_argument("--max-batch", type=int, default=32, help="images per forward pass and per request")
@@ -168,6 +180,8 @@ def run_swarm_trainer(args: argparse.Namespace) -> None:
     from swarm.trainer import SwarmTrainer, SwarmTrainerConfig
 
     wanted = None
+    if args.job == "monolith":
+        raise UsageError("the monolith baseline is trained on one machine: --role trainer --local --job monolith")
     if args.job == "router":
         wanted = "router"
     elif args.expert is not None:
@@ -223,8 +237,23 @@ def run_trainer(args: argparse.Namespace) -> None:
     data_dir, ckpt = _dirs(args)
     manifest, digest = load_manifest(data_dir)
     minutes = args.minutes if (args.minutes or args.steps) else 5.0
+    steps = args.steps or 0
     if args.job == "router":
         job_name, root, seed = "router", router_dir(ckpt), args.seed
+    elif args.job == "monolith":
+        from experts.monolith import MONOLITH, equal_compute_steps, experts_samples_seen
+        from experts.presets import get_preset
+
+        job_name, root, seed = MONOLITH, ckpt / MONOLITH, args.seed
+        if not (args.steps or args.minutes):
+            seen = experts_samples_seen(ckpt, manifest.num_clusters)
+            batch = args.batch_size or get_preset(manifest.clusters[0].preset).batch_size
+            steps, minutes = equal_compute_steps(seen, manifest.num_clusters, batch), 0.0
+            print(
+                f"monolith: {steps} steps of {batch} = the {sum(seen.values())} samples the "
+                f"{manifest.num_clusters} experts saw together",
+                flush=True,
+            )
     else:
         if args.expert is None:
             raise UsageError("--local training needs --expert K (or --job router)")
@@ -242,7 +271,7 @@ def run_trainer(args: argparse.Namespace) -> None:
         job_name, root, seed = f"expert_{k[0]}", expert_dir(ckpt, k[0]), args.seed + k[0]
     cfg = TrainConfig(
         ckpt_root=str(root),
-        steps=args.steps or 0,
+        steps=steps,
         minutes=minutes,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -265,7 +294,7 @@ def run_trainer(args: argparse.Namespace) -> None:
         )
     else:
         print(
-            f"expert {k[0]}: step {result.step}, loss {result.meta.get('loss')}, "
+            f"{job_name.replace('_', ' ')}: step {result.step}, loss {result.meta.get('loss')}, "
             f"{result.meta['samples_seen']} samples seen, checkpoint {result.path} sha256 {result.sha256[:12]}"
         )
 
@@ -499,6 +528,32 @@ def run_server(args: argparse.Namespace) -> None:
     print("server stopped", flush=True)
 
 
+def run_eval(args: argparse.Namespace) -> None:
+    from experts.manifest import load_manifest
+    from router.ensemble import load_ensemble
+    from router.evaluate import EvalConfig, run_eval
+
+    data_dir, ckpt = _dirs(args)
+    manifest, digest = load_manifest(data_dir)
+    cfg = EvalConfig(
+        ckpt_dir=str(ckpt),
+        out_dir=args.output or "outputs/eval",
+        n=args.eval_n,
+        steps=args.steps or 30,
+        guidance=args.guidance,
+        tau=args.tau,
+        seed=args.seed,
+        rows=[r.strip() for r in args.eval_rows.split(",") if r.strip()],
+    )
+    ensemble, encoder, space = load_ensemble(ckpt, vae=args.vae)
+    if ensemble.router_meta.get("manifest_sha256") != digest:
+        raise UsageError(f"the checkpoints under {ckpt} were not trained on the run in {data_dir}")
+    report = run_eval(cfg, manifest, digest, ensemble, encoder, space)
+    out = Path(cfg.out_dir)
+    print((out / "eval.md").read_text())
+    print(f"wrote {out}/eval.md, eval.json, fid.png, usage.png, samples.png ({report['heldout_images']} images)")
+
+
 def run_export(args: argparse.Namespace) -> None:
     from router.ensemble import export_paris
 
@@ -525,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             "bootstrap": run_bootstrap,
             "status": run_status,
             "server": run_server,
+            "eval": run_eval,
         }
         roles[args.role](args)
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.train_throughput import machine  # noqa: E402
+from benchmarks.results import RESULTS, append_section, machine  # noqa: E402
 from experts.checkpoint import save_checkpoint  # noqa: E402
 from experts.latent_space import load_space  # noqa: E402
 from experts.presets import build_expert, get_preset  # noqa: E402
@@ -74,7 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--seconds", type=float, default=10.0, help="per throughput measurement")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     encoder = load_text_encoder(TextEncoderConfig())
     cond, cmask = encoder.encode(["red apple"])
@@ -186,8 +186,7 @@ def main() -> None:
     data = {"local_ms": [lp50 * 1e3, lp95 * 1e3], "remote_ms": [rp50 * 1e3, rp95 * 1e3]}
     data |= {"overhead_ms": [op50 * 1e3, op95 * 1e3], "rps_1": one, "rps_8": eight, "s_per_image": per_image}
     print(json.dumps(data))
-    out = Path(args.out)
-    out.write_text((out.read_text() if out.exists() else "# Benchmark results\n\n") + text + "\n")
+    append_section(text, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.train_throughput import machine  # noqa: E402
+from benchmarks.results import RESULTS, append_section, machine  # noqa: E402
 from experts.checkpoint import latest_checkpoint, save_checkpoint  # noqa: E402
 from experts.presets import build_expert, get_preset  # noqa: E402
 from swarm import claims  # noqa: E402
@@ -146,9 +146,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--heartbeat", type=float, default=HEARTBEAT_S, help="claim renewal period of the takeover run")
     ap.add_argument("--only", choices=("transfer", "training", "takeover"), help="run one measurement")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    want = (lambda name: args.only in (None, name))  # noqa: E731
+    want = lambda name: args.only in (None, name)  # noqa: E731
     rows, data = [], {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
         tmp = Path(d)
@@ -195,8 +195,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     print(json.dumps(data))
-    out = Path(args.out)
-    out.write_text((out.read_text() if out.exists() else "# Benchmark results\n\n") + text + "\n")
+    append_section(text, args.out)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ appended to benchmarks/RESULTS.md with the machine they ran on.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -19,26 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
+from benchmarks.results import RESULTS, append_section, machine  # noqa: E402
 from experts.manifest import load_manifest  # noqa: E402
 from experts.prepare import PrepareConfig, prepare  # noqa: E402
 from experts.presets import count_parameters, get_preset  # noqa: E402
 from experts.text_encoder import TextEncoderConfig, load_text_encoder  # noqa: E402
 from experts.train import ExpertJob, TrainConfig, train  # noqa: E402
 from router.train import RouterJob  # noqa: E402
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def measure(job, cfg: TrainConfig, warmup_steps: int = 5) -> tuple[float, int]:
@@ -54,7 +40,7 @@ def measure(job, cfg: TrainConfig, warmup_steps: int = 5) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=40.0)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         prepare(PrepareConfig(out_dir=f"{tmp}/data", clusters=2, limit=1200))
@@ -88,9 +74,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
-    prev = out.read_text() if out.exists() else "# Benchmark results\n\n"
-    out.write_text(prev + text + "\n")
+    append_section(text, args.out)
 
 
 if __name__ == "__main__":

@@ -101,9 +101,7 @@ def load_ensemble(
     found, router_ckpt = load_checkpoints(ckpt_root, experts)
     expert_meta = {k: c.meta for k, c in found.items()}
     enc_name = _check_compatible(router_ckpt.meta, expert_meta)
-    models = {
-        k: LocalExpert.from_checkpoint(c) for k, c in found.items()
-    }
+    models = {k: LocalExpert.from_checkpoint(c) for k, c in found.items()}
     router = RouterNet.from_pretrained(router_ckpt.model_dir, low_cpu_mem_usage=False).eval()
     ens = Ensemble(models, expert_meta, router, router_ckpt.meta, enc_name, router_ckpt.meta["space"])
     return ens, encoder or _encoder_for(enc_name), _space_for(ens.space_name, vae)

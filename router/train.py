@@ -118,13 +118,17 @@ def build_job(
     vae: str = "",
     router_preset: str = "tiny",
 ):
-    """The training job for ``expert_K`` or ``router`` on this run's data (local or swarm)."""
+    """The training job for ``expert_K``, ``router`` or ``monolith`` on this run's data (local or swarm)."""
     preset = get_preset(manifest.clusters[0].preset)
     if preset.space == "latent" and not vae:
         raise ValueError("this run's preset works on latents; pass --vae PATH to an AutoencoderKL folder")
     space = load_space(vae if preset.space == "latent" else "")
     if job == "router":
         return RouterJob(manifest, digest, space.name, space.encode, cfg, router_preset)
-    k = int(job.split("_")[1])
     encoder = load_text_encoder(TextEncoderConfig.parse(text_encoder))
+    if job == "monolith":
+        from experts.monolith import MonolithJob
+
+        return MonolithJob(manifest, digest, encoder, space.name, space.encode, cfg)
+    k = int(job.split("_")[1])
     return ExpertJob(manifest, digest, k, encoder, space.name, space.encode, cfg)

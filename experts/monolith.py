@@ -1,0 +1,87 @@
+"""The monolith baseline: one model of the experts' preset trained on every cluster's shards.
+
+It is what the K experts plus a router are compared against, so it gets the same training
+compute: as many samples as all experts saw together (``equal_compute_steps``), the same preset,
+batch size and learning rate, and the same loop. Its checkpoints live beside the experts'
+(``<ckpt>/monolith/step_N``) and it samples as a one-expert ensemble.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from experts.checkpoint import CheckpointError, latest_checkpoint
+from experts.data import Batch, DataPosition, stream_batches
+from experts.manifest import Manifest
+from experts.text_encoder import TextEncoder
+from experts.train import ExpertJob, TrainConfig
+
+MONOLITH = "monolith"
+
+
+def monolith_objective(manifest: Manifest) -> str:
+    """The experts' objective when they share one; flow matching for a mixed run."""
+    objectives = {c.objective for c in manifest.clusters}
+    return objectives.pop() if len(objectives) == 1 else "fm"
+
+
+class MonolithJob(ExpertJob):
+    """Every cluster's shards, interleaved by cluster size, into one model."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        manifest_sha256: str,
+        encoder: TextEncoder,
+        space_name: str,
+        encode_space,
+        cfg: TrainConfig,
+    ) -> None:
+        super().__init__(manifest, manifest_sha256, 0, encoder, space_name, encode_space, cfg)
+        self.cluster = -1
+        self.objective = monolith_objective(manifest)
+        self.name = f"monolith ({self.objective})"
+
+    def batches(self, start: DataPosition) -> Iterator[Batch]:
+        clusters = list(range(self.manifest.num_clusters))
+        return stream_batches(self.manifest, clusters, self.batch_size, self.preset.image_size, self.seed, start)
+
+    def meta(self) -> dict:
+        return super().meta() | {"kind": MONOLITH}
+
+
+def experts_samples_seen(ckpt_root: Path, num_experts: int) -> dict[int, int]:
+    """Samples each expert's latest checkpoint under ``ckpt_root`` has trained on."""
+    seen = {}
+    for k in range(num_experts):
+        ck = latest_checkpoint(ckpt_root / f"expert_{k}")
+        if ck is not None:
+            seen[k] = int(ck.meta.get("samples_seen", 0))
+    return seen
+
+
+def equal_compute_steps(seen: dict[int, int], num_experts: int, batch_size: int) -> int:
+    """Steps at ``batch_size`` that see as many samples as all K experts together."""
+    missing = sorted(set(range(num_experts)) - set(seen))
+    if missing:
+        raise CheckpointError(
+            f"experts {missing} have no checkpoint yet; the monolith's budget is the experts' total, "
+            "so train them first (or give --steps)"
+        )
+    return max(1, math.ceil(sum(seen.values()) / batch_size))
+
+
+class SingleExpertRouter(torch.nn.Module):
+    """A router over one expert: lets the monolith sample through the routed sampler unchanged."""
+
+    class _Config:
+        num_experts = 1
+
+    config = _Config()
+
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x_t.shape[0], 1)
