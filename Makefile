@@ -62,7 +62,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Every benchmark, side by side figures, into a fresh benchmarks/RESULTS.md.
 bench: $(STAMP)
+	$(PY) -m benchmarks.results --new
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/swarm.py
 	$(PY) benchmarks/serving.py

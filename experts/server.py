@@ -9,8 +9,9 @@ requests waiting for the same checkpoint up to ``max_batch`` images into one for
 request keeps its own guidance scale). A request that waits past its timeout gets an error reply;
 a full queue answers "busy" at once, so a client can go to another replica. A malformed request
 gets an error reply and the server keeps serving. With ``follow`` a newer published checkpoint is
-fetched and loaded beside the old one: requests naming the old hash are still answered for
-``keep_old_s``, so nothing in flight is dropped.
+fetched and loaded beside the old one: requests naming the old hash are still answered until the
+old one has gone unused for ``keep_old_s`` — a generation in flight finishes on the weights it
+started with, however long it takes.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class ServerConfig:
     request_timeout_s: float = 30.0
     announce_s: float = SERVE_PERIOD_S
     follow: bool = False  # load newer published checkpoints of the served experts
-    keep_old_s: float = 120.0  # after a reload, the previous checkpoint is still served this long
+    keep_old_s: float = 120.0  # after a reload, the previous checkpoint is served until unused this long
     run_timeout_s: float = 60.0  # wait this long for a run record
 
 
@@ -57,7 +58,7 @@ class Served:
 
     ckpt: Checkpoint
     runner: LocalExpert
-    loaded_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
 
 
 @dataclass(eq=False)  # compared by identity: requests hold tensors
@@ -134,22 +135,24 @@ class ExpertServer:
             served = Served(ck, LocalExpert.from_checkpoint(ck))
             with self._lock:
                 now = time.monotonic()
-                old = [s for s in self.served.get(k, []) if now - s.loaded_at < self.cfg.keep_old_s]
-                self.served[k] = [served, *old[:1]]  # the new one, and the previous while in flight
+                old = [s for s in self.served.get(k, []) if now - s.last_used < self.cfg.keep_old_s]
+                self.served[k] = [served, *old[:1]]  # the new one, and the previous while in use
             console.log(f"expert {k}: serving step {ck.step} ({ck.sha256[:12]})")
 
     def expected(self) -> ExpectedInput:
         with self._lock:
             now = time.monotonic()
             hashes = {
-                k: [s.ckpt.sha256 for i, s in enumerate(v) if i == 0 or now - v[0].loaded_at < self.cfg.keep_old_s]
+                k: [s.ckpt.sha256 for i, s in enumerate(v) if i == 0 or now - s.last_used < self.cfg.keep_old_s]
                 for k, v in self.served.items()
             }
         return ExpectedInput(hashes, self.shape, self.text_dim, self.cfg.max_batch)
 
     def _runner(self, expert: int, sha256: str) -> LocalExpert:
         with self._lock:
-            return next(s.runner for s in self.served[expert] if s.ckpt.sha256 == sha256)
+            served = next(s for s in self.served[expert] if s.ckpt.sha256 == sha256)
+            served.last_used = time.monotonic()
+            return served.runner
 
     # ---------------------------------------------------------------- the stream handler
     async def _serve(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

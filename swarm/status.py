@@ -1,8 +1,9 @@
 """``--role status``: what the swarm is doing, as a live rich dashboard or one JSON snapshot.
 
 For each job of the run: its owner, step, loss and samples/s (from the owner's presence record),
-and its latest published checkpoint (step, hash prefix, age, providers); then every peer that is
-up, idle trainers included.
+and its latest published checkpoint (step, hash prefix, age, providers); then the expert servers
+(state, requests/s, queue, the checkpoint they serve) and every peer that is up, idle trainers
+included.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from rich.table import Table
 from swarm import claims
 from swarm.blobs import providers
 from swarm.dht import SwarmNode
-from swarm.records import CKPT_TTL_S, CheckpointRecord, PeerRecord, ckpt_key, peers_key
+from swarm.records import CKPT_TTL_S, CheckpointRecord, PeerRecord, ServeRecord, ckpt_key, peers_key, serve_key
 
 
 def collect(node: SwarmNode) -> dict:
@@ -31,6 +32,7 @@ def collect(node: SwarmNode) -> dict:
         "run": None,
         "complete": False,
         "jobs": [],
+        "servers": [],
         "peers": sorted(
             ({**p.__dict__} for p in peers.values() if p.state != "offline"), key=lambda p: (p["state"], p["peer"])
         ),
@@ -45,6 +47,14 @@ def collect(node: SwarmNode) -> dict:
         "expert_steps": run.expert_steps,
         "router_steps": run.router_steps,
     }
+    for k in range(run.num_clusters):
+        for rec in node.read(serve_key(k), ServeRecord).values():
+            if rec.run == run.manifest_sha256:
+                out["servers"].append(
+                    {"expert": k, "peer": rec.peer, "state": rec.state, "rps": rec.rps, "queue": rec.queue}
+                    | {"step": rec.step, "ckpt": rec.ckpt, "max_batch": rec.max_batch}
+                )
+    out["servers"].sort(key=lambda r: (r["expert"], r["state"] != "online", r["peer"]))
     snap = node.snapshot(run)
     out["complete"] = claims.run_complete(snap)
     by_peer = {p.peer: p for p in peers.values()}
@@ -110,12 +120,28 @@ def render(data: dict) -> Group:
             "-" if not ck or ck["age_s"] is None else f"{ck['age_s']:.0f}s",
             str(len(ck["providers"])) if ck else "0",
         )
+    tables = [jobs]
+    if data["servers"]:
+        online = sum(1 for r in data["servers"] if r["state"] == "online")
+        servers = Table(title=f"expert servers: {online} online")
+        for col in ("expert", "server", "state", "req/s", "queue", "serving"):
+            servers.add_column(col, justify="right" if col in ("req/s", "queue") else "left")
+        for r in data["servers"]:
+            servers.add_row(
+                str(r["expert"]),
+                r["peer"][:16],
+                r["state"] if r["state"] == "online" else f"[dim]{r['state']}[/]",
+                f"{r['rps']:.1f}",
+                str(r["queue"]),
+                f"step {r['step']} · {r['ckpt'][:12]}",
+            )
+        tables.append(servers)
     peers = Table(title=f"{len(data['peers'])} peers up")
     for col in ("peer", "role", "state", "job"):
         peers.add_column(col)
     for p in data["peers"]:
         peers.add_row(p["peer"][:16], p["role"], p["state"], p["job"] or "-")
-    return Group(jobs, peers)
+    return Group(*tables, peers)
 
 
 def run_status(

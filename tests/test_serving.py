@@ -23,6 +23,9 @@ class Swarm:
     def __init__(self, tmp, peers, observer, procs):
         self.tmp, self.peers, self.observer, self.procs = tmp, peers, observer, procs
         self.servers: dict[str, tuple] = {}
+        # One blob service for the observer's whole life: the p2p daemon keeps routing a protocol to
+        # the first handler registered for it, so a second service after a shutdown would not serve.
+        self.blobs = BlobService(observer.dht, BlobStore())
 
     def server(self, name: str, experts: str, *extra: str):
         log = self.tmp / f"{name}.log"
@@ -66,7 +69,7 @@ def swarm(small_run, tmp_path_factory):
         yield Swarm(tmp, peers, observer, procs)
     finally:
         if observer is not None:
-            observer.shutdown()
+            observer.shutdown()  # its blob service goes with the DHT
         for p in procs:
             kill_tree(p)
 
@@ -131,7 +134,7 @@ def test_malformed_requests_get_error_replies_and_the_server_keeps_serving(swarm
     run = swarm.observer.run()
     rec = wait_for(lambda: live_servers(swarm.observer, run, [0]).get(0), 60, "expert 0's server")[0]
     c, h, w = rec.shape
-    blobs = BlobService(swarm.observer.dht, BlobStore())
+    blobs = swarm.blobs
 
     def request(b=1, shape=None, nan=False, ckpt=None, rid=0):
         x = torch.randn(b, *(shape or (c, h, w)))
@@ -141,42 +144,39 @@ def test_malformed_requests_get_error_replies_and_the_server_keeps_serving(swarm
         req = DenoiseRequest(rid, 0, ckpt or rec.ckpt, x, torch.full((b,), 0.5), 0.4, states, mask, 3.0)
         return encode_request(req)
 
-    try:
-        # Concurrent clients are batched together by the server: every one is answered.
-        async def one_client(i: int):
-            from hivemind.p2p import PeerID
+    # Concurrent clients are batched together by the server: every one is answered.
+    async def one_client(i: int):
+        from hivemind.p2p import PeerID
 
-            _, reader, writer = await blobs.p2p.call_binary_stream_handler(PeerID.from_base58(rec.peer), PROTOCOL)
-            try:
-                out = []
-                for r in range(5):
-                    writer.write(request(b=1 + i % 2, rid=100 * i + r))
-                    await writer.drain()
-                    out.append(await asyncio.wait_for(read_frame(reader, 1 << 24), 60))
-                return out
-            finally:
-                writer.close()
+        _, reader, writer = await blobs.p2p.call_binary_stream_handler(PeerID.from_base58(rec.peer), PROTOCOL)
+        try:
+            out = []
+            for r in range(5):
+                writer.write(request(b=1 + i % 2, rid=100 * i + r))
+                await writer.drain()
+                out.append(await asyncio.wait_for(read_frame(reader, 1 << 24), 60))
+            return out
+        finally:
+            writer.close()
 
-        async def many():
-            return await asyncio.gather(*(one_client(i) for i in range(6)))
+    async def many():
+        return await asyncio.gather(*(one_client(i) for i in range(6)))
 
-        for i, answers in enumerate(blobs.call(many(), timeout=180)):
-            assert [h["id"] for h, _ in answers] == [100 * i + r for r in range(5)]
-            assert all(h["ok"] for h, _ in answers), [h.get("error") for h, _ in answers]
-        replies = _session_call(
-            blobs,
-            rec.peer,
-            [
-                request(shape=(c, h // 2, w // 2), rid=1),  # wrong shape
-                request(nan=True, rid=2),  # NaN
-                request(b=rec.max_batch + 1, rid=3),  # over the batch limit
-                request(ckpt="0" * 64, rid=4),  # a checkpoint the server does not serve
-                frame({"op": "denoise", "id": 5, "nbytes": 0}, b""),  # fields missing
-                request(b=2, rid=6),  # and then a valid one, on the same stream
-            ],
-        )
-    finally:
-        blobs.shutdown()
+    for i, answers in enumerate(blobs.call(many(), timeout=180)):
+        assert [h["id"] for h, _ in answers] == [100 * i + r for r in range(5)]
+        assert all(h["ok"] for h, _ in answers), [h.get("error") for h, _ in answers]
+    replies = _session_call(
+        blobs,
+        rec.peer,
+        [
+            request(shape=(c, h // 2, w // 2), rid=1),  # wrong shape
+            request(nan=True, rid=2),  # NaN
+            request(b=rec.max_batch + 1, rid=3),  # over the batch limit
+            request(ckpt="0" * 64, rid=4),  # a checkpoint the server does not serve
+            frame({"op": "denoise", "id": 5, "nbytes": 0}, b""),  # fields missing
+            request(b=2, rid=6),  # and then a valid one, on the same stream
+        ],
+    )
     errors = [h.get("error", "") for h, _ in replies[:5]]
     assert [h["id"] for h, _ in replies] == [1, 2, 3, 4, 5, 6]
     assert all(h["ok"] is False for h, _ in replies[:5]), errors
@@ -244,3 +244,68 @@ def test_killed_server_without_a_replica_reroutes_and_the_image_completes(swarm)
     step = routing["reroutes"][0]["step"]
     assert all(sorted(w) == ["0"] for w in routing["where"][step:])  # expert 0 alone after the reroute
     assert "rerouted at step" in log.read_text()
+
+
+def test_follow_loads_a_newer_checkpoint_without_dropping_a_generation_in_flight(swarm):
+    from experts.checkpoint import latest_checkpoint
+    from swarm.trainer import publish_checkpoint
+
+    if not any(n in swarm.servers and swarm.servers[n][0].poll() is None for n in ("s0", "s0b")):
+        swarm.server("s0", "0")  # expert 0 too, so the full ensemble has both
+    follower = swarm.server("sf", "1", "--follow")
+    run = swarm.observer.run()
+    alive = {peer for proc, _, peer in swarm.servers.values() if proc.poll() is None}
+
+    def only_alive_servers():  # records of servers killed by earlier tests expire within SERVE_TTL_S
+        found = live_servers(swarm.observer, run, [0, 1])
+        peers = {r.peer for recs in found.values() for r in recs}
+        return follower in peers and peers <= alive and len(found) == 2
+
+    wait_for(only_alive_servers, 90, "only live servers in the DHT")
+    # Train expert 1 two more steps in a copy of the run, then publish that checkpoint to the swarm.
+    work = swarm.tmp / "more"
+    shutil.copytree(swarm.tmp / "run", work, dirs_exist_ok=True)
+    node("--role", "trainer", "--local", "--workdir", str(work), "--expert", "1", "--steps", "8", "--batch-size", "16")
+    newer = latest_checkpoint(work / "checkpoints" / "expert_1")
+    assert newer.step == 8
+    out, log = swarm.tmp / "follow.png", swarm.tmp / "follow.log"
+    client = spawn(
+        ["--role", "client", "red apple", "--workdir", str(swarm.tmp / "client"), "--initial-peers", *swarm.peers]
+        + ["--host-maddrs", LOOPBACK, "--steps", "600", "--mode", "full", "--output", str(out)],
+        log,
+    )
+    try:
+        sf_log = swarm.servers["sf"][1]
+        wait_for(lambda: "session from" in sf_log.read_text(), 120, "the client's session with sf", step=0.05)
+        publish_checkpoint(swarm.observer, swarm.blobs.store, run, "expert_1", newer)
+        wait_for(lambda: "expert 1: serving step 8" in sf_log.read_text(), 90, "sf to load step 8")
+        assert client.poll() is None, "the generation should still be in flight during the reload"
+        assert client.wait(timeout=300) == 0, log.read_text()[-3000:]
+        # The new checkpoint is announced, and the status dashboard lists the servers.
+        recs = wait_for(
+            lambda: [r for r in live_servers(swarm.observer, run, [1])[1] if r.peer == follower and r.step == 8],
+            60,
+            "sf's record with step 8",
+        )
+        assert recs[0].ckpt == newer.sha256
+        status = json.loads(
+            node(
+                "--role",
+                "status",
+                "--json",
+                "--workdir",
+                str(swarm.tmp / "status"),
+                "--initial-peers",
+                *swarm.peers,
+                "--host-maddrs",
+                LOOPBACK,
+            ).stdout  # fmt: skip
+        )
+        sf = [s for s in status["servers"] if s["peer"] == follower]
+        assert sf and sf[0]["expert"] == 1 and sf[0]["state"] == "online" and sf[0]["step"] == 8
+    finally:
+        kill_tree(client)
+    routing = json.loads(out.with_suffix(".json").read_text())
+    # Nothing in flight was dropped: expert 1 served every step from sf, no failover, no reroute.
+    assert not routing["failovers"] and not routing["reroutes"]
+    assert all(w.get("1") == follower for w in routing["where"])
