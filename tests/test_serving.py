@@ -40,6 +40,16 @@ class Swarm:
         self.servers[name] = (proc, log, peer)
         return peer
 
+    def background_client(self, name: str, prompts: list[str], steps: int):
+        """A client generating with the full ensemble in the background; returns (process, png, log)."""
+        out, log = self.tmp / f"{name}.png", self.tmp / f"{name}.log"
+        proc = spawn(
+            ["--role", "client", *prompts, "--workdir", str(self.tmp / "client"), "--initial-peers", *self.peers]
+            + ["--host-maddrs", LOOPBACK, "--steps", str(steps), "--mode", "full", "--output", str(out)],
+            log,
+        )
+        return proc, out, log
+
     def client(self, out, *extra: str, check=True, timeout=300):
         return node(
             "--role", "client", "--workdir", str(self.tmp / "client"), "--initial-peers", *self.peers,
@@ -205,12 +215,7 @@ def test_killed_server_with_a_replica_fails_over_and_the_image_completes(swarm):
             swarm.server(name, expert)
     run = swarm.observer.run()
     wait_for(lambda: len(live_servers(swarm.observer, run, [0]).get(0, [])) == 2, 60, "two servers of expert 0")
-    out, log = swarm.tmp / "failover.png", swarm.tmp / "failover.log"
-    client = spawn(
-        ["--role", "client", "red apple", "rocket", "--workdir", str(swarm.tmp / "client"), "--initial-peers"]
-        + [*swarm.peers, "--host-maddrs", LOOPBACK, "--steps", "400", "--mode", "full", "--output", str(out)],
-        log,
-    )
+    client, out, log = swarm.background_client("failover", ["red apple", "rocket"], 400)
     try:
         killed = _kill_when_connected(swarm, ["s0", "s0b"])
         assert client.wait(timeout=300) == 0, log.read_text()[-3000:]
@@ -228,12 +233,7 @@ def test_killed_server_without_a_replica_reroutes_and_the_image_completes(swarm)
     for name, expert in (("s0b", "0"), ("s1", "1")):
         if name not in swarm.servers or swarm.servers[name][0].poll() is not None:
             swarm.server(name, expert)
-    out, log = swarm.tmp / "reroute.png", swarm.tmp / "reroute.log"
-    client = spawn(
-        ["--role", "client", "red apple", "--workdir", str(swarm.tmp / "client"), "--initial-peers", *swarm.peers]
-        + ["--host-maddrs", LOOPBACK, "--steps", "400", "--mode", "full", "--output", str(out)],
-        log,
-    )
+    client, out, log = swarm.background_client("reroute", ["red apple"], 400)
     try:
         _kill_when_connected(swarm, ["s1"])
         assert client.wait(timeout=300) == 0, log.read_text()[-3000:]
@@ -268,12 +268,7 @@ def test_follow_loads_a_newer_checkpoint_without_dropping_a_generation_in_flight
     node("--role", "trainer", "--local", "--workdir", str(work), "--expert", "1", "--steps", "8", "--batch-size", "16")
     newer = latest_checkpoint(work / "checkpoints" / "expert_1")
     assert newer.step == 8
-    out, log = swarm.tmp / "follow.png", swarm.tmp / "follow.log"
-    client = spawn(
-        ["--role", "client", "red apple", "--workdir", str(swarm.tmp / "client"), "--initial-peers", *swarm.peers]
-        + ["--host-maddrs", LOOPBACK, "--steps", "600", "--mode", "full", "--output", str(out)],
-        log,
-    )
+    client, out, log = swarm.background_client("follow", ["red apple"], 600)
     try:
         sf_log = swarm.servers["sf"][1]
         wait_for(lambda: "session from" in sf_log.read_text(), 120, "the client's session with sf", step=0.05)
