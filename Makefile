@@ -11,6 +11,7 @@ EXPERT_STEPS ?= 300
 ROUTER_STEPS ?= 150
 EVAL := runs/eval
 EVAL_N ?= 0
+EVAL_OUT ?= outputs/eval
 HOLDOUT ?= 0.1
 PROMPTS := "red apple" "grinning face" "red heart" "flag: Japan" "dog face" "woman dark skin tone" "sun" "rocket"
 
@@ -42,14 +43,14 @@ demo: $(STAMP)
 # Quality at equal compute: the same 4 experts + router trained on this machine (resuming what is
 # already trained, so a larger EXPERT_STEPS continues), the monolith baseline trained on all clusters
 # with the experts' total samples, then FID of every routing mode and of the monolith against the
-# held-out split. Report: outputs/eval/ (eval.md, eval.json, fid.png, usage.png, samples.png).
+# held-out split. Report: $(EVAL_OUT)/ (eval.md, eval.json, fid.png, usage.png, samples.png).
 eval: $(STAMP) $(EVAL)/data/manifest.json
 	for k in 0 1 2 3; do \
 		$(PY) node.py --role trainer --local --workdir $(EVAL) --expert $$k --steps $(EXPERT_STEPS) || exit 1; \
 	done
 	$(PY) node.py --role trainer --local --workdir $(EVAL) --job router --steps $(ROUTER_STEPS)
 	$(PY) node.py --role trainer --local --workdir $(EVAL) --job monolith
-	$(PY) node.py --role eval --workdir $(EVAL) --eval-n $(EVAL_N) --output outputs/eval
+	$(PY) node.py --role eval --workdir $(EVAL) --eval-n $(EVAL_N) --output $(EVAL_OUT)
 
 $(EVAL)/data/manifest.json: | $(STAMP)
 	$(PY) node.py --role prepare --workdir $(EVAL) --clusters 4 --holdout-fraction $(HOLDOUT)
@@ -67,7 +68,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.results --new
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/swarm.py
-	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/serving.py --pin
 
 clean:
 	rm -rf runs outputs exports

@@ -7,6 +7,9 @@
 
 The experts are ``tiny`` presets with random weights (cost does not depend on training); a
 ``node.py --role server`` subprocess serves all four, fetching them peer-to-peer from this process.
+With ``--pin`` (what ``make bench`` runs) the server and everything it started are pinned to the
+last core and this process (the client) to the others, one torch thread each: two machines on one
+box, so neither side's OpenMP threads spin on the other's core and the figures are the protocol's.
 
     .venv/bin/python benchmarks/serving.py
 """
@@ -14,11 +17,12 @@ The experts are ``tiny`` presets with random weights (cost does not depend on tr
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,11 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from hivemind.p2p import PeerID  # noqa: E402
 
 from benchmarks.results import RESULTS, append_section, machine  # noqa: E402
 from experts.checkpoint import save_checkpoint  # noqa: E402
 from experts.latent_space import load_space  # noqa: E402
 from experts.presets import build_expert, get_preset  # noqa: E402
+from experts.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame  # noqa: E402
 from experts.text_encoder import TextEncoderConfig, load_text_encoder  # noqa: E402
 from router.network import build_router, get_router_preset  # noqa: E402
 from router.remote import RemotePool, live_servers  # noqa: E402
@@ -65,6 +71,33 @@ def publish_random_set(tmp: Path, node: SwarmNode, store: BlobStore, text_dim: i
     return {"models": models, "router": router, "run": run}
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process it started, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of ``pid`` and of its descendants to ``cpus``."""
+    for p in _tree(pid):
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except OSError:  # a thread that just ended
+                pass
+
+
 def percentiles(xs: list[float]) -> tuple[float, float]:
     xs = sorted(xs)
     return statistics.median(xs), xs[int(0.95 * (len(xs) - 1))]
@@ -74,8 +107,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--seconds", type=float, default=10.0, help="per throughput measurement")
+    ap.add_argument("--pin", action="store_true", help="server on the last core, client on the rest, 1 thread each")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cores) < 2:
+        raise SystemExit("--pin needs at least 2 cores")
+    if args.pin:
+        torch.set_num_threads(1)
     encoder = load_text_encoder(TextEncoderConfig())
     cond, cmask = encoder.encode(["red apple"])
     uncond, umask = encoder.encode([""])
@@ -90,10 +129,14 @@ def main() -> None:
             server = NodeProcess(
                 "server",
                 ["--role", "server", "--expert", ",".join(map(str, range(K))), "--workdir", str(tmp / "server")]
-                + ["--initial-peers", *node.maddrs(), "--host-maddrs", LOOPBACK],
+                + ["--initial-peers", *node.maddrs(), "--host-maddrs", LOOPBACK]
+                + (["--threads", "1"] if args.pin else []),
                 tmp / "server.log",
             )
             server.wait_for("serving expert", 300)
+            if args.pin:
+                pin(server.pid, {cores[-1]})
+                pin(os.getpid(), set(cores[:-1]))  # this process, its DHT process and p2p daemon
             deadline = time.monotonic() + 60
             while len(servers := live_servers(node, made["run"], list(range(K)))) < K:
                 if time.monotonic() > deadline:
@@ -119,25 +162,47 @@ def main() -> None:
             rp50, rp95 = percentiles(remote_t)
             overhead = [r - loc for r, loc in zip(remote_t, local_t, strict=True)]
             op50, op95 = percentiles(overhead)
+            # What the remote path adds to the server's own forward pass of that request
+            # (transport, serialisation, queue hand-offs), from the timing in every reply.
+            server_fwd = [tm["forward_ms"] / 1e3 for _, tm in pool.latency[20:]]
+            added = [rtt - tm["forward_ms"] / 1e3 for rtt, tm in pool.latency[20:]]
+            ap50, ap95 = percentiles(added)
+            in_server = [(tm["server_ms"] - tm["forward_ms"]) / 1e3 for _, tm in pool.latency[20:]]
+            isp50, isp95 = percentiles(in_server)
+            sp50, _ = percentiles(server_fwd)
             print(f"step: local p50 {lp50 * 1e3:.2f} ms, remote p50 {rp50 * 1e3:.2f} ms", flush=True)
 
-            # 2. requests/s with 1 and 8 concurrent clients (each its own stream)
+            # 2. requests/s with 1 and 8 concurrent clients, each its own session (stream) to the
+            # server, all driven from this process's event loop so client-side Python costs little
+            # and the figure is the server's; every request is a full guided step of 1 image.
             def throughput(clients: int) -> float:
-                stop, counts = time.monotonic() + args.seconds, [0] * clients
+                rec = servers[0][0]
+                body = [
+                    encode_request(DenoiseRequest(i, 0, rec.ckpt, x, t, 0.45, states, mask, 3.0))
+                    for i in range(clients)
+                ]
 
-                def client(i: int) -> None:
-                    p = RemotePool(blobs, servers)
-                    while time.monotonic() < stop:
-                        p.call(0, x, t, states, mask, 3.0, 0.45)
-                        counts[i] += 1
-                    p.close()
+                async def client(i: int, stop: float) -> int:
+                    _, reader, writer = await blobs.p2p.call_binary_stream_handler(
+                        PeerID.from_base58(rec.peer), PROTOCOL
+                    )
+                    n = 0
+                    try:
+                        while time.monotonic() < stop:
+                            writer.write(body[i])
+                            await writer.drain()
+                            header, payload = await read_frame(reader, 1 << 24)
+                            parse_reply(header, payload, tuple(x.shape))
+                            n += 1
+                    finally:
+                        writer.close()
+                    return n
 
-                threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-                for th in threads:
-                    th.start()
-                for th in threads:
-                    th.join()
-                return sum(counts) / args.seconds
+                async def run() -> int:
+                    stop = time.monotonic() + args.seconds
+                    return sum(await asyncio.gather(*(client(i, stop) for i in range(clients))))
+
+                return blobs.call(run()) / args.seconds
 
             one, eight = throughput(1), throughput(8)
             print(f"throughput: 1 client {one:.0f} req/s, 8 clients {eight:.0f} req/s", flush=True)
@@ -162,7 +227,13 @@ def main() -> None:
         f"## Serving ({time.strftime('%Y-%m-%d')})",
         "",
         f"Machine: {machine()}. Loopback; one `node.py --role server` serving 4 random-weight `tiny` experts; "
-        "the client in the benchmark process; measured side by side in one run.",
+        "the client in the benchmark process; measured side by side in one run"
+        + (
+            f"; server pinned to core {cores[-1]} and the client to core(s) {','.join(map(str, cores[:-1]))}, "
+            "1 torch thread each (two machines on one box)."
+            if args.pin
+            else "; client and server share every core."
+        ),
         "",
         "| measurement | value | side-by-side reference | ratio |",
         "|---|---:|---:|---:|",
@@ -172,19 +243,24 @@ def main() -> None:
         "| per-step overhead of remote (remote − local, paired), p50 / p95 | "
         f"{op50 * 1e3:.2f} / {op95 * 1e3:.2f} ms "
         "| target ≤ 2 ms p50 | |",
-        f"| server throughput, 8 concurrent clients | {eight:.0f} requests/s | 1 client {one:.0f} requests/s "
+        "| time a remote step adds to the server's forward pass (round trip − forward_ms in the reply), p50 / p95 | "
+        f"{ap50 * 1e3:.2f} / {ap95 * 1e3:.2f} ms | server forward p50 {sp50 * 1e3:.2f} ms | {ap50 / sp50:.2f} |",
+        "| … of which inside the server (parse, validate, queue, hand-off to the forward, reply), p50 / p95 | "
+        f"{isp50 * 1e3:.2f} / {isp95 * 1e3:.2f} ms | | |",
+        f"| server throughput, 8 concurrent client sessions | {eight:.0f} requests/s | 1 session {one:.0f} requests/s "
         f"| {eight / one:.2f} |",
         f"| seconds per image, 30 steps, every expert remote: top-1 / top-2 / full | {per_image['top1']:.3f} / "
         f"{per_image['topk2']:.3f} / {per_image['full']:.3f} s | top-1 "
         f"| 1.00 / {per_image['topk2'] / per_image['top1']:.2f} / {per_image['full'] / per_image['top1']:.2f} |",
         "",
-        "Command: `.venv/bin/python benchmarks/serving.py`",
+        f"Command: `.venv/bin/python benchmarks/serving.py{' --pin' if args.pin else ''}`",
         "",
     ]
     text = "\n".join(lines)
     print(text)
     data = {"local_ms": [lp50 * 1e3, lp95 * 1e3], "remote_ms": [rp50 * 1e3, rp95 * 1e3]}
-    data |= {"overhead_ms": [op50 * 1e3, op95 * 1e3], "rps_1": one, "rps_8": eight, "s_per_image": per_image}
+    data |= {"overhead_ms": [op50 * 1e3, op95 * 1e3], "added_ms": [ap50 * 1e3, ap95 * 1e3]}
+    data |= {"rps_1": one, "rps_8": eight, "s_per_image": per_image}
     print(json.dumps(data))
     append_section(text, args.out)
 

@@ -9,7 +9,9 @@ a byte of payload is trusted.
     request  {"op": "denoise", "id", "expert", "ckpt", "x": [B,C,H,W], "states": [2B,L,D],
               "t": [B floats], "t_next", "guidance", "nbytes"}
              payload: x float32 | states float32 | mask uint8 (2B×L)
-    reply    {"id", "ok": true, "v": [B,C,H,W], "nbytes"}  payload: v float32
+    reply    {"id", "ok": true, "v": [B,C,H,W], "nbytes", "forward_ms", "server_ms"}  payload: v float32
+             (forward_ms: the forward pass of the batch the request was in; server_ms: from the
+             request's arrival to its reply, queueing included)
              {"id", "ok": false, "error": "...", "nbytes": 0}
 """
 
@@ -67,11 +69,23 @@ def encode_request(req: DenoiseRequest) -> bytes:
     return frame(header, payload)
 
 
-def encode_reply(req_id: int, v: torch.Tensor | None = None, error: str | None = None) -> bytes:
+def encode_reply(
+    req_id: int, v: torch.Tensor | None = None, error: str | None = None, timing: dict[str, float] | None = None
+) -> bytes:
     if v is None:
         return frame({"id": req_id, "ok": False, "error": (error or "failed")[:500], "nbytes": 0}, b"")
     payload = _f32(v)
-    return frame({"id": req_id, "ok": True, "v": list(v.shape), "nbytes": len(payload)}, payload)
+    times = {k: round(float(t), 3) for k, t in (timing or {}).items()}
+    return frame({"id": req_id, "ok": True, "v": list(v.shape), "nbytes": len(payload), **times}, payload)
+
+
+def reply_timing(header: dict) -> dict[str, float]:
+    """The server's own timings in a reply (ms); missing or malformed ones are left out."""
+    return {
+        k: float(header[k])
+        for k in ("forward_ms", "server_ms")
+        if isinstance(header.get(k), int | float) and math.isfinite(header[k]) and header[k] >= 0
+    }
 
 
 def frame(header: dict, payload: bytes) -> bytes:

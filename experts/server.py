@@ -4,9 +4,13 @@
     → serve ``experts.protocol`` on the node's libp2p endpoint, announce ``serve_expert_K``
     every ~15 s (state, requests/s, queue, checkpoint, step), provide the checkpoint's blobs.
 
-Requests from all clients go through one bounded queue to one worker thread, which batches the
+Requests from all clients go through one bounded queue to the worker loop, which batches the
 requests waiting for the same checkpoint up to ``max_batch`` images into one forward pass (each
-request keeps its own guidance scale). A request that waits past its timeout gets an error reply;
+request keeps its own guidance scale). The worker loop runs on the process's main thread and
+announcing on a helper thread: torch's OpenMP thread team is fast from the main thread, while the
+same forward called from another thread measured twice as slow (2 cores, ``tiny``).
+
+A request that waits past its timeout gets an error reply;
 a full queue answers "busy" at once, so a client can go to another replica. A malformed request
 gets an error reply and the server keeps serving. With ``follow`` a newer published checkpoint is
 fetched and loaded beside the old one: requests naming the old hash are still answered until the
@@ -92,8 +96,7 @@ class ExpertServer:
         self.text_dim = int(self.served[cfg.experts[0]][0].runner.model.config.caption_channels)
         preset = first["preset"]
         self.shape = (int(preset["channels"]), int(preset["sample_size"]), int(preset["sample_size"]))
-        self._worker = threading.Thread(target=self._work, name="denoise-worker", daemon=True)
-        self._worker.start()
+        self._announcer = threading.Thread(target=self._announce_loop, name="announce", daemon=True)
         self.blobs.add_stream_handler(PROTOCOL, self._serve)
 
     # ---------------------------------------------------------------- checkpoints
@@ -163,6 +166,7 @@ class ExpertServer:
             while True:
                 try:
                     header, payload = await read_frame(reader, expected.max_payload())
+                    received = time.perf_counter()
                 except ProtocolError as e:  # framing is lost: answer once and close the stream
                     writer.write(encode_reply(-1, error=str(e)))
                     await writer.drain()
@@ -183,8 +187,10 @@ class ExpertServer:
                     await writer.drain()
                     continue
                 try:
-                    v = await asyncio.wait_for(job.future, self.cfg.request_timeout_s)
-                    reply = encode_reply(req_id, v)
+                    v, forward_s = await asyncio.wait_for(job.future, self.cfg.request_timeout_s)
+                    # Timings let a client tell network and queueing from compute.
+                    timing = {"forward_ms": forward_s * 1e3, "server_ms": (time.perf_counter() - received) * 1e3}
+                    reply = encode_reply(req_id, v, timing=timing)
                 except TimeoutError:
                     reply = encode_reply(req_id, error=f"timed out after {self.cfg.request_timeout_s:.0f}s")
                 except Exception as e:  # the forward pass failed: tell the client, keep serving
@@ -249,13 +255,15 @@ class ExpertServer:
                 + [pad(r.mask[b:]) for r, b in zip(reqs, sizes, strict=True)]
             )
             guidance = torch.cat([torch.full((b,), r.guidance) for r, b in zip(reqs, sizes, strict=True)])
+            t0 = time.perf_counter()
             v = runner(torch.cat([r.x for r in reqs]), torch.cat([r.t for r in reqs]), states, mask, guidance)
         except Exception as e:  # noqa: BLE001 (one failed batch must not stop the server)
             for j in batch:
                 self._resolve(j, error=e)
             return
+        forward_s = time.perf_counter() - t0
         for j, part in zip(batch, torch.split(v, sizes), strict=True):
-            self._resolve(j, value=part.contiguous())
+            self._resolve(j, value=(part.contiguous(), forward_s))
         self.answered += len(batch)
 
     @staticmethod
@@ -297,6 +305,15 @@ class ExpertServer:
         self._window = (time.monotonic(), self.answered)
 
     def run(self) -> None:
+        """Serve on this (the main) thread until stopped; announce, reload and say OFFLINE beside it."""
+        self._announcer.start()
+        try:
+            self._work()
+        finally:
+            self.stop.set()
+            self._announcer.join(timeout=30)
+
+    def _announce_loop(self) -> None:
         """Announce and (with ``follow``) reload until stopped; then announce OFFLINE."""
         last_blobs = 0.0
         try:
@@ -320,5 +337,4 @@ class ExpertServer:
 
     def shutdown(self) -> None:
         self.stop.set()
-        self._worker.join(timeout=10)
         self.blobs.shutdown()

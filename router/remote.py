@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from hivemind.p2p import PeerID
 
-from experts.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame
+from experts.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame, reply_timing
 from router.sampling import ExpertUnavailable
 from swarm.records import ServeRecord
 
@@ -41,7 +41,7 @@ class RemotePool:
         self.banned: dict[str, float] = {}
         self.last: dict[int, str] = {}
         self.events: list[str] = []  # failovers, for the summary
-        self.latency: list[float] = []  # seconds per request, for benchmarks
+        self.latency: list[tuple[float, dict]] = []  # (seconds per request, the server's timings in ms)
         self._ids = itertools.count()
 
     def experts(self) -> dict[int, RemoteExpert]:
@@ -54,25 +54,30 @@ class RemotePool:
         return sorted(live, key=lambda r: (r.peer != self.last.get(k), r.queue, r.peer))
 
     def call(self, k: int, x: torch.Tensor, t: torch.Tensor, states, mask, guidance: float, t_next: float):
+        # Padding tokens are masked out of attention anyway: leave them off the wire (a short
+        # prompt's states are a quarter of their padded size).
+        used = mask.amax(0).nonzero()
+        keep = int(used.max()) + 1 if len(used) else 1
+        states, mask = states[:, :keep], mask[:, :keep]
         req = DenoiseRequest(next(self._ids), k, "", x, t, float(t_next), states, mask, float(guidance))
         reason = "no server"
         for rec in self._candidates(k):
             req.ckpt = rec.ckpt
             t0 = time.perf_counter()
             try:
-                v = self.service.call(self._request(rec.peer, req, x.shape), timeout=self.cfg.timeout_s + 5)
+                v, timing = self.service.call(self._request(rec.peer, req, x.shape), timeout=self.cfg.timeout_s + 5)
             except Exception as e:  # any failure of one server: ban it, try the next replica
                 reason = str(e) or type(e).__name__
                 self.banned[rec.peer] = time.monotonic() + self.cfg.ban_s
                 self._drop(rec.peer)
                 self.events.append(f"expert {k}: server {rec.peer[:12]}… failed ({reason}); banned for a while")
                 continue
-            self.latency.append(time.perf_counter() - t0)
+            self.latency.append((time.perf_counter() - t0, timing))
             self.last[k] = rec.peer
             return v
         raise ExpertUnavailable(k, f"no live server left ({reason})")
 
-    async def _request(self, peer: str, req: DenoiseRequest, shape) -> torch.Tensor:
+    async def _request(self, peer: str, req: DenoiseRequest, shape) -> tuple[torch.Tensor, dict]:
         if peer not in self.sessions:
             _, reader, writer = await asyncio.wait_for(
                 self.service.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL),
@@ -86,7 +91,7 @@ class RemotePool:
         header, payload = await asyncio.wait_for(read_frame(reader, limit), self.cfg.timeout_s)
         if header.get("id") != req.id:
             raise ConnectionError(f"reply {header.get('id')} to request {req.id}: the stream is out of step")
-        return parse_reply(header, payload, tuple(shape))
+        return parse_reply(header, payload, tuple(shape)), reply_timing(header)
 
     def _drop(self, peer: str) -> None:
         session = self.sessions.pop(peer, None)
