@@ -166,14 +166,28 @@ class BlobService:
         raise BlobError(f"could not fetch {digest[:12]} from {len(providers)} provider(s): " + "; ".join(errors[-3:]))
 
     def fetch_checkpoint(self, sha256: str, providers: list[str], dest: Path) -> Checkpoint:
-        """Fetch a whole checkpoint folder and verify it before returning it."""
-        meta_path = self.fetch(sha256, providers, dest / META_NAME)
-        files = json.loads(meta_path.read_bytes())["files"]
-        for rel, digest in files.items():
-            target = (dest / rel).resolve()
-            if not str(target).startswith(str(dest.resolve()) + "/"):
-                raise BlobError(f"checkpoint {sha256[:12]} lists a file outside its folder: {rel!r}")
-            self.fetch(digest, providers, target)
+        """Fetch a whole checkpoint folder and verify it before returning it.
+
+        Files land in a staging folder beside ``dest`` that is renamed into place only once the
+        whole checkpoint verifies: a transfer cut off halfway (its provider died) leaves nothing
+        that looks like a checkpoint.
+        """
+        stage = dest.parent / f".fetching-{dest.name}"
+        shutil.rmtree(stage, ignore_errors=True)
+        try:
+            meta_path = self.fetch(sha256, providers, stage / META_NAME)
+            files = json.loads(meta_path.read_bytes())["files"]
+            for rel, digest in files.items():
+                target = (stage / rel).resolve()
+                if not str(target).startswith(str(stage.resolve()) + "/"):
+                    raise BlobError(f"checkpoint {sha256[:12]} lists a file outside its folder: {rel!r}")
+                self.fetch(digest, providers, target)
+            verify_checkpoint(stage, expected_sha256=sha256)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        shutil.rmtree(dest, ignore_errors=True)  # an incomplete or unverifiable copy from before
+        stage.rename(dest)
         ckpt = verify_checkpoint(dest, expected_sha256=sha256)
         self.store.add_checkpoint(ckpt)
         return ckpt

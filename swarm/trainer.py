@@ -192,6 +192,12 @@ class SwarmTrainer:
         console.log(f"{job}: fetching published checkpoint step {rec.step} ({rec.sha256[:12]})")
         for stale in list_checkpoints(root):
             if int(stale.name.split("_")[1]) >= rec.step:
+                try:
+                    verify_checkpoint(stale)
+                except CheckpointError as e:  # this node's own broken copy: nothing to keep
+                    console.log(f"{job}: removing unusable {stale.name} ({e})")
+                    shutil.rmtree(stale)
+                    continue
                 raise CheckpointError(f"{stale} is newer than the published checkpoint; move it away")
         try:
             self.blobs.fetch_checkpoint(

@@ -52,7 +52,15 @@ def test_checkpoint_transfer_verifies_and_refuses_a_flipped_byte(peers, tmp_path
 
     with pytest.raises(BlobError, match="does not match"):
         fetch_svc.fetch_checkpoint(ckpt.sha256, [corrupt.peer_id], tmp_path / "only_bad")
-    assert not (tmp_path / "only_bad" / "model" / weights.name).exists()  # never kept
+    assert not (tmp_path / "only_bad").exists()  # nothing of it kept, not even its meta.json
+    assert not list(tmp_path.glob(".fetching-*"))
+
+    # A transfer cut short (the provider serves meta.json, then its weights file is gone: as when
+    # it dies halfway) leaves no folder that looks like a checkpoint.
+    (bad / "model" / weights.name).unlink()
+    with pytest.raises(BlobError, match="does not have"):
+        fetch_svc.fetch_checkpoint(ckpt.sha256, [corrupt.peer_id], tmp_path / "cut")
+    assert not (tmp_path / "cut").exists() and not list(tmp_path.glob(".fetching-*"))
 
     got = fetch_svc.fetch_checkpoint(ckpt.sha256, [corrupt.peer_id, honest.peer_id], tmp_path / "dst")
     assert got.sha256 == ckpt.sha256 and got.step == 7
