@@ -11,7 +11,6 @@ renormalises the router's choice over the others.
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import time
 from dataclasses import dataclass
@@ -126,14 +125,7 @@ class RemoteExpert:
 
 def live_servers(node, run, experts: list[int]) -> dict[int, list[ServeRecord]]:
     """Online servers of each expert for this run, read from the DHT."""
-    from swarm.records import serve_key
-
-    out: dict[int, list[ServeRecord]] = collections.defaultdict(list)
-    for k in experts:
-        for rec in node.read(serve_key(k), ServeRecord).values():
-            if rec.state == "online" and rec.run == run.manifest_sha256:
-                out[k].append(rec)
-    return dict(out)
+    return node.servers(run, experts)
 
 
 @dataclass

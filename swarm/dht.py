@@ -22,11 +22,13 @@ from swarm.records import (
     CheckpointRecord,
     ClaimRecord,
     RunRecord,
+    ServeRecord,
     ckpt_key,
     claim_key,
     decode,
     encode,
     run_key,
+    serve_key,
     validators,
 )
 
@@ -132,6 +134,19 @@ class SwarmNode:
             claims={j: self.read(claim_key(j), ClaimRecord) for j in jobs},
             ckpts={j: self.read(ckpt_key(j), CheckpointRecord) for j in jobs},
         )
+
+    def servers(self, run: RunRecord, experts: list[int], online_only: bool = True) -> dict[int, list[ServeRecord]]:
+        """Serve records of this run per expert (only those online, unless ``online_only`` is off)."""
+        out: dict[int, list[ServeRecord]] = {}
+        for k in experts:
+            recs = [
+                r
+                for r in self.read(serve_key(k), ServeRecord).values()
+                if r.run == run.manifest_sha256 and (r.state == "online" or not online_only)
+            ]
+            if recs:
+                out[k] = recs
+        return out
 
     def shutdown(self) -> None:
         self.dht.shutdown()

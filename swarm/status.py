@@ -19,7 +19,7 @@ from rich.table import Table
 from swarm import claims
 from swarm.blobs import providers
 from swarm.dht import SwarmNode
-from swarm.records import CKPT_TTL_S, CheckpointRecord, PeerRecord, ServeRecord, ckpt_key, peers_key, serve_key
+from swarm.records import CKPT_TTL_S, CheckpointRecord, PeerRecord, ckpt_key, peers_key
 
 
 def collect(node: SwarmNode) -> dict:
@@ -47,13 +47,12 @@ def collect(node: SwarmNode) -> dict:
         "expert_steps": run.expert_steps,
         "router_steps": run.router_steps,
     }
-    for k in range(run.num_clusters):
-        for rec in node.read(serve_key(k), ServeRecord).values():
-            if rec.run == run.manifest_sha256:
-                out["servers"].append(
-                    {"expert": k, "peer": rec.peer, "state": rec.state, "rps": rec.rps, "queue": rec.queue}
-                    | {"step": rec.step, "ckpt": rec.ckpt, "max_batch": rec.max_batch}
-                )
+    for k, recs in node.servers(run, list(range(run.num_clusters)), online_only=False).items():
+        for rec in recs:
+            out["servers"].append(
+                {"expert": k, "peer": rec.peer, "state": rec.state, "rps": rec.rps, "queue": rec.queue}
+                | {"step": rec.step, "ckpt": rec.ckpt, "max_batch": rec.max_batch}
+            )
     out["servers"].sort(key=lambda r: (r["expert"], r["state"] != "online", r["peer"]))
     snap = node.snapshot(run)
     out["complete"] = claims.run_complete(snap)
