@@ -101,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g = p.add_argument_group("server")
     g.add_argument("--follow", action="store_true", help="load newer published checkpoints while serving")
+    g.add_argument("--device", default="cpu", help="server: where forward passes run (cpu, cuda, cuda:1)")
     g.add_argument("--max-batch", type=int, default=32, help="images per forward pass and per request")
     g.add_argument("--max-queue", type=int, default=64, help="requests waiting before 'busy' replies")
     g.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request may take")
@@ -490,6 +491,23 @@ def run_status(args: argparse.Namespace) -> None:
         node.shutdown()
 
 
+def _device(name: str) -> str:
+    """A torch device this machine has, or a usage error."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device takes cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this machine has no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device takes cpu, cuda or cuda:N; got {name!r}")
+    return str(device)
+
+
 def run_server(args: argparse.Namespace) -> None:
     """Serve the denoising forward pass of the published checkpoint(s) of ``--expert K[,K...]``."""
     from experts.server import ExpertServer, ServerConfig
@@ -502,6 +520,7 @@ def run_server(args: argparse.Namespace) -> None:
         raise UsageError(f"--expert takes distinct expert ids like 0 or 0,3; got {args.expert!r}")
     if args.max_batch < 1 or args.max_queue < 1 or args.request_timeout <= 0:
         raise UsageError("--max-batch, --max-queue and --request-timeout must be positive")
+    device = _device(args.device)
     cfg = ServerConfig(
         experts=experts,
         work_dir=str(Path(args.workdir) / "served"),
@@ -510,6 +529,7 @@ def run_server(args: argparse.Namespace) -> None:
         request_timeout_s=args.request_timeout,
         follow=args.follow,
         run_timeout_s=args.run_timeout or 60.0,
+        device=device,
     )
     stop = _stop_on_signals()
     node = SwarmNode(_swarm_config(args))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import statistics
@@ -37,7 +38,7 @@ from experts.checkpoint import save_checkpoint  # noqa: E402
 from experts.latent_space import load_space  # noqa: E402
 from experts.presets import build_expert, get_preset  # noqa: E402
 from experts.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame  # noqa: E402
-from experts.text_encoder import TextEncoderConfig, load_text_encoder  # noqa: E402
+from experts.text_encoder import MiniLMEncoder, TextEncoder, TextEncoderConfig, load_text_encoder  # noqa: E402
 from router.network import build_router, get_router_preset  # noqa: E402
 from router.remote import RemotePool, live_servers  # noqa: E402
 from router.sampling import LocalExpert, SamplerConfig, generate  # noqa: E402
@@ -69,6 +70,33 @@ def publish_random_set(tmp: Path, node: SwarmNode, store: BlobStore, text_dim: i
         node, store, run, "router", save_checkpoint(tmp / "router", 1, router, meta | {"manifest_sha256": RUN})
     )
     return {"models": models, "router": router, "run": run}
+
+
+class RandomStates(TextEncoder):
+    """MiniLM-shaped token states (16 x 384), a fixed random tensor per caption: for machines
+    without the MiniLM package. The experts have random weights anyway, and the cost of a step
+    depends only on the shapes."""
+
+    def __init__(self, dim: int = 384, tokens: int = 16) -> None:
+        super().__init__("minilm")
+        self.dim, self.tokens = dim, tokens
+
+    def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        out, masks = [], []
+        for c in captions:
+            g = torch.Generator().manual_seed(int(hashlib.sha256(c.encode()).hexdigest()[:8], 16))
+            out.append(torch.randn(self.tokens, self.dim, generator=g))
+            n = min(self.tokens, 2 + len(c.split()))  # [CLS] words [SEP], as a tokenizer would
+            masks.append((torch.arange(self.tokens) < n).long())
+        return torch.stack(out), torch.stack(masks)
+
+
+def text_encoder() -> TextEncoder:
+    try:
+        return load_text_encoder(TextEncoderConfig())
+    except ImportError:
+        print("MiniLM is not installed here: random text states of the same shape", flush=True)
+        return RandomStates()
 
 
 def _tree(pid: int) -> list[int]:
@@ -108,6 +136,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--seconds", type=float, default=10.0, help="per throughput measurement")
     ap.add_argument("--pin", action="store_true", help="server on the last core, client on the rest, 1 thread each")
+    ap.add_argument("--device", default="cpu", help="where the server (and the local reference) run forwards")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     cores = sorted(os.sched_getaffinity(0))
@@ -115,7 +144,7 @@ def main() -> None:
         raise SystemExit("--pin needs at least 2 cores")
     if args.pin:
         torch.set_num_threads(1)
-    encoder = load_text_encoder(TextEncoderConfig())
+    encoder = text_encoder()
     cond, cmask = encoder.encode(["red apple"])
     uncond, umask = encoder.encode([""])
     states, mask = torch.cat([cond, uncond]), torch.cat([cmask, umask])
@@ -130,7 +159,8 @@ def main() -> None:
                 "server",
                 ["--role", "server", "--expert", ",".join(map(str, range(K))), "--workdir", str(tmp / "server")]
                 + ["--initial-peers", *node.maddrs(), "--host-maddrs", LOOPBACK]
-                + (["--threads", "1"] if args.pin else []),
+                + (["--threads", "1"] if args.pin else [])
+                + ["--device", args.device],
                 tmp / "server.log",
             )
             server.wait_for("serving expert", 300)
@@ -145,7 +175,7 @@ def main() -> None:
             x, t = torch.randn(1, 3, 32, 32), torch.full((1,), 0.5)
 
             # 1. one step of expert 0: in this process vs on the server, alternating
-            local = LocalExpert(made["models"][0], "fm")
+            local = LocalExpert(made["models"][0], "fm", args.device)
             pool = RemotePool(blobs, servers)
             local_t, remote_t = [], []
             for i in range(args.calls + 20):
@@ -226,7 +256,8 @@ def main() -> None:
     lines = [
         f"## Serving ({time.strftime('%Y-%m-%d')})",
         "",
-        f"Machine: {machine()}. Loopback; one `node.py --role server` serving 4 random-weight `tiny` experts; "
+        f"Machine: {machine()}. Loopback; one `node.py --role server` serving 4 random-weight `tiny` experts "
+        f"on {args.device}; "
         "the client in the benchmark process; measured side by side in one run"
         + (
             f"; server pinned to core {cores[-1]} and the client to core(s) {','.join(map(str, cores[:-1]))}, "
@@ -253,7 +284,9 @@ def main() -> None:
         f"{per_image['topk2']:.3f} / {per_image['full']:.3f} s | top-1 "
         f"| 1.00 / {per_image['topk2'] / per_image['top1']:.2f} / {per_image['full'] / per_image['top1']:.2f} |",
         "",
-        f"Command: `.venv/bin/python benchmarks/serving.py{' --pin' if args.pin else ''}`",
+        f"Command: `.venv/bin/python benchmarks/serving.py{' --pin' if args.pin else ''}"
+        f"{'' if args.device == 'cpu' else ' --device ' + args.device}`"
+        + ("" if isinstance(encoder, MiniLMEncoder) else " (MiniLM not installed: random text states, same shape)"),
         "",
     ]
     text = "\n".join(lines)

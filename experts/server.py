@@ -54,6 +54,11 @@ class ServerConfig:
     follow: bool = False  # load newer published checkpoints of the served experts
     keep_old_s: float = 120.0  # after a reload, the previous checkpoint is served until unused this long
     run_timeout_s: float = 60.0  # wait this long for a run record
+    device: str = "cpu"  # where the forward passes run (cuda, cuda:1, ...)
+
+
+class _NotYet(SwarmError):
+    """A served expert's checkpoint is not (yet) to be had: worth another try."""
 
 
 @dataclass
@@ -87,7 +92,7 @@ class ExpertServer:
             bad = [k for k in cfg.experts if not 0 <= k < self.run_rec.num_clusters]
             if bad:
                 raise SwarmError(f"unknown expert(s) {bad}; this run has experts 0..{self.run_rec.num_clusters - 1}")
-            self._load_latest(initial=True)
+            self._first_load()
         except BaseException:
             self.blobs.shutdown()
             raise
@@ -109,6 +114,21 @@ class ExpertServer:
             if time.monotonic() > deadline or self.stop.wait(1.0):
                 raise SwarmError("no run is published in this swarm (python node.py --role prepare --serve ...)")
 
+    def _first_load(self) -> None:
+        """Load every served expert, waiting up to ``run_timeout_s`` for a checkpoint record to
+        reach this node or for a provider to answer (both can lag a moment behind a publish)."""
+        deadline = time.monotonic() + self.cfg.run_timeout_s
+        said = ""
+        while True:
+            try:
+                return self._load_latest(initial=True)
+            except _NotYet as e:
+                if time.monotonic() > deadline or self.stop.wait(2.0):
+                    raise SwarmError(str(e)) from None
+                if str(e) != said:
+                    console.log(f"{e}; trying again")
+                    said = str(e)
+
     def _load_latest(self, initial: bool = False) -> None:
         """Fetch and load the newest published checkpoint of each served expert, if it is new."""
         snap = self.node.snapshot(self.run_rec)
@@ -116,7 +136,7 @@ class ExpertServer:
         if initial:
             missing = [j for j in jobs if claims.latest_checkpoint(snap, j) is None]
             if missing:
-                raise SwarmError(f"no checkpoint of {', '.join(missing)} is published yet; train it first")
+                raise _NotYet(f"no checkpoint of {', '.join(missing)} is published yet; train it first")
         current = {k: self.served[k][0].ckpt.sha256 for k in self.served}
         todo = [
             j
@@ -131,11 +151,11 @@ class ExpertServer:
             ck = got.get(job)
             if not isinstance(ck, Checkpoint):
                 if initial:
-                    raise SwarmError(f"could not fetch the checkpoint of {job}: {ck}")
+                    raise _NotYet(f"could not fetch the checkpoint of {job}: {ck}")
                 continue
             if ck.meta.get("kind") != "expert" or ck.meta.get("cluster") != k:
                 raise SwarmError(f"the published checkpoint of {job} is not expert {k}'s")
-            served = Served(ck, LocalExpert.from_checkpoint(ck))
+            served = Served(ck, LocalExpert.from_checkpoint(ck, self.cfg.device))
             with self._lock:
                 now = time.monotonic()
                 old = [s for s in self.served.get(k, []) if now - s.last_used < self.cfg.keep_old_s]

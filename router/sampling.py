@@ -53,17 +53,18 @@ class ExpertUnavailable(RuntimeError):
 class LocalExpert:
     """An expert loaded in this process; cond and uncond go through one batched forward."""
 
-    def __init__(self, model: torch.nn.Module, objective: str) -> None:
-        self.model = model.eval()
+    def __init__(self, model: torch.nn.Module, objective: str, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
         self.objective = objective
         self.where = "local"
 
     @classmethod
-    def from_checkpoint(cls, ckpt) -> LocalExpert:
+    def from_checkpoint(cls, ckpt, device: str = "cpu") -> LocalExpert:
         from diffusers import PixArtTransformer2DModel
 
         model = PixArtTransformer2DModel.from_pretrained(ckpt.model_dir, low_cpu_mem_usage=False)
-        return cls(model, ckpt.meta["objective"])
+        return cls(model, ckpt.meta["objective"], device)
 
     @torch.no_grad()
     def __call__(
@@ -75,7 +76,14 @@ class LocalExpert:
         guidance: float | torch.Tensor,
         t_next: float | None = None,
     ) -> torch.Tensor:
-        return guided_velocity(self.model, self.objective, x_t, t, states, mask, guidance)
+        if self.device.type == "cpu":
+            return guided_velocity(self.model, self.objective, x_t, t, states, mask, guidance)
+        # Inputs and the answer stay on the CPU (the sampler, the router and the wire live there).
+        d = self.device
+        if isinstance(guidance, torch.Tensor):
+            guidance = guidance.to(d)
+        v = guided_velocity(self.model, self.objective, x_t.to(d), t.to(d), states.to(d), mask.to(d), guidance)
+        return v.float().cpu()
 
 
 def guided_velocity(

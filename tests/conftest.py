@@ -51,6 +51,25 @@ def wait_for(pred, timeout: float, what: str, step: float = 0.5):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def wait_in_log(proc: subprocess.Popen, log: Path, text: str, timeout: float, what: str, step: float = 0.5) -> str:
+    """Wait until ``text`` appears in the log of the background node ``proc``; returns the log.
+    Fails at once if the node exits first, and either way shows the end of its log, so a CI
+    failure says why the node never got there."""
+    deadline = time.time() + timeout
+    while True:
+        content = log.read_text(errors="replace")
+        if text in content:
+            return content
+        if proc.poll() is not None:
+            problem = f"{what} exited with {proc.returncode} before printing {text!r}"
+            break
+        if time.time() > deadline:
+            problem = f"timed out after {timeout}s waiting for {what} to print {text!r}"
+            break
+        time.sleep(step)
+    raise AssertionError(f"{problem}; the end of {log.name}:\n{content[-4000:]}")
+
+
 def group_gone(pid: int, timeout: float = 15.0) -> bool:
     """True once no process of the group led by ``pid`` is left (a clean exit leaves none)."""
     deadline = time.time() + timeout

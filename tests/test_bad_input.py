@@ -23,6 +23,8 @@ def _one_line_error(proc, pattern: str) -> None:
         (["--role", "prepare", "--source", "folder:/does/not/exist"], "not found"),
         (["--role", "client", "--local", "   "], "empty prompt"),
         (["--role", "trainer", "--local", "--expert", "0", "--steps", "1"], "no manifest"),
+        (["--role", "server", "--expert", "0", "--device", "nonsense"], "--device takes cpu, cuda or cuda:N"),
+        (["--role", "server", "--expert", "0", "--device", "cuda:99"], "--device cuda:99: this machine has"),
     ],
 )
 def test_bad_arguments(tmp_path, args, pattern):

@@ -14,7 +14,7 @@ from experts.protocol import PROTOCOL, DenoiseRequest, encode_request, frame, pa
 from router.remote import live_servers
 from swarm.blobs import BlobService, BlobStore
 from swarm.dht import SwarmConfig, SwarmNode
-from tests.conftest import kill_tree, node, spawn, wait_for
+from tests.conftest import kill_tree, node, spawn, wait_for, wait_in_log
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -35,7 +35,7 @@ class Swarm:
             log,
         )
         self.procs.append(proc)
-        text = wait_for(lambda: "serving expert" in log.read_text() and log.read_text(), 180, f"server {name}")
+        text = wait_in_log(proc, log, "serving expert", 180, f"server {name}")
         peer = text.split("server ", 1)[1].split()[0]
         self.servers[name] = (proc, log, peer)
         return peer
@@ -65,17 +65,16 @@ def swarm(small_run, tmp_path_factory):
     procs, observer = [], None
     try:
         log = tmp / "prep.log"
-        procs.append(
-            spawn(
-                ["--role", "prepare", "--serve", "--workdir", str(run), "--limit", "300", "--clusters", "2"]
-                + ["--objective", "mixed", "--publish-local", "--host-maddrs", LOOPBACK],
-                log,
-            )
+        prep = spawn(
+            ["--role", "prepare", "--serve", "--workdir", str(run), "--limit", "300", "--clusters", "2"]
+            + ["--objective", "mixed", "--publish-local", "--host-maddrs", LOOPBACK],
+            log,
         )
-        text = wait_for(lambda: "--initial-peers" in log.read_text() and log.read_text(), 240, "the preparer")
+        procs.append(prep)
+        text = wait_in_log(prep, log, "--initial-peers", 240, "the preparer")
         peers = text.split("--initial-peers", 1)[1].split("\n")[0].split()
         observer = SwarmNode(SwarmConfig(str(tmp / "observer"), initial_peers=peers, host_maddrs=[LOOPBACK]))
-        wait_for(lambda: "publishing local checkpoint of router" in log.read_text(), 60, "published checkpoints")
+        wait_in_log(prep, log, "publishing local checkpoint of router", 60, "the preparer")
         yield Swarm(tmp, peers, observer, procs)
     finally:
         if observer is not None:
@@ -273,7 +272,7 @@ def test_follow_loads_a_newer_checkpoint_without_dropping_a_generation_in_flight
         sf_log = swarm.servers["sf"][1]
         wait_for(lambda: "session from" in sf_log.read_text(), 120, "the client's session with sf", step=0.05)
         publish_checkpoint(swarm.observer, swarm.blobs.store, run, "expert_1", newer)
-        wait_for(lambda: "expert 1: serving step 8" in sf_log.read_text(), 90, "sf to load step 8")
+        wait_in_log(swarm.servers["sf"][0], sf_log, "expert 1: serving step 8", 90, "sf")
         assert client.poll() is None, "the generation should still be in flight during the reload"
         assert client.wait(timeout=300) == 0, log.read_text()[-3000:]
         # The new checkpoint is announced, and the status dashboard lists the servers.
