@@ -259,32 +259,44 @@ class ExpertServer:
         reqs = [j.req for j in batch]
         try:
             runner = self._runner(reqs[0].expert, reqs[0].ckpt)
-            length = max(r.states.shape[1] for r in reqs)
-
-            def pad(t: torch.Tensor) -> torch.Tensor:  # text states of different lengths: masked padding
-                extra = length - t.shape[1]
-                return t if extra == 0 else torch.nn.functional.pad(t, (0, 0, 0, extra) if t.dim() == 3 else (0, extra))
-
-            sizes = [len(r.x) for r in reqs]
-            states = torch.cat(
-                [pad(r.states[:b]) for r, b in zip(reqs, sizes, strict=True)]
-                + [pad(r.states[b:]) for r, b in zip(reqs, sizes, strict=True)]
-            )
-            mask = torch.cat(
-                [pad(r.mask[:b]) for r, b in zip(reqs, sizes, strict=True)]
-                + [pad(r.mask[b:]) for r, b in zip(reqs, sizes, strict=True)]
-            )
-            guidance = torch.cat([torch.full((b,), r.guidance) for r, b in zip(reqs, sizes, strict=True)])
-            t0 = time.perf_counter()
-            v = runner(torch.cat([r.x for r in reqs]), torch.cat([r.t for r in reqs]), states, mask, guidance)
+            if len(reqs) == 1:  # nothing to pad or join: the common case of one waiting client
+                r = reqs[0]
+                t0 = time.perf_counter()
+                v = runner(r.x, r.t, r.states, r.mask, r.guidance)
+            else:
+                t0, v = self._batched_forward(runner, reqs)
         except Exception as e:  # noqa: BLE001 (one failed batch must not stop the server)
             for j in batch:
                 self._resolve(j, error=e)
             return
         forward_s = time.perf_counter() - t0
+        sizes = [len(r.x) for r in reqs]
         for j, part in zip(batch, torch.split(v, sizes), strict=True):
             self._resolve(j, value=(part.contiguous(), forward_s))
         self.answered += len(batch)
+
+    @staticmethod
+    def _batched_forward(runner: LocalExpert, reqs: list) -> tuple[float, torch.Tensor]:
+        """One forward for several requests: their rows joined, text states padded to one length
+        (masked), one guidance scale per row. Returns (start time of the forward, velocities)."""
+        length = max(r.states.shape[1] for r in reqs)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:  # text states of different lengths: masked padding
+            extra = length - t.shape[1]
+            return t if extra == 0 else torch.nn.functional.pad(t, (0, 0, 0, extra) if t.dim() == 3 else (0, extra))
+
+        sizes = [len(r.x) for r in reqs]
+        states = torch.cat(
+            [pad(r.states[:b]) for r, b in zip(reqs, sizes, strict=True)]
+            + [pad(r.states[b:]) for r, b in zip(reqs, sizes, strict=True)]
+        )
+        mask = torch.cat(
+            [pad(r.mask[:b]) for r, b in zip(reqs, sizes, strict=True)]
+            + [pad(r.mask[b:]) for r, b in zip(reqs, sizes, strict=True)]
+        )
+        guidance = torch.cat([torch.full((b,), r.guidance) for r, b in zip(reqs, sizes, strict=True)])
+        t0 = time.perf_counter()
+        return t0, runner(torch.cat([r.x for r in reqs]), torch.cat([r.t for r in reqs]), states, mask, guidance)
 
     @staticmethod
     def _resolve(job: _Job, value=None, error: BaseException | None = None) -> None:
