@@ -82,7 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps")
     g.add_argument("--ckpt-minutes", type=float, default=5.0, help="and at least every M minutes")
     g.add_argument("--heartbeat", type=float, default=5.0, help="swarm: claim renewal period in seconds")
-    g.add_argument("--run-timeout", type=float, default=0.0, help="swarm: give up if no run appears (0: wait)")
+    g.add_argument(
+        "--run-timeout",
+        type=float,
+        default=0.0,
+        help="swarm: give up if no run appears (0: wait; 0 makes a server wait 60 s for its run and checkpoints)",
+    )
     g = p.add_argument_group("client")
     g.add_argument("--mode", default="topk", choices=MODES)
     g.add_argument("--k", type=int, default=2)
