@@ -40,7 +40,7 @@ from experts.presets import build_expert, get_preset  # noqa: E402
 from experts.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame  # noqa: E402
 from experts.text_encoder import MiniLMEncoder, TextEncoder, TextEncoderConfig, load_text_encoder  # noqa: E402
 from router.network import build_router, get_router_preset  # noqa: E402
-from router.remote import RemotePool, live_servers  # noqa: E402
+from router.remote import RemotePool  # noqa: E402
 from router.sampling import LocalExpert, SamplerConfig, generate  # noqa: E402
 from swarm.blobs import BlobService, BlobStore  # noqa: E402
 from swarm.dht import SwarmConfig, SwarmNode  # noqa: E402
@@ -168,7 +168,7 @@ def main() -> None:
                 pin(server.pid, {cores[-1]})
                 pin(os.getpid(), set(cores[:-1]))  # this process, its DHT process and p2p daemon
             deadline = time.monotonic() + 60
-            while len(servers := live_servers(node, made["run"], list(range(K)))) < K:
+            while len(servers := node.servers(made["run"], list(range(K)))) < K:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the server never announced itself:\n" + server.tail())
                 time.sleep(0.5)

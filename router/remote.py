@@ -123,11 +123,6 @@ class RemoteExpert:
         return self.pool.call(self.expert, x_t, t, states, mask, guidance, t_next)
 
 
-def live_servers(node, run, experts: list[int]) -> dict[int, list[ServeRecord]]:
-    """Online servers of each expert for this run, read from the DHT."""
-    return node.servers(run, experts)
-
-
 @dataclass
 class SwarmEnsemble:
     """What a client samples with: the router, and per expert a local model or a remote pool."""
@@ -163,7 +158,7 @@ def swarm_ensemble(
     unknown = [k for k in local if k not in everyone]
     if unknown:
         raise SwarmError(f"unknown expert(s) {unknown}; this run has experts 0..{run.num_clusters - 1}")
-    servers = live_servers(node, run, [k for k in everyone if k not in local])
+    servers = node.servers(run, [k for k in everyone if k not in local])
     if not servers and not local:
         raise SwarmError(
             f"no server is up for any expert of run {run.manifest_sha256[:12]} "

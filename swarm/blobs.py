@@ -182,13 +182,13 @@ class BlobService:
                 if not str(target).startswith(str(stage.resolve()) + "/"):
                     raise BlobError(f"checkpoint {sha256[:12]} lists a file outside its folder: {rel!r}")
                 self.fetch(digest, providers, target)
-            verify_checkpoint(stage, expected_sha256=sha256)
+            staged = verify_checkpoint(stage, expected_sha256=sha256)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
         shutil.rmtree(dest, ignore_errors=True)  # an incomplete or unverifiable copy from before
         stage.rename(dest)
-        ckpt = verify_checkpoint(dest, expected_sha256=sha256)
+        ckpt = Checkpoint(dest, staged.meta, staged.sha256)  # verified above; a rename changes no byte
         self.store.add_checkpoint(ckpt)
         return ckpt
 

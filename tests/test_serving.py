@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from experts.protocol import PROTOCOL, DenoiseRequest, encode_request, frame, parse_reply, read_frame
-from router.remote import live_servers
 from swarm.blobs import BlobService, BlobStore
 from swarm.dht import SwarmConfig, SwarmNode
 from tests.conftest import kill_tree, node, spawn, wait_for, wait_in_log
@@ -99,7 +98,7 @@ def test_two_servers_route_every_step_and_match_local_experts(swarm):
     p0 = swarm.server("s0", "0", "--max-batch", "4")
     p1 = swarm.server("s1", "1")
     run = swarm.observer.run()
-    wait_for(lambda: len(live_servers(swarm.observer, run, [0, 1])) == 2, 60, "both serve records")
+    wait_for(lambda: len(swarm.observer.servers(run, [0, 1])) == 2, 60, "both serve records")
     prompts, steps = ["red apple", "rocket"], "8"
     remote = swarm.client(swarm.tmp / "remote.png", *prompts, "--steps", steps, "--k", "1")
     assert "Traceback" not in remote.stderr
@@ -141,7 +140,7 @@ def test_malformed_requests_get_error_replies_and_the_server_keeps_serving(swarm
     if "s0" not in swarm.servers:
         swarm.server("s0", "0", "--max-batch", "4")
     run = swarm.observer.run()
-    rec = wait_for(lambda: live_servers(swarm.observer, run, [0]).get(0), 60, "expert 0's server")[0]
+    rec = wait_for(lambda: swarm.observer.servers(run, [0]).get(0), 60, "expert 0's server")[0]
     c, h, w = rec.shape
     blobs = swarm.blobs
 
@@ -213,7 +212,7 @@ def test_killed_server_with_a_replica_fails_over_and_the_image_completes(swarm):
         if name not in swarm.servers:
             swarm.server(name, expert)
     run = swarm.observer.run()
-    wait_for(lambda: len(live_servers(swarm.observer, run, [0]).get(0, [])) == 2, 60, "two servers of expert 0")
+    wait_for(lambda: len(swarm.observer.servers(run, [0]).get(0, [])) == 2, 60, "two servers of expert 0")
     client, out, log = swarm.background_client("failover", ["red apple", "rocket"], 400)
     try:
         killed = _kill_when_connected(swarm, ["s0", "s0b"])
@@ -256,7 +255,7 @@ def test_follow_loads_a_newer_checkpoint_without_dropping_a_generation_in_flight
     alive = {peer for proc, _, peer in swarm.servers.values() if proc.poll() is None}
 
     def only_alive_servers():  # records of servers killed by earlier tests expire within SERVE_TTL_S
-        found = live_servers(swarm.observer, run, [0, 1])
+        found = swarm.observer.servers(run, [0, 1])
         peers = {r.peer for recs in found.values() for r in recs}
         return follower in peers and peers <= alive and len(found) == 2
 
@@ -277,7 +276,7 @@ def test_follow_loads_a_newer_checkpoint_without_dropping_a_generation_in_flight
         assert client.wait(timeout=300) == 0, log.read_text()[-3000:]
         # The new checkpoint is announced, and the status dashboard lists the servers.
         recs = wait_for(
-            lambda: [r for r in live_servers(swarm.observer, run, [1])[1] if r.peer == follower and r.step == 8],
+            lambda: [r for r in swarm.observer.servers(run, [1])[1] if r.peer == follower and r.step == 8],
             60,
             "sf's record with step 8",
         )
