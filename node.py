@@ -126,7 +126,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def run_prepare(args: argparse.Namespace) -> None:
-    from experts.prepare import PrepareConfig, prepare
+    from data.prepare import PrepareConfig, prepare
 
     if args.expert_steps < 0 or args.router_steps < 0:
         raise UsageError("--expert-steps and --router-steps take a step count >= 0")
@@ -155,7 +155,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     print(f"manifest: {data_dir / 'manifest.json'}\ncontact sheet: {data_dir / 'clusters.png'}", flush=True)
     if args.serve:
         from swarm.dht import SwarmNode
-        from swarm.trainer import serve_run
+        from swarm.preparer import serve_run
 
         stop = _stop_on_signals()
         node = SwarmNode(_swarm_config(args))
@@ -181,9 +181,9 @@ def _stop_on_signals():
 
 
 def run_swarm_trainer(args: argparse.Namespace) -> None:
-    from experts.train import TrainConfig
     from swarm.dht import SwarmNode
     from swarm.trainer import SwarmTrainer, SwarmTrainerConfig
+    from training.loop import TrainConfig
 
     wanted = None
     if args.job == "monolith":
@@ -234,11 +234,11 @@ def run_swarm_trainer(args: argparse.Namespace) -> None:
 def run_trainer(args: argparse.Namespace) -> None:
     if not args.local:
         return run_swarm_trainer(args)
-    from experts.manifest import load_manifest
+    from data.manifest import load_manifest
     from experts.text_encoder import TextEncoderConfig
-    from experts.train import TrainConfig, train
     from router.ensemble import expert_dir, router_dir
-    from router.train import build_job
+    from training.loop import TrainConfig, train
+    from training.router_job import build_job
 
     data_dir, ckpt = _dirs(args)
     manifest, digest = load_manifest(data_dir)
@@ -247,8 +247,8 @@ def run_trainer(args: argparse.Namespace) -> None:
     if args.job == "router":
         job_name, root, seed = "router", router_dir(ckpt), args.seed
     elif args.job == "monolith":
-        from experts.monolith import MONOLITH, equal_compute_steps, experts_samples_seen
         from experts.presets import get_preset
+        from training.monolith import MONOLITH, equal_compute_steps, experts_samples_seen
 
         job_name, root, seed = MONOLITH, ckpt / MONOLITH, args.seed
         if not (args.steps or args.minutes):
@@ -344,8 +344,8 @@ def run_client(args: argparse.Namespace) -> None:
 
 
 def _client_from_swarm(args: argparse.Namespace, prompts: list[str], cfg, subset) -> None:
-    from router.remote import swarm_ensemble
     from swarm.blobs import BlobService, BlobStore
+    from swarm.client import swarm_ensemble
     from swarm.dht import SwarmNode
 
     node = SwarmNode(_swarm_config(args))
@@ -515,8 +515,8 @@ def _device(name: str) -> str:
 
 def run_server(args: argparse.Namespace) -> None:
     """Serve the denoising forward pass of the published checkpoint(s) of ``--expert K[,K...]``."""
-    from experts.server import ExpertServer, ServerConfig
     from swarm.dht import SwarmNode
+    from swarm.server import ExpertServer, ServerConfig
 
     if args.expert is None:
         raise UsageError("a server serves one or more experts: --expert K or --expert 0,3")
@@ -554,9 +554,9 @@ def run_server(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from experts.manifest import load_manifest
+    from data.manifest import load_manifest
+    from evaluation.evaluate import EvalConfig, run_eval
     from router.ensemble import load_ensemble
-    from router.evaluate import EvalConfig, run_eval
 
     data_dir, ckpt = _dirs(args)
     manifest, digest = load_manifest(data_dir)

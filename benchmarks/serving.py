@@ -1,6 +1,6 @@
 """Serving costs, measured side by side in one run on loopback:
 
-1. per-step overhead of a remote expert (one open stream per server, ``experts.protocol``) vs the
+1. per-step overhead of a remote expert (one open stream per server, ``swarm.protocol``) vs the
    same expert in this process: p50 / p95 of one guided forward (cond + uncond, 1 image);
 2. server throughput (requests/s) with 8 concurrent clients ÷ 1 client (the server batches);
 3. seconds per image with top-1, top-2 and the full ensemble, every expert remote.
@@ -34,19 +34,19 @@ import torch  # noqa: E402
 from hivemind.p2p import PeerID  # noqa: E402
 
 from benchmarks.results import RESULTS, append_section, machine  # noqa: E402
-from experts.checkpoint import save_checkpoint  # noqa: E402
+from data.checkpoint import save_checkpoint  # noqa: E402
 from experts.latent_space import load_space  # noqa: E402
 from experts.presets import build_expert, get_preset  # noqa: E402
-from experts.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame  # noqa: E402
 from experts.text_encoder import MiniLMEncoder, TextEncoder, TextEncoderConfig, load_text_encoder  # noqa: E402
 from router.network import build_router, get_router_preset  # noqa: E402
-from router.remote import RemotePool  # noqa: E402
 from router.sampling import LocalExpert, SamplerConfig, generate  # noqa: E402
 from swarm.blobs import BlobService, BlobStore  # noqa: E402
+from swarm.client import RemotePool  # noqa: E402
 from swarm.dht import SwarmConfig, SwarmNode  # noqa: E402
 from swarm.local import LOOPBACK, NodeProcess  # noqa: E402
+from swarm.mirror import publish_checkpoint  # noqa: E402
+from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame  # noqa: E402
 from swarm.records import RUN_TTL_S, RunRecord, run_key  # noqa: E402
-from swarm.trainer import publish_checkpoint  # noqa: E402
 
 K = 4
 RUN = "5e" * 32  # a run id for the random-weight set

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.results import RESULTS, append_section, machine  # noqa: E402
-from experts.checkpoint import latest_checkpoint, save_checkpoint  # noqa: E402
+from data.checkpoint import latest_checkpoint, save_checkpoint  # noqa: E402
 from experts.presets import build_expert, get_preset  # noqa: E402
 from swarm import claims  # noqa: E402
 from swarm.blobs import BlobService, BlobStore  # noqa: E402

@@ -19,12 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from benchmarks.results import RESULTS, append_section, machine  # noqa: E402
-from experts.manifest import load_manifest  # noqa: E402
-from experts.prepare import PrepareConfig, prepare  # noqa: E402
+from data.manifest import load_manifest  # noqa: E402
+from data.prepare import PrepareConfig, prepare  # noqa: E402
 from experts.presets import count_parameters, get_preset  # noqa: E402
 from experts.text_encoder import TextEncoderConfig, load_text_encoder  # noqa: E402
-from experts.train import ExpertJob, TrainConfig, train  # noqa: E402
-from router.train import RouterJob  # noqa: E402
+from training.expert_job import ExpertJob  # noqa: E402
+from training.loop import TrainConfig, train  # noqa: E402
+from training.router_job import RouterJob  # noqa: E402
 
 
 def measure(job, cfg: TrainConfig, warmup_steps: int = 5) -> tuple[float, int]:

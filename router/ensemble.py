@@ -21,7 +21,7 @@ from pathlib import Path
 
 from diffusers import PixArtTransformer2DModel
 
-from experts.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
+from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
 from experts.latent_space import LatentSpace, load_space
 from experts.presets import ExpertPreset
 from experts.text_encoder import TextEncoder, TextEncoderConfig, load_text_encoder

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from hivemind.p2p import PeerID
 
-from experts.checkpoint import META_NAME, Checkpoint, verify_checkpoint
-from experts.manifest import sha256_file
+from data.checkpoint import META_NAME, Checkpoint, verify_checkpoint
+from data.manifest import sha256_file
 
 PROTOCOL = "diffswarm-blob-v1"
 CHUNK = 1 << 20

@@ -1,5 +1,5 @@
-"""Holding copies of published checkpoints: where a checkpoint can be fetched from, and the
-mirror that keeps the latest checkpoint of every job on this node.
+"""Published checkpoints: publishing one (blobs first, then its record), where one can be
+fetched from, and the mirror that keeps the latest checkpoint of every job on this node.
 
 Idle trainers and the preparer mirror every job, so a job outlives its owner; a client mirrors
 the router and the experts it runs itself. A mirror folder has the layout of a local run
@@ -14,10 +14,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from experts.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
+from data.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
 from swarm import claims
-from swarm.blobs import BlobError, BlobService, announce, providers
+from swarm.blobs import BlobError, BlobService, BlobStore, announce, providers
 from swarm.dht import SwarmNode
+from swarm.records import CKPT_TTL_S, CheckpointRecord, RunRecord, ckpt_key
 
 console = Console(stderr=True, markup=False)  # logged errors hold multiaddrs like [/ip4/...]
 
@@ -79,3 +80,17 @@ def fetch_published(node: SwarmNode, blobs: BlobService, run, folder: Path, jobs
     if "router" in jobs and not isinstance(got.get("router"), Checkpoint):
         raise SwarmError(f"the router's checkpoint could not be had: {got.get('router') or 'none is published yet'}")
     return {job: ck for job, ck in got.items() if isinstance(ck, Checkpoint)}
+
+
+def publish_checkpoint(node: SwarmNode, store: BlobStore, run: RunRecord, job: str, ckpt: Checkpoint) -> None:
+    """Provide a checkpoint's blobs, then publish its record {step, sha256, size, ...} under ``job``."""
+    store.add_checkpoint(ckpt)
+    size = (
+        sum((ckpt.path / rel).stat().st_size for rel in ckpt.meta["files"]) + (ckpt.path / "meta.json").stat().st_size
+    )
+    objective = ckpt.meta.get("objective", "fm") if job != "router" else "router"
+    preset = ckpt.meta["preset"]["name"] if job != "router" else ckpt.meta["router_preset"]["name"]
+    loss = float(ckpt.meta.get("loss") or 0.0)
+    rec = CheckpointRecord(run.manifest_sha256, ckpt.step, ckpt.sha256, size, objective, preset, loss, [node.peer_id])
+    announce(node, store, only={ckpt.sha256, *ckpt.meta["files"].values()})
+    node.store(ckpt_key(job), rec, CKPT_TTL_S)  # after its blobs are findable

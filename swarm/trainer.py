@@ -24,26 +24,23 @@ from pathlib import Path
 from hivemind.utils import get_dht_time
 from rich.console import Console
 
-from experts.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
-from experts.manifest import Manifest, load_manifest, sha256_file
-from experts.train import TrainConfig, train
-from router.train import build_job
+from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
+from data.manifest import Manifest, load_manifest, sha256_file
 from swarm import claims
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
 from swarm.dht import SwarmNode
-from swarm.mirror import mirror_checkpoints, sources
+from swarm.mirror import mirror_checkpoints, publish_checkpoint, sources
 from swarm.records import (
-    CKPT_TTL_S,
     HEARTBEAT_S,
     PROVIDER_TTL_S,
-    CheckpointRecord,
     ClaimRecord,
     PeerRecord,
     RunRecord,
-    ckpt_key,
     claim_key,
     peers_key,
 )
+from training.jobs import build_job
+from training.loop import TrainConfig, train
 
 console = Console(stderr=True, markup=False)  # logged errors hold multiaddrs like [/ip4/...]
 
@@ -315,20 +312,6 @@ class SwarmTrainer:
         self.blobs.shutdown()
 
 
-def publish_checkpoint(node: SwarmNode, store: BlobStore, run: RunRecord, job: str, ckpt: Checkpoint) -> None:
-    """Provide a checkpoint's blobs, then publish its record {step, sha256, size, ...} under ``job``."""
-    store.add_checkpoint(ckpt)
-    size = (
-        sum((ckpt.path / rel).stat().st_size for rel in ckpt.meta["files"]) + (ckpt.path / "meta.json").stat().st_size
-    )
-    objective = ckpt.meta.get("objective", "fm") if job != "router" else "router"
-    preset = ckpt.meta["preset"]["name"] if job != "router" else ckpt.meta["router_preset"]["name"]
-    loss = float(ckpt.meta.get("loss") or 0.0)
-    rec = CheckpointRecord(run.manifest_sha256, ckpt.step, ckpt.sha256, size, objective, preset, loss, [node.peer_id])
-    announce(node, store, only={ckpt.sha256, *ckpt.meta["files"].values()})
-    node.store(ckpt_key(job), rec, CKPT_TTL_S)  # after its blobs are findable
-
-
 def try_claim(
     node: SwarmNode,
     run: RunRecord,
@@ -350,68 +333,3 @@ def try_claim(
         return job, claim
     node.withdraw_claim(job, claim)
     return None
-
-
-def serve_run(
-    node: SwarmNode,
-    data_dir: Path,
-    stop: threading.Event,
-    expert_steps: int = 0,
-    router_steps: int = 0,
-    period_s: float = 5.0,
-    ckpt_dir: Path | None = None,
-) -> None:
-    """The preparer's side: publish the run record (with the run's step targets, 0 = none) and
-    provide the manifest and shards; publish checkpoints trained here (``ckpt_dir``, e.g. with
-    ``--local``) when they are ahead of the swarm's; mirror every job's latest; until stopped."""
-    from swarm.records import RUN_TTL_S, run_key
-
-    manifest, digest = load_manifest(data_dir)
-    store = BlobStore()
-    store.add_file(data_dir / "manifest.json", digest)
-    for c in manifest.clusters:
-        for entry in c.shards + c.holdout:
-            url = manifest.resolve(entry.url)
-            if Path(url).is_file():
-                store.add_file(Path(url), entry.sha256)
-    blobs = BlobService(node.dht, store)
-    run = RunRecord(
-        digest,
-        manifest.num_clusters,
-        [c.preset for c in manifest.clusters],
-        [c.objective for c in manifest.clusters],
-        (data_dir / "manifest.json").stat().st_size,
-        expert_steps,
-        router_steps,
-    )
-    last_announce = 0.0
-    try:
-        while True:
-            if time.monotonic() - last_announce > min(RUN_TTL_S, PROVIDER_TTL_S) / 3:
-                node.store(run_key(), run, RUN_TTL_S)
-                announce(node, store)
-                if ckpt_dir is not None:
-                    _publish_local(node, blobs.store, run, ckpt_dir)
-                last_announce = time.monotonic()
-            mirror_checkpoints(node, blobs, node.snapshot(run), data_dir.parent / "mirror")
-            if stop.wait(period_s):
-                break
-    finally:
-        blobs.shutdown()
-
-
-def _publish_local(node: SwarmNode, store: BlobStore, run: RunRecord, ckpt_dir: Path) -> None:
-    snap = node.snapshot(run)
-    for job in run.jobs():
-        try:
-            ck = latest_checkpoint(ckpt_dir / job)
-        except CheckpointError as e:
-            console.log(f"not publishing {job}: {e}")
-            continue
-        if ck is None or ck.meta.get("manifest_sha256") != run.manifest_sha256:
-            continue
-        rec = claims.latest_checkpoint(snap, job)
-        if rec is None or rec.step < ck.step or rec.sha256 == ck.sha256:
-            if rec is None or rec.sha256 != ck.sha256:
-                console.log(f"publishing local checkpoint of {job}: step {ck.step} ({ck.sha256[:12]})")
-            publish_checkpoint(node, store, run, job, ck)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from experts.checkpoint import save_checkpoint, verify_checkpoint
+from data.checkpoint import save_checkpoint, verify_checkpoint
 from router.network import RouterNet
 from swarm.blobs import BlobError, BlobService, BlobStore
 from swarm.dht import SwarmConfig, SwarmNode

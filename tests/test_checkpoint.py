@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from experts.checkpoint import (
+from data.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,

@@ -2,8 +2,8 @@
 
 import torch
 
-from experts.data import DataPosition, stream_batches
-from experts.manifest import load_manifest
+from data.manifest import load_manifest
+from data.streaming import DataPosition, stream_batches
 
 
 def test_multi_cluster_batches_are_mixed_and_resume_exactly(small_run):

@@ -6,8 +6,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from experts.checkpoint import latest_checkpoint
-from experts.manifest import load_manifest
+from data.checkpoint import latest_checkpoint
+from data.manifest import load_manifest
 from tests.conftest import node
 
 

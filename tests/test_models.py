@@ -67,8 +67,8 @@ def test_prepare_with_image_embeddings_from_local_open_clip_weights(tmp_path):
     import open_clip
     from safetensors.torch import save_file
 
-    from experts.manifest import load_manifest
-    from experts.prepare import PrepareConfig, prepare
+    from data.manifest import load_manifest
+    from data.prepare import PrepareConfig, prepare
 
     model = open_clip.create_model("ViT-B-32", pretrained=None)
     weights = tmp_path / "clip.safetensors"

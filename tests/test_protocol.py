@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from experts.protocol import (
+from swarm.protocol import (
     DenoiseRequest,
     ExpectedInput,
     ProtocolError,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from experts import fid as fidmod
-from experts.fid import FeatureStats, FidError, InceptionFeatures, frechet_distance
+from evaluation import fid as fidmod
+from evaluation.fid import FeatureStats, FidError, InceptionFeatures, frechet_distance
 from tests.conftest import node
 
 
@@ -63,8 +63,8 @@ def inception() -> InceptionFeatures:
 
 
 def _twemoji(n: int, offset: int = 0) -> torch.Tensor:
+    from data.sources import open_source
     from experts.latent_space import pil_to_tensor
-    from experts.sources import open_source
 
     items = list(open_source("twemoji", n + offset))[offset:]
     return torch.stack([pil_to_tensor(it.image, 32) for it in items])
@@ -86,7 +86,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_noise_is_far(inception):
 def test_monolith_trains_at_the_experts_total_compute_and_eval_writes_the_report(small_run, tmp_path):
     work = tmp_path / "run"
     shutil.copytree(small_run, work, ignore=shutil.ignore_patterns("monolith"))
-    from experts.checkpoint import latest_checkpoint
+    from data.checkpoint import latest_checkpoint
 
     experts = [latest_checkpoint(work / "checkpoints" / f"expert_{k}") for k in (0, 1)]
     total = sum(e.meta["samples_seen"] for e in experts)  # other tests may have trained the shared run on

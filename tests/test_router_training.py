@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from experts.data import stream_batches
-from experts.manifest import load_manifest
+from data.manifest import load_manifest
+from data.prepare import PrepareConfig, prepare
+from data.streaming import stream_batches
 from experts.objectives import TIMESTEP_SCALE, fm_interpolate
-from experts.prepare import PrepareConfig, prepare
-from experts.train import TrainConfig, train
-from router.train import RouterJob
+from training.loop import TrainConfig, train
+from training.router_job import RouterJob
 
 THEMES = {
     "red": ["a red apple", "red strawberry fruit", "a ripe red cherry", "red tomato"],

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from experts.protocol import PROTOCOL, DenoiseRequest, encode_request, frame, parse_reply, read_frame
 from swarm.blobs import BlobService, BlobStore
 from swarm.dht import SwarmConfig, SwarmNode
+from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, frame, parse_reply, read_frame
 from tests.conftest import kill_tree, node, spawn, wait_for, wait_in_log
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -245,8 +245,8 @@ def test_killed_server_without_a_replica_reroutes_and_the_image_completes(swarm)
 
 
 def test_follow_loads_a_newer_checkpoint_without_dropping_a_generation_in_flight(swarm):
-    from experts.checkpoint import latest_checkpoint
-    from swarm.trainer import publish_checkpoint
+    from data.checkpoint import latest_checkpoint
+    from swarm.mirror import publish_checkpoint
 
     if not any(n in swarm.servers and swarm.servers[n][0].poll() is None for n in ("s0", "s0b")):
         swarm.server("s0", "0")  # expert 0 too, so the full ensemble has both

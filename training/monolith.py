@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from experts.checkpoint import CheckpointError, latest_checkpoint
-from experts.data import Batch, DataPosition, stream_batches
-from experts.manifest import Manifest
+from data.checkpoint import CheckpointError, latest_checkpoint
+from data.manifest import Manifest
+from data.streaming import Batch, DataPosition, stream_batches
 from experts.text_encoder import TextEncoder
-from experts.train import ExpertJob, TrainConfig
+from training.expert_job import ExpertJob
+from training.loop import TrainConfig
 
 MONOLITH = "monolith"
 

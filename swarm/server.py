@@ -1,7 +1,7 @@
 """The expert server: serves the denoising forward pass of one or more published experts.
 
     find the expert's latest checkpoint record → fetch it peer-to-peer (sha256-verified) → load
-    → serve ``experts.protocol`` on the node's libp2p endpoint, announce ``serve_expert_K``
+    → serve ``swarm.protocol`` on the node's libp2p endpoint, announce ``serve_expert_K``
     every ~15 s (state, requests/s, queue, checkpoint, step), provide the checkpoint's blobs.
 
 Requests from all clients go through one bounded queue to the worker loop, which batches the
@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from experts.checkpoint import Checkpoint
-from experts.protocol import PROTOCOL, ExpectedInput, ProtocolError, encode_reply, parse_request, read_frame
+from data.checkpoint import Checkpoint
 from router.sampling import LocalExpert
 from swarm import claims
 from swarm.blobs import BlobService, BlobStore, announce
 from swarm.dht import SwarmError, SwarmNode
 from swarm.mirror import mirror_checkpoints
+from swarm.protocol import PROTOCOL, ExpectedInput, ProtocolError, encode_reply, parse_request, read_frame
 from swarm.records import PROVIDER_TTL_S, SERVE_PERIOD_S, SERVE_TTL_S, RunRecord, ServeRecord, serve_key
 
 console = Console(stderr=True, markup=False)

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from data.manifest import Manifest, ManifestError, ShardEntry, sha256_file
 from experts.latent_space import pil_to_tensor
-from experts.manifest import Manifest, ManifestError, ShardEntry, sha256_file
 
 
 @dataclass

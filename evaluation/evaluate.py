@@ -28,14 +28,14 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from experts.checkpoint import CheckpointError, latest_checkpoint
-from experts.data import stream_batches
-from experts.fid import FeatureStats, InceptionFeatures, fid
+from data.checkpoint import CheckpointError, latest_checkpoint
+from data.manifest import Manifest
+from data.streaming import stream_batches
+from evaluation.fid import FeatureStats, InceptionFeatures, fid
 from experts.latent_space import tensor_to_pil
-from experts.manifest import Manifest
-from experts.monolith import MONOLITH, SingleExpertRouter
 from experts.objectives import sampling_times
 from router.sampling import LocalExpert, RoutingLog, SamplerConfig, generate
+from training.monolith import MONOLITH, SingleExpertRouter
 
 console = Console(stderr=True, markup=False)
 
@@ -165,7 +165,7 @@ def run_eval(
     inception: InceptionFeatures | None = None,
 ) -> dict:
     """Generate with every row of ``cfg.rows``, compute FID against the held-out split, write the report."""
-    from router.train import router_accuracy
+    from training.router_job import router_accuracy
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,14 +12,12 @@ from collections.abc import Iterator
 
 import torch
 
-from experts.data import Batch, DataPosition, stream_batches
-from experts.latent_space import load_space
-from experts.manifest import Manifest
+from data.manifest import Manifest
+from data.streaming import Batch, DataPosition, stream_batches
 from experts.objectives import TIMESTEP_SCALE, fm_interpolate
 from experts.presets import get_preset
-from experts.text_encoder import TextEncoderConfig, load_text_encoder
-from experts.train import ExpertJob, TrainConfig
 from router.network import RouterNet, build_router, get_router_preset
+from training.loop import TrainConfig
 
 NOISE_BINS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -107,28 +105,3 @@ def router_accuracy(
         "samples": n,
         "split": "holdout" if holdout else "train",
     }
-
-
-def build_job(
-    manifest: Manifest,
-    digest: str,
-    job: str,
-    cfg: TrainConfig,
-    text_encoder: str = "minilm",
-    vae: str = "",
-    router_preset: str = "tiny",
-):
-    """The training job for ``expert_K``, ``router`` or ``monolith`` on this run's data (local or swarm)."""
-    preset = get_preset(manifest.clusters[0].preset)
-    if preset.space == "latent" and not vae:
-        raise ValueError("this run's preset works on latents; pass --vae PATH to an AutoencoderKL folder")
-    space = load_space(vae if preset.space == "latent" else "")
-    if job == "router":
-        return RouterJob(manifest, digest, space.name, space.encode, cfg, router_preset)
-    encoder = load_text_encoder(TextEncoderConfig.parse(text_encoder))
-    if job == "monolith":
-        from experts.monolith import MonolithJob
-
-        return MonolithJob(manifest, digest, encoder, space.name, space.encode, cfg)
-    k = int(job.split("_")[1])
-    return ExpertJob(manifest, digest, k, encoder, space.name, space.encode, cfg)

@@ -1,4 +1,4 @@
-"""Remote experts: the client's side of ``experts.protocol``.
+"""Remote experts: the client's side of ``swarm.protocol``.
 
 One binary stream per server for the whole generation (opened at the first step, reused by
 every later one), so a step costs one round trip on an open stream — not a new RPC. A server
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from hivemind.p2p import PeerID
 
-from experts.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame, reply_timing
 from router.sampling import ExpertUnavailable
+from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame, reply_timing
 from swarm.records import ServeRecord
 
 

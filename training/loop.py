@@ -19,7 +19,7 @@ from diffusers.training_utils import EMAModel
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from experts.checkpoint import (
+from data.checkpoint import (
     Checkpoint,
     CheckpointError,
     latest_checkpoint,
@@ -28,11 +28,7 @@ from experts.checkpoint import (
     optimizer_to_tensors,
     save_checkpoint,
 )
-from experts.data import Batch, DataPosition, stream_batches
-from experts.manifest import Manifest
-from experts.objectives import make_training_batch, sample_train_times
-from experts.presets import ExpertPreset, build_expert, expert_forward, get_preset
-from experts.text_encoder import TextEncoder
+from data.streaming import Batch, DataPosition
 
 console = Console(stderr=True, markup=False)  # logged errors hold multiaddrs like [/ip4/...]
 
@@ -236,59 +232,3 @@ def train(
             on_checkpoint(ckpt)
     plot_loss(history, Path(cfg.ckpt_root) / "loss.png", job.name)
     return ckpt
-
-
-class ExpertJob:
-    """Train expert ``cluster`` on its cluster's shards with the cluster's objective."""
-
-    def __init__(
-        self,
-        manifest: Manifest,
-        manifest_sha256: str,
-        cluster: int,
-        encoder: TextEncoder,
-        space_name: str,
-        encode_space,
-        cfg: TrainConfig,
-        preset: ExpertPreset | None = None,
-    ) -> None:
-        if not 0 <= cluster < manifest.num_clusters:
-            raise ValueError(f"unknown expert {cluster}; this run has experts 0..{manifest.num_clusters - 1}")
-        entry = manifest.clusters[cluster]
-        self.manifest, self.manifest_sha256, self.cluster = manifest, manifest_sha256, cluster
-        self.preset = preset or get_preset(entry.preset)
-        self.objective = entry.objective
-        self.encoder, self.space_name, self.encode_space = encoder, space_name, encode_space
-        self.name = f"expert {cluster} ({self.objective})"
-        self.model = build_expert(self.preset, encoder.dim)
-        self.batch_size = cfg.batch_size or self.preset.batch_size
-        self.lr = cfg.lr or self.preset.lr
-        self.cond_dropout = cfg.cond_dropout
-        self.seed = cfg.seed
-
-    def batches(self, start: DataPosition) -> Iterator[Batch]:
-        return stream_batches(self.manifest, [self.cluster], self.batch_size, self.preset.image_size, self.seed, start)
-
-    def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        drop = torch.rand(len(batch.captions), generator=generator) < self.cond_dropout
-        captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=False)]
-        states, mask = self.encoder.encode(captions)
-        x0 = self.encode_space(batch.images)
-        noise = torch.randn(x0.shape, generator=generator)
-        t = sample_train_times(len(x0), generator)
-        tb = make_training_batch(self.objective, x0, noise, t)
-        pred = expert_forward(self.model, tb.x_in, tb.timestep, states, mask)
-        return torch.nn.functional.mse_loss(pred, tb.target)
-
-    def meta(self) -> dict:
-        return {
-            "kind": "expert",
-            "cluster": self.cluster,
-            "objective": self.objective,
-            "preset": self.preset.to_dict(),
-            "text_encoder": self.encoder.name,
-            "space": self.space_name,
-            "manifest_sha256": self.manifest_sha256,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-        }

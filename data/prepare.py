@@ -19,10 +19,10 @@ import torch
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 
+from data.manifest import ClusterEntry, Manifest, ShardEntry, sha256_file
+from data.sources import TWEMOJI_CREDIT, Item, SourceError, open_source
 from experts.latent_space import pil_to_tensor, tensor_to_pil
-from experts.manifest import ClusterEntry, Manifest, ShardEntry, sha256_file
 from experts.presets import get_preset
-from experts.sources import TWEMOJI_CREDIT, Item, SourceError, open_source
 from experts.text_encoder import TextEncoderConfig, load_text_encoder
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from experts.manifest import sha256_file
+from data.manifest import sha256_file
 
 META_NAME = "meta.json"
 MODEL_DIR = "model"

@@ -1,0 +1,35 @@
+"""The jobs a trainer can be given (``expert_K``, ``router``, ``monolith``), built on one run's data."""
+
+from __future__ import annotations
+
+from data.manifest import Manifest
+from experts.latent_space import load_space
+from experts.presets import get_preset
+from experts.text_encoder import TextEncoderConfig, load_text_encoder
+from training.expert_job import ExpertJob
+from training.loop import TrainConfig
+from training.monolith import MonolithJob
+from training.router_job import RouterJob
+
+
+def build_job(
+    manifest: Manifest,
+    digest: str,
+    job: str,
+    cfg: TrainConfig,
+    text_encoder: str = "minilm",
+    vae: str = "",
+    router_preset: str = "tiny",
+):
+    """The training job for ``expert_K``, ``router`` or ``monolith`` on this run's data (local or swarm)."""
+    preset = get_preset(manifest.clusters[0].preset)
+    if preset.space == "latent" and not vae:
+        raise ValueError("this run's preset works on latents; pass --vae PATH to an AutoencoderKL folder")
+    space = load_space(vae if preset.space == "latent" else "")
+    if job == "router":
+        return RouterJob(manifest, digest, space.name, space.encode, cfg, router_preset)
+    encoder = load_text_encoder(TextEncoderConfig.parse(text_encoder))
+    if job == "monolith":
+        return MonolithJob(manifest, digest, encoder, space.name, space.encode, cfg)
+    k = int(job.split("_")[1])
+    return ExpertJob(manifest, digest, k, encoder, space.name, space.encode, cfg)
