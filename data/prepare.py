@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,3 +225,18 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, str]:
     digest = manifest.save(out)
     contact_sheet(manifest, samples, out / "clusters.png")
     return manifest, digest
+
+
+def prepare_and_report(cfg: PrepareConfig) -> str:
+    """``--role prepare``: prepare, then say what is in each cluster and where the run is; returns its sha256."""
+    t0 = time.time()
+    manifest, digest = prepare(cfg)
+    print(
+        f"prepared {sum(c.samples for c in manifest.clusters)} training images in {manifest.num_clusters} clusters "
+        f"({time.time() - t0:.0f}s); run {digest[:12]}"
+    )
+    for c in manifest.clusters:
+        print(f"  cluster {c.id}: {c.samples:5d} images, {c.objective}, e.g. {', '.join(c.examples[:3])}")
+    out = Path(cfg.out_dir)
+    print(f"manifest: {out / 'manifest.json'}\ncontact sheet: {out / 'clusters.png'}", flush=True)
+    return digest

@@ -29,23 +29,28 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from data.checkpoint import CheckpointError, latest_checkpoint
-from data.manifest import Manifest
+from data.manifest import Manifest, load_manifest
 from data.streaming import stream_batches
 from evaluation.fid import FeatureStats, InceptionFeatures, fid
 from experts.latent_space import tensor_to_pil
 from experts.objectives import sampling_times
+from router.ensemble import load_ensemble
 from router.sampling import LocalExpert, RoutingLog, SamplerConfig, generate
 from training.monolith import MONOLITH, SingleExpertRouter
+from training.router_job import router_accuracy
 
 console = Console(stderr=True, markup=False)
 
 # name → (sampler mode, k); the monolith samples as a one-expert ensemble
 ROUTINGS = {"top-1": ("top1", 1), "top-2": ("topk", 2), "threshold": ("threshold", 2), "full": ("full", 2)}
+ROW_NAMES = (*ROUTINGS, MONOLITH)  # what --eval-rows may name
 
 
 @dataclass
 class EvalConfig:
-    ckpt_dir: str
+    ckpt_dir: str  # the run's checkpoints: expert_K/, router/, monolith/
+    data_dir: str = ""  # the prepared run with its held-out split ("": <ckpt_dir>/../data)
+    vae: str = ""  # the VAE folder of a latent-space run
     out_dir: str = "outputs/eval"
     n: int = 0  # held-out images to evaluate on (0: all of them)
     steps: int = 30
@@ -53,13 +58,13 @@ class EvalConfig:
     tau: float = 0.2  # threshold mode
     seed: int = 0
     batch_size: int = 64  # images generated at once
-    rows: list[str] = field(default_factory=lambda: [*ROUTINGS, MONOLITH])
+    rows: list[str] = field(default_factory=lambda: list(ROW_NAMES))
     grid_prompts: int = 8
 
     def __post_init__(self) -> None:
-        unknown = [r for r in self.rows if r not in ROUTINGS and r != MONOLITH]
+        unknown = [r for r in self.rows if r not in ROW_NAMES]
         if unknown:
-            raise ValueError(f"unknown evaluation row(s) {unknown}; choose from {[*ROUTINGS, MONOLITH]}")
+            raise ValueError(f"unknown evaluation row(s) {unknown}; choose from {list(ROW_NAMES)}")
         if self.n < 0 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("--eval-n must be >= 0, --steps and the batch size >= 1")
 
@@ -155,6 +160,16 @@ def usage_by_noise(logs: list[RoutingLog], num_experts: int, steps: int) -> np.n
     return counts / max(total, 1)
 
 
+def evaluate(cfg: EvalConfig) -> dict:
+    """Load the run and its trained set, check they belong together, and run the evaluation."""
+    ckpt = Path(cfg.ckpt_dir)
+    manifest, digest = load_manifest(Path(cfg.data_dir) if cfg.data_dir else ckpt.parent / "data")
+    ensemble, encoder, space = load_ensemble(ckpt, vae=cfg.vae)
+    if ensemble.router_meta.get("manifest_sha256") != digest:
+        raise CheckpointError(f"the checkpoints under {ckpt} were not trained on the run in {manifest.root}")
+    return run_eval(cfg, manifest, digest, ensemble, encoder, space)
+
+
 def run_eval(
     cfg: EvalConfig,
     manifest: Manifest,
@@ -165,8 +180,6 @@ def run_eval(
     inception: InceptionFeatures | None = None,
 ) -> dict:
     """Generate with every row of ``cfg.rows``, compute FID against the held-out split, write the report."""
-    from training.router_job import router_accuracy
-
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = Path(cfg.ckpt_dir)

@@ -104,10 +104,10 @@ def load_ensemble(
     models = {k: LocalExpert.from_checkpoint(c) for k, c in found.items()}
     router = RouterNet.from_pretrained(router_ckpt.model_dir, low_cpu_mem_usage=False).eval()
     ens = Ensemble(models, expert_meta, router, router_ckpt.meta, enc_name, router_ckpt.meta["space"])
-    return ens, encoder or _encoder_for(enc_name), _space_for(ens.space_name, vae)
+    return ens, encoder or encoder_for(enc_name), space_for(ens.space_name, vae)
 
 
-def _encoder_for(name: str, weights: str = "") -> TextEncoder:
+def encoder_for(name: str, weights: str = "") -> TextEncoder:
     if name == "minilm":
         return load_text_encoder(TextEncoderConfig())
     if name.startswith("clip:") and weights:
@@ -115,7 +115,7 @@ def _encoder_for(name: str, weights: str = "") -> TextEncoder:
     raise CheckpointError(f"this set needs text encoder {name!r}; pass --text-encoder clip:PATH with its weights")
 
 
-def _space_for(space_name: str, vae: str) -> LatentSpace:
+def space_for(space_name: str, vae: str) -> LatentSpace:
     if space_name == "pixel":
         return load_space("")
     if not vae:
@@ -232,7 +232,7 @@ def load_export(folder: Path, vae: str = "", text_weights: str = "") -> tuple[En
     weights = text_weights or (str(folder / "text_encoder" / enc_ref["weights"]) if "weights" in enc_ref else "")
     vae_path = vae or (str(folder / "vae") if (folder / "vae" / "config.json").is_file() else "")
     ens = Ensemble(experts, metas, router, router_meta, cfg["text_encoder"], cfg["space"])
-    return ens, _encoder_for(cfg["text_encoder"], weights), _space_for(cfg["space"], vae_path)
+    return ens, encoder_for(cfg["text_encoder"], weights), space_for(cfg["space"], vae_path)
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -1,4 +1,5 @@
-"""Remote experts: the client's side of ``swarm.protocol``.
+"""The swarm client (``--role client --initial-peers ...``): the router fetched from the swarm,
+every expert run on its servers over ``swarm.protocol`` unless asked to run here.
 
 One binary stream per server for the whole generation (opened at the first step, reused by
 every later one), so a step costs one round trip on an open stream — not a new RPC. A server
@@ -14,11 +15,18 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from hivemind.p2p import PeerID
 
-from router.sampling import ExpertUnavailable
+from router.client import ClientConfig, ClientEnsemble, draw
+from router.ensemble import encoder_for, space_for
+from router.network import RouterNet
+from router.sampling import ExpertUnavailable, LocalExpert
+from swarm.blobs import BlobService, BlobStore
+from swarm.dht import SwarmError, SwarmNode
+from swarm.mirror import fetch_published
 from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame, reply_timing
 from swarm.records import ServeRecord
 
@@ -123,33 +131,17 @@ class RemoteExpert:
         return self.pool.call(self.expert, x_t, t, states, mask, guidance, t_next)
 
 
-@dataclass
-class SwarmEnsemble:
-    """What a client samples with: the router, and per expert a local model or a remote pool."""
-
-    router: torch.nn.Module
-    experts: dict  # expert → ExpertRunner (LocalExpert or RemoteExpert)
-    objectives: dict[int, str]
-    served_by: dict[int, str]  # expert → "local" or "N server(s)"
-    encoder: object
-    space: object
-    shape: tuple[int, int, int]
-    pool: RemotePool | None
-
-
 def swarm_ensemble(
-    node, blobs, folder, local: list[int] | None, vae: str = "", cfg: RemoteConfig | None = None
-) -> SwarmEnsemble:
+    node: SwarmNode,
+    blobs: BlobService,
+    folder: Path,
+    local: list[int] | str | None,
+    vae: str = "",
+    cfg: RemoteConfig | None = None,
+) -> tuple[ClientEnsemble, RemotePool | None]:
     """Discover the run's router and servers through the DHT; fetch (and verify) the router and the
-    experts asked to run locally; every other expert with a live server runs remotely."""
-    from pathlib import Path
-
-    from router.ensemble import _encoder_for, _space_for
-    from router.network import RouterNet
-    from router.sampling import LocalExpert
-    from swarm.dht import SwarmError
-    from swarm.mirror import fetch_published
-
+    experts asked to run locally (ids or "all"); every other expert with a live server runs remotely.
+    Returns the ensemble and the pool of remote experts (close it when done)."""
     run = node.run()
     if run is None:
         raise SwarmError("no run is published in this swarm yet (python node.py --role prepare --serve ...)")
@@ -187,13 +179,28 @@ def swarm_ensemble(
         raise SwarmError("no expert could be loaded here or reached on a server")
     if len(encoders) != 1 or len(shapes) != 1:
         raise SwarmError(f"the experts disagree on text encoder {sorted(encoders)} or shape {sorted(shapes)}")
-    return SwarmEnsemble(
+    ens = ClientEnsemble(
         router,
         experts,
         objectives,
         served_by,
-        _encoder_for(encoders.pop()),
-        _space_for(router_ckpt.meta["space"], vae),
+        encoder_for(encoders.pop()),
+        space_for(router_ckpt.meta["space"], vae),
         shapes.pop(),
-        pool,
+        pool.events if pool is not None else [],
     )
+    return ens, pool
+
+
+def run_swarm_client(node: SwarmNode, cfg: ClientConfig) -> Path:
+    """Draw ``cfg.prompts`` with the swarm's router and experts: the ones in ``cfg.local_experts``
+    run here, every other one on its servers. Returns the PNG's path."""
+    blobs = BlobService(node.dht, BlobStore())
+    pool = None
+    try:
+        ens, pool = swarm_ensemble(node, blobs, Path(cfg.ckpt_dir), cfg.local_experts, vae=cfg.vae)
+        return draw(ens, cfg)
+    finally:
+        if pool is not None:
+            pool.close()
+        blobs.shutdown()

@@ -1,0 +1,158 @@
+"""The client's core, wherever its experts run: generate images for prompts with a progress bar,
+write the PNG and a routing JSON beside it, and print which expert (and which server) denoised
+how many steps. ``run_local_client`` samples from a run's checkpoints or an export on this
+machine; the swarm client (``swarm.client``) builds the same :class:`ClientEnsemble` with remote
+experts and calls :func:`draw`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from experts.latent_space import LatentSpace
+from experts.text_encoder import TextEncoder
+from router.ensemble import load_ensemble, load_export
+from router.grid import save_images
+from router.sampling import ExpertUnavailable, SamplerConfig, generate
+
+
+@dataclass
+class ClientConfig:
+    """One client invocation: what to draw, how to route, and where the experts come from."""
+
+    prompts: list[str]
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    output: str = ""  # PNG path ("": outputs/<prompt>.png, or outputs/grid.png for several prompts)
+    local_experts: list[int] | str | None = None  # ids or "all" to run here (None: all locally, none in a swarm)
+    ckpt_dir: str = "runs/default/checkpoints"  # local: the run's checkpoints; swarm: where fetched ones go
+    from_export: str = ""  # load an exported folder instead of checkpoints
+    vae: str = ""  # the VAE folder of a latent-space set
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError('give a prompt, e.g. python node.py --role client --local "a red apple"')
+        if any(not p.strip() for p in self.prompts):
+            raise ValueError("empty prompt; give some text")
+
+
+@dataclass
+class ClientEnsemble:
+    """What a client samples with: the router and, per expert, a runner here or on a server."""
+
+    router: torch.nn.Module
+    experts: dict  # expert → ExpertRunner (a LocalExpert, or a remote one)
+    objectives: dict[int, str]
+    served_by: dict[int, str]  # expert → "local" or "N server(s)"
+    encoder: TextEncoder
+    space: LatentSpace
+    shape: tuple[int, int, int]
+    failovers: list[str] = field(default_factory=list)  # appended to by remote experts as they fail over
+
+
+def local_ensemble(cfg: ClientConfig) -> ClientEnsemble:
+    """The router and experts of a run's checkpoints (or of an export), all run in this process."""
+    subset = None if cfg.local_experts in (None, "all") else list(cfg.local_experts)
+    if cfg.from_export:
+        ens, encoder, space = load_export(Path(cfg.from_export), vae=cfg.vae)
+        if subset is not None:
+            ens.experts = {k: v for k, v in ens.experts.items() if k in subset}
+    else:
+        ens, encoder, space = load_ensemble(Path(cfg.ckpt_dir), subset, vae=cfg.vae)
+    objectives = {k: m["objective"] for k, m in ens.expert_meta.items() if k in ens.experts}
+    served_by = dict.fromkeys(ens.experts, "local")
+    return ClientEnsemble(ens.router, ens.experts, objectives, served_by, encoder, space, ens.shape)
+
+
+def run_local_client(cfg: ClientConfig) -> Path:
+    """Draw ``cfg.prompts`` with the experts of a local run or export; returns the PNG's path."""
+    return draw(local_ensemble(cfg), cfg)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "image"
+
+
+def output_path(cfg: ClientConfig) -> Path:
+    if cfg.output:
+        return Path(cfg.output)
+    return Path(f"outputs/{_slug(cfg.prompts[0]) if len(cfg.prompts) == 1 else 'grid'}.png")
+
+
+def draw(ens: ClientEnsemble, cfg: ClientConfig) -> Path:
+    """Generate, write the PNG and a routing JSON beside it, print the routing summary."""
+    sampler, prompts = cfg.sampler, cfg.prompts
+    num_experts = int(ens.router.config.num_experts)
+    missing = sorted(set(range(num_experts)) - set(ens.experts))
+    if missing:
+        print(
+            f"note: experts {missing} are not available; the router's choice is renormalised over the others",
+            file=sys.stderr,
+        )
+    t0 = time.time()
+    columns = (TextColumn("[bold]sampling"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("", total=sampler.steps)
+
+        def progress(i: int, log) -> None:
+            who = ", ".join(f"{k}@{w[:10]}" for k, w in sorted(log.where[-1].items()))
+            bar.update(task, completed=i + 1, description=f"step {i + 1}/{sampler.steps}  experts {who}")
+
+        try:
+            images, log = generate(
+                prompts, ens.router, ens.experts, ens.encoder, ens.space, ens.shape, sampler, progress=progress
+            )
+        except ExpertUnavailable as e:
+            raise RuntimeError(f"no expert can serve any more ({e.reason}); stopping") from None
+    dt = time.time() - t0
+    out = output_path(cfg)
+    save_images(images, prompts, out)
+    Console().print(_routing_table(ens, sampler, len(prompts), log))
+    for step, k, reason in log.reroutes:
+        print(f"rerouted at step {step + 1}: expert {k} dropped ({reason}); renormalised over the others")
+    for event in ens.failovers:
+        print(f"failover: {event}")
+    routing = {
+        "prompts": prompts,
+        "mode": sampler.mode,
+        "k": sampler.k,
+        "steps": sampler.steps,
+        "seed": sampler.seed,
+        "usage": log.usage,
+        "per_step": log.per_step,
+        "where": [{str(k): w for k, w in step.items()} for step in log.where],
+        "reroutes": [{"step": s, "expert": k, "reason": r} for s, k, r in log.reroutes],
+        "failovers": ens.failovers,
+    }
+    out.with_suffix(".json").write_text(json.dumps(routing, indent=1))
+    print(f"wrote {out} ({dt:.1f}s, {dt / len(prompts):.2f}s per image); routing: {out.with_suffix('.json')}")
+    return out
+
+
+def _routing_table(ens: ClientEnsemble, sampler: SamplerConfig, images: int, log) -> Table:
+    """Per expert: its objective, who served it, and how many (image, step) pairs it denoised."""
+    mode = sampler.mode if sampler.mode != "topk" else f"topk, k={sampler.k}"
+    table = Table(title=f"routing ({mode}), {sampler.steps} steps x {images} images")
+    for col in ("expert", "objective", "served by", "(image, step) pairs"):
+        table.add_column(col, justify="right" if col.startswith("(") else "left")
+    for k in range(int(ens.router.config.num_experts)):
+        if k not in ens.experts:
+            table.add_row(str(k), "-", "unavailable", "0")
+            continue
+        peers = sorted((w, n) for (kk, w), n in log.by_peer.items() if kk == k)
+        table.add_row(
+            str(k),
+            ens.objectives.get(k, "-"),
+            "\n".join(w[:16] for w, _ in peers) or ens.served_by[k],
+            "\n".join(str(n) for _, n in peers) or "0",
+        )
+    return table

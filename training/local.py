@@ -1,0 +1,88 @@
+"""Training one job on this machine (``--role trainer --local``): an expert, the router, or the
+monolith baseline, on a prepared run's data, into ``<ckpt>/<job>/step_N``.
+
+With no budget given a job trains for 5 minutes; the monolith's default budget is the experts'
+total compute (``training.monolith.equal_compute_steps``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rich.console import Console
+
+from data.checkpoint import Checkpoint
+from data.manifest import load_manifest
+from experts.presets import get_preset
+from experts.text_encoder import TextEncoderConfig
+from router.ensemble import expert_dir, router_dir
+from training.jobs import build_job
+from training.loop import TrainConfig, train
+from training.monolith import MONOLITH, equal_compute_steps, experts_samples_seen
+
+console = Console(stderr=True, markup=False)
+
+DEFAULT_MINUTES = 5.0  # a local job given neither --steps nor --minutes
+
+
+@dataclass
+class LocalTrainConfig:
+    data_dir: str  # the prepared run (manifest.json and shards)
+    ckpt_dir: str  # checkpoints go in <ckpt_dir>/<job>/step_N
+    job: str  # "expert_K", "router" or "monolith"
+    # budget (steps/minutes; both 0: the default), batch, lr, cadence and seed; ckpt_root is set per job
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(ckpt_root=""))
+    text_encoder: str = "minilm"  # minilm or clip:PATH[@ARCH]
+    vae: str = ""  # AutoencoderKL folder for latent presets
+    router_preset: str = "tiny"
+
+
+def plan(cfg: LocalTrainConfig) -> TrainConfig:
+    """The job's TrainConfig: its checkpoint folder, its seed and its budget."""
+    manifest, _ = load_manifest(Path(cfg.data_dir))
+    ckpt, tc = Path(cfg.ckpt_dir), cfg.train
+    budget = {} if (tc.steps or tc.minutes) else {"minutes": DEFAULT_MINUTES}
+    if cfg.job == "router":
+        return replace(tc, ckpt_root=str(router_dir(ckpt)), **budget)
+    if cfg.job == MONOLITH:
+        if tc.steps or tc.minutes:
+            return replace(tc, ckpt_root=str(ckpt / MONOLITH))
+        seen = experts_samples_seen(ckpt, manifest.num_clusters)
+        batch = tc.batch_size or get_preset(manifest.clusters[0].preset).batch_size
+        steps = equal_compute_steps(seen, manifest.num_clusters, batch)
+        print(
+            f"monolith: {steps} steps of {batch} = the {sum(seen.values())} samples the "
+            f"{manifest.num_clusters} experts saw together",
+            flush=True,
+        )
+        return replace(tc, ckpt_root=str(ckpt / MONOLITH), steps=steps, minutes=0.0)
+    k = int(cfg.job.removeprefix("expert_"))
+    if not 0 <= k < manifest.num_clusters:
+        raise ValueError(f"unknown expert {k}; this run has experts 0..{manifest.num_clusters - 1}")
+    encoder = TextEncoderConfig.parse(cfg.text_encoder)
+    if encoder.name != manifest.text_encoder and cfg.text_encoder != "minilm":
+        console.log(f"note: data was embedded with {manifest.text_encoder}, conditioning with {encoder.name}")
+    return replace(tc, ckpt_root=str(expert_dir(ckpt, k)), seed=tc.seed + k, **budget)
+
+
+def train_local(cfg: LocalTrainConfig) -> Checkpoint:
+    """Train the job to its budget (resuming its latest checkpoint) and say what it reached."""
+    manifest, digest = load_manifest(Path(cfg.data_dir))
+    tc = plan(cfg)
+    job = build_job(manifest, digest, cfg.job, tc, cfg.text_encoder, cfg.vae, cfg.router_preset)
+    result = train(job, tc)
+    if cfg.job == "router":
+        acc = result.meta.get("heldout_accuracy", {})
+        print(
+            f"router: step {result.step}, held-out accuracy "
+            f"({acc.get('split')}, {acc.get('samples')} images) by noise level:"
+        )
+        levels = "  ".join(f"{k} {v:.2f}" for k, v in acc.items() if k.startswith("t="))
+        print(f"  {levels}  (chance {1 / manifest.num_clusters:.2f})")
+    else:
+        print(
+            f"{cfg.job.replace('_', ' ')}: step {result.step}, loss {result.meta.get('loss')}, "
+            f"{result.meta['samples_seen']} samples seen, checkpoint {result.path} sha256 {result.sha256[:12]}"
+        )
+    return result
