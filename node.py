@@ -82,6 +82,11 @@ def _vae(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default="", help="diffusers AutoencoderKL folder (latent presets)")
 
 
+def _device_flags(g) -> None:
+    g.add_argument("--device", default="", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    g.add_argument("--precision", default="", help="fp32 or bf16 (default: bf16 on CUDA, fp32 on the CPU)")
+
+
 def _sampling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=30, help="denoising steps")
@@ -143,6 +148,10 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--router-preset", default="tiny", choices=sorted(ROUTER_PRESETS))
         g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps")
         g.add_argument("--ckpt-minutes", type=float, default=5.0, help="and at least every M minutes")
+        g.add_argument("--accum", type=int, default=1, help="micro-batches per step: global batch = batch x accum")
+        g.add_argument("--warmup-steps", type=int, default=-1, help="linear LR warm-up (-1: the preset's)")
+        _device_flags(g)
+        g.add_argument("--compile", action="store_true", help="torch.compile the network")
         g.add_argument("--heartbeat", type=float, default=5.0, help="swarm: claim renewal period in seconds")
         g.add_argument("--run-timeout", type=float, default=0.0, help="swarm: give up if no run appears (0: wait)")
         _swarm(p)
@@ -360,18 +369,25 @@ def run_prepare(args: argparse.Namespace) -> None:
         node.shutdown()
 
 
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace, steps: int, minutes: float):
+    from experts.device import resolve_device, resolve_precision
     from training.loop import TrainConfig
 
+    device = resolve_device(args.device)
     return TrainConfig(
         ckpt_root="",  # set per job
-        steps=args.steps,
-        minutes=args.minutes,
+        steps=steps,
+        minutes=minutes,
         batch_size=args.batch_size,
         lr=args.lr,
         ckpt_every_steps=args.ckpt_every,
         ckpt_every_minutes=args.ckpt_minutes,
         seed=args.seed,
+        device=str(device),
+        precision=resolve_precision(args.precision, device),
+        compile=args.compile,
+        accum=args.accum,
+        warmup_steps=args.warmup_steps,
     )
 
 
@@ -394,7 +410,7 @@ def run_trainer(args: argparse.Namespace) -> None:
         router_preset=args.router_preset,
         minutes=args.minutes,
         steps=args.steps,
-        train=_train_config(args),
+        train=_train_config(args, steps=0, minutes=0.0),  # the swarm trainer sets the budget per job
         run_timeout_s=args.run_timeout,
     )
     stop = _stop_on_signals()
@@ -424,7 +440,7 @@ def run_local_trainer(args: argparse.Namespace) -> None:
         data_dir=str(data_dir),
         ckpt_dir=str(ckpt_dir),
         job=job,
-        train=_train_config(args),
+        train=_train_config(args, steps=args.steps, minutes=args.minutes),
         text_encoder=args.text_encoder,
         vae=args.vae,
         router_preset=args.router_preset,
@@ -432,25 +448,9 @@ def run_local_trainer(args: argparse.Namespace) -> None:
     train_local(cfg)
 
 
-def _device(name: str) -> str:
-    """A torch device this machine has, or a usage error."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device takes cpu, cuda or cuda:N; got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device takes cpu, cuda or cuda:N; got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: this machine has no CUDA device")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return str(device)
-
-
 def run_server(args: argparse.Namespace) -> None:
     """Serve the denoising forward pass of the published checkpoint(s) of ``--expert K[,K...]``."""
+    from experts.device import resolve_device
     from swarm.server import ExpertServer, ServerConfig
 
     experts = _int_list(args.expert, "--expert")
@@ -466,7 +466,7 @@ def run_server(args: argparse.Namespace) -> None:
         request_timeout_s=args.request_timeout,
         follow=args.follow,
         run_timeout_s=args.run_timeout,
-        device=_device(args.device),
+        device=str(resolve_device(args.device or "cpu")),
     )
     stop = _stop_on_signals()
     node = _swarm_node(args)

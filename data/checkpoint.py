@@ -63,7 +63,7 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Te
     tensors = {}
     for pid, state in sd["state"].items():
         for k, v in state.items():
-            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).clone()
+            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().to("cpu", copy=True)
     return tensors, sd["param_groups"]
 
 

@@ -42,6 +42,11 @@ class Batch:
     labels: torch.Tensor  # (B,) cluster ids
     position: DataPosition  # position after this batch
 
+    def to(self, device: torch.device | str) -> Batch:
+        if torch.device(device).type == "cpu":
+            return self
+        return Batch(self.images.to(device, non_blocking=True), self.captions, self.labels.to(device), self.position)
+
 
 def verify_local_shards(manifest: Manifest, entries: list[ShardEntry]) -> None:
     """Hash-check shards that are local files; remote URLs are checked by whoever fetches them."""

@@ -26,6 +26,10 @@ class LatentSpace:
         """What the experts produce → (B, 3, H, W) in [-1, 1]."""
         return x.clamp(-1, 1)
 
+    def to(self, device: torch.device | str) -> LatentSpace:
+        """Where the space's own network (if any) runs; it takes and gives tensors on any device."""
+        return self
+
 
 class VaeSpace(LatentSpace):
     """diffusers ``AutoencoderKL`` latents, scaled by the VAE's own scaling factor."""
@@ -41,13 +45,20 @@ class VaeSpace(LatentSpace):
         self.scale = float(self.vae.config.scaling_factor)
         self.name = f"vae:{Path(path).name}"
 
+    def to(self, device: torch.device | str) -> VaeSpace:
+        self.vae.to(device)
+        return self
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images).latent_dist.sample() * self.scale
+        """Latents on the images' device, whichever device the VAE is on."""
+        here = next(self.vae.parameters()).device
+        return (self.vae.encode(images.to(here)).latent_dist.sample() * self.scale).to(images.device)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(x / self.scale).sample.clamp(-1, 1)
+        here = next(self.vae.parameters()).device
+        return self.vae.decode(x.to(here) / self.scale).sample.clamp(-1, 1).to(x.device)
 
 
 def load_space(vae_path: str = "") -> LatentSpace:

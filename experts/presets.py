@@ -27,6 +27,7 @@ class ExpertPreset:
     patch: int
     batch_size: int  # a sensible per-step batch on the hardware the preset is meant for
     lr: float  # AdamW learning rate that works for this width
+    warmup_steps: int = 0  # linear LR warm-up (the GPU presets' large batches and widths want one)
 
     @property
     def head_dim(self) -> int:
@@ -46,8 +47,8 @@ EXPERT_PRESETS: dict[str, ExpertPreset] = {
     for p in (
         ExpertPreset("tiny", "pixel", 32, 3, 128, 6, 4, 4, batch_size=64, lr=1e-3),
         ExpertPreset("small", "pixel", 32, 3, 192, 8, 6, 2, batch_size=32, lr=5e-4),
-        ExpertPreset("B/2", "latent", 32, 4, 768, 12, 12, 2, batch_size=64, lr=1e-4),
-        ExpertPreset("XL/2", "latent", 32, 4, 1152, 28, 16, 2, batch_size=32, lr=1e-4),
+        ExpertPreset("B/2", "latent", 32, 4, 768, 12, 12, 2, batch_size=64, lr=1e-4, warmup_steps=500),
+        ExpertPreset("XL/2", "latent", 32, 4, 1152, 28, 16, 2, batch_size=32, lr=1e-4, warmup_steps=1000),
     )
 }
 

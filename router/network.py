@@ -25,6 +25,7 @@ class RouterPreset:
     patch: int
     batch_size: int
     lr: float
+    warmup_steps: int = 0  # linear LR warm-up
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,7 +18,7 @@ import random
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hivemind.utils import get_dht_time
@@ -274,14 +274,7 @@ class SwarmTrainer:
                 minutes_left = (deadline - time.monotonic()) / 60 if deadline else 0.0
                 steps = [n for n in (self.cfg.steps, run.target(job)) if n > 0]
                 minutes = max(minutes_left, 1e-3) if deadline else (0.0 if steps else self.cfg.chunk_minutes)
-                tcfg = TrainConfig(
-                    **{
-                        **self.cfg.train.__dict__,
-                        "ckpt_root": str(root),
-                        "steps": min(steps) if steps else 0,
-                        "minutes": minutes,
-                    }
-                )
+                tcfg = replace(self.cfg.train, ckpt_root=str(root), steps=min(steps) if steps else 0, minutes=minutes)
                 train_job = build_job(
                     manifest, digest, job, tcfg, self.cfg.text_encoder, self.cfg.vae, self.cfg.router_preset
                 )

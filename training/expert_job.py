@@ -43,6 +43,7 @@ class ExpertJob:
         self.model = build_expert(self.preset, encoder.dim)
         self.batch_size = cfg.batch_size or self.preset.batch_size
         self.lr = cfg.lr or self.preset.lr
+        self.warmup_steps = cfg.warmup_steps if cfg.warmup_steps >= 0 else self.preset.warmup_steps
         self.cond_dropout = cfg.cond_dropout
         self.seed = cfg.seed
 
@@ -52,10 +53,12 @@ class ExpertJob:
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         drop = torch.rand(len(batch.captions), generator=generator) < self.cond_dropout
         captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=False)]
-        states, mask = self.encoder.encode(captions)
         x0 = self.encode_space(batch.images)
-        noise = torch.randn(x0.shape, generator=generator)
-        t = sample_train_times(len(x0), generator)
+        device = x0.device
+        states, mask = (a.to(device) for a in self.encoder.encode(captions))
+        # Noise and times come from the CPU generator, so a run is the same on any device.
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = sample_train_times(len(x0), generator).to(device)
         tb = make_training_batch(self.objective, x0, noise, t)
         pred = expert_forward(self.model, tb.x_in, tb.timestep, states, mask)
         return torch.nn.functional.mse_loss(pred, tb.target)

@@ -25,7 +25,7 @@ def build_job(
     preset = get_preset(manifest.clusters[0].preset)
     if preset.space == "latent" and not vae:
         raise ValueError("this run's preset works on latents; pass --vae PATH to an AutoencoderKL folder")
-    space = load_space(vae if preset.space == "latent" else "")
+    space = load_space(vae if preset.space == "latent" else "").to(cfg.device)
     if job == "router":
         return RouterJob(manifest, digest, space.name, space.encode, cfg, router_preset)
     encoder = load_text_encoder(TextEncoderConfig.parse(text_encoder))

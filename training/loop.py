@@ -8,6 +8,7 @@ periodic checkpoints and a loss-curve PNG.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from data.checkpoint import (
     save_checkpoint,
 )
 from data.streaming import Batch, DataPosition
+from experts.device import PRECISIONS, autocast, enable_fast_matmul
 
 console = Console(stderr=True, markup=False)  # logged errors hold multiaddrs like [/ip4/...]
 
@@ -52,10 +54,17 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept on disk
     seed: int = 0
     resume: bool = True
+    device: str = "cpu"  # cpu, cuda, cuda:N (the command line picks cuda when there is one)
+    precision: str = "fp32"  # fp32 or bf16 (autocast; master weights and EMA stay fp32)
+    compile: bool = False  # torch.compile the network (the first steps pay for compiling)
+    accum: int = 1  # micro-batches of batch_size per optimizer step: global batch = batch_size x accum
+    warmup_steps: int = -1  # linear LR warm-up over this many optimizer steps (-1: the preset's)
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 and self.minutes <= 0:
-            raise ValueError("give a training budget: --steps N and/or --minutes M")
+        if self.accum < 1 or self.warmup_steps < -1:
+            raise ValueError("--accum must be at least 1 and --warmup-steps at least 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision takes {' or '.join(PRECISIONS)}; got {self.precision!r}")
 
 
 class TrainJob(Protocol):
@@ -63,8 +72,9 @@ class TrainJob(Protocol):
 
     name: str
     model: torch.nn.Module
-    batch_size: int
+    batch_size: int  # one micro-batch
     lr: float
+    warmup_steps: int
 
     def batches(self, start: DataPosition) -> Iterator[Batch]: ...
 
@@ -86,8 +96,9 @@ def _save(
 ) -> Checkpoint:
     params = list(job.model.parameters())
     opt_tensors, groups = optimizer_to_tensors(opt)
-    tensors = {f"model.{k}": v.detach().clone() for k, v in job.model.state_dict().items()}
-    tensors.update({f"ema.{i}": p.detach().clone() for i, p in enumerate(ema.shadow_params)})
+    # On the CPU, whatever device trained it: a checkpoint resumes on any device.
+    tensors = {f"model.{k}": v.detach().to("cpu", copy=True) for k, v in job.model.state_dict().items()}
+    tensors.update({f"ema.{i}": p.detach().to("cpu", copy=True) for i, p in enumerate(ema.shadow_params)})
     tensors.update(opt_tensors)
     ema.store(params)
     ema.copy_to(params)  # the sampling weights are the EMA weights; evaluate and save those
@@ -120,7 +131,7 @@ def _resume(job: TrainJob, ema: EMAModel, opt: torch.optim.Optimizer, ckpt: Chec
     tensors = load_train_tensors(ckpt)
     job.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     shadows = [tensors[f"ema.{i}"] for i in range(len(ema.shadow_params))]
-    ema.shadow_params = [s.clone() for s in shadows]
+    ema.shadow_params = [s.to(p.device, copy=True) for s, p in zip(shadows, ema.shadow_params, strict=True)]
     ema.optimization_step = int(ckpt.meta.get("ema_optimization_step", ckpt.step))
     optimizer_from_tensors(opt, tensors, ckpt.meta["optimizer_groups"])
 
@@ -147,6 +158,20 @@ def plot_loss(history: list[list[float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def learning_rate(base: float, step: int, warmup_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant."""
+    return base if warmup_steps <= 0 else base * min(1.0, (step + 1) / warmup_steps)
+
+
+def _out_of_memory(job: TrainJob, cfg: TrainConfig) -> RuntimeError:
+    b, a = job.batch_size, cfg.accum
+    hint = f"--batch-size {b // 2} --accum {a * 2}" if b > 1 else "a smaller preset"
+    return RuntimeError(
+        f"{job.name}: out of GPU memory at batch size {b} x --accum {a} on {cfg.device}; "
+        f"try {hint} (same global batch); the last checkpoint is intact"
+    )
+
+
 def train(
     job: TrainJob,
     cfg: TrainConfig,
@@ -156,11 +181,18 @@ def train(
 ) -> Checkpoint:
     """Train ``job`` until its budget is spent or ``should_stop()``; returns the last checkpoint.
 
+    A step is one optimizer update over ``cfg.accum`` micro-batches of ``job.batch_size``.
     ``on_checkpoint`` is called with every checkpoint written (a swarm trainer publishes it);
     ``on_log`` with (step, smoothed loss, samples/s) every ``log_every`` steps.
     """
+    if cfg.steps <= 0 and cfg.minutes <= 0:
+        raise ValueError("give a training budget: --steps N and/or --minutes M")
     torch.manual_seed(cfg.seed)
-    model = job.model.train()
+    device = torch.device(cfg.device)
+    enable_fast_matmul(device)
+    model = job.model.to(device).train()
+    if cfg.compile:
+        model.compile()  # in place: parameter names (and so checkpoints) stay as they are
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=cfg.weight_decay)
     ema = EMAModel(params, decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
@@ -187,44 +219,57 @@ def train(
     with Progress(*columns, console=console, transient=False) as progress:
         total = cfg.steps if cfg.steps else None
         task = progress.add_task("starting", total=total, completed=step)
-        if not (done_steps() or out_of_time()):
-            for batch in job.batches(position):
-                loss = job.loss(batch, gen)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{job.name}: loss became {loss.item()} at step {step}; lower --lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                ema.step(params)
-                step += 1
-                samples += len(batch.captions)
-                position = batch.position
-                rate_n += len(batch.captions)
-                running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-                history.append([step, round(running, 6)])
-                if len(history) > 2000:  # thin evenly so the curve always covers the whole run
-                    history = history[::2]
-                if step % cfg.log_every == 0 or step == 1:
-                    now = time.monotonic()
-                    rate = rate_n / max(now - rate_t, 1e-9)
-                    rate_t, rate_n = now, 0
-                    progress.update(
-                        task, completed=step, description=f"step {step}  loss {running:.4f}  {rate:.0f} samples/s"
-                    )
-                    if on_log is not None:
-                        on_log(step, running, rate)
-                stop = done_steps() or out_of_time() or (should_stop is not None and should_stop())
-                due = step % cfg.ckpt_every_steps == 0 or time.monotonic() - t_ckpt >= cfg.ckpt_every_minutes * 60
-                if due or stop:
-                    elapsed = elapsed0 + time.monotonic() - t_start
-                    ckpt = _save(job, cfg, ema, opt, step, samples, position, history, elapsed)
-                    t_ckpt = time.monotonic()
-                    if on_checkpoint is not None:
-                        on_checkpoint(ckpt)
-                    progress.console.log(f"{job.name}: checkpoint step {step} sha256 {ckpt.sha256[:12]}")
-                if stop:
-                    break
+        batches = job.batches(position)
+        while not (done_steps() or out_of_time()):
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(job.lr, step, job.warmup_steps)
+            opt.zero_grad(set_to_none=True)
+            step_loss, micro = 0.0, 0
+            try:
+                for batch in itertools.islice(batches, cfg.accum):
+                    with autocast(device, cfg.precision):
+                        loss = job.loss(batch.to(device), gen)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"{job.name}: loss became {loss.item()} at step {step}; lower --lr")
+                    (loss / cfg.accum).backward()
+                    step_loss += loss.item()
+                    micro += 1
+                    samples += len(batch.captions)
+                    rate_n += len(batch.captions)
+                    position = batch.position
+            except torch.OutOfMemoryError:
+                raise _out_of_memory(job, cfg) from None
+            if micro == 0:
+                break  # a finite stream ran out
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            ema.step(params)
+            step += 1
+            step_loss /= micro
+            running = step_loss if running is None else 0.95 * running + 0.05 * step_loss
+            history.append([step, round(running, 6)])
+            if len(history) > 2000:  # thin evenly so the curve always covers the whole run
+                history = history[::2]
+            if step % cfg.log_every == 0 or step == 1:
+                now = time.monotonic()
+                rate = rate_n / max(now - rate_t, 1e-9)
+                rate_t, rate_n = now, 0
+                progress.update(
+                    task, completed=step, description=f"step {step}  loss {running:.4f}  {rate:.0f} samples/s"
+                )
+                if on_log is not None:
+                    on_log(step, running, rate)
+            stop = done_steps() or out_of_time() or (should_stop is not None and should_stop())
+            due = step % cfg.ckpt_every_steps == 0 or time.monotonic() - t_ckpt >= cfg.ckpt_every_minutes * 60
+            if due or stop:
+                elapsed = elapsed0 + time.monotonic() - t_start
+                ckpt = _save(job, cfg, ema, opt, step, samples, position, history, elapsed)
+                t_ckpt = time.monotonic()
+                if on_checkpoint is not None:
+                    on_checkpoint(ckpt)
+                progress.console.log(f"{job.name}: checkpoint step {step} sha256 {ckpt.sha256[:12]}")
+            if stop:
+                break
         progress.update(task, completed=step, description=f"step {step}  loss {running or 0:.4f}  done")
     if ckpt is None or ckpt.step != step:
         ckpt = _save(job, cfg, ema, opt, step, samples, position, history, elapsed0 + time.monotonic() - t_start)

@@ -42,6 +42,7 @@ class RouterJob:
         )
         self.batch_size = cfg.batch_size or self.preset.batch_size
         self.lr = cfg.lr or self.preset.lr
+        self.warmup_steps = cfg.warmup_steps if cfg.warmup_steps >= 0 else self.preset.warmup_steps
         self.seed = cfg.seed
         self.last_accuracy: dict[str, float] = {}
 
@@ -57,8 +58,8 @@ class RouterJob:
 
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         x0 = self.encode_space(batch.images)
-        t = torch.rand(len(x0), generator=generator)  # uniform: the router is asked at every step
-        x_t = fm_interpolate(x0, torch.randn(x0.shape, generator=generator), t)
+        t = torch.rand(len(x0), generator=generator).to(x0.device)  # uniform: the router is asked at every step
+        x_t = fm_interpolate(x0, torch.randn(x0.shape, generator=generator).to(x0.device), t)
         return torch.nn.functional.cross_entropy(self.model(x_t, TIMESTEP_SCALE * t), batch.labels)
 
     def evaluate(self) -> None:
@@ -91,11 +92,13 @@ def router_accuracy(
     gen = torch.Generator().manual_seed(seed)
     correct = {t: 0 for t in NOISE_BINS}
     n = 0
+    device = next(model.parameters()).device
     for batch in stream_batches(manifest, clusters, 256, image_size, seed, holdout=holdout, epochs=1, shuffle_buffer=0):
+        batch = batch.to(device)
         x0 = encode_space(batch.images)
         for t in NOISE_BINS:
-            tt = torch.full((len(x0),), t)
-            x_t = fm_interpolate(x0, torch.randn(x0.shape, generator=gen), tt)
+            tt = torch.full((len(x0),), t, device=device)
+            x_t = fm_interpolate(x0, torch.randn(x0.shape, generator=gen).to(device), tt)
             correct[t] += (model(x_t, TIMESTEP_SCALE * tt).argmax(-1) == batch.labels).sum().item()
         n += len(x0)
         if n >= max_samples:
