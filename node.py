@@ -161,6 +161,7 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--expert", required=True, help="the expert(s) to serve: K or a list like 0,3")
         g.add_argument("--follow", action="store_true", help="load newer published checkpoints while serving")
         g.add_argument("--device", default="cpu", help="where forward passes run (cpu, cuda, cuda:1)")
+        g.add_argument("--precision", default="", help="fp32 or bf16 (default: bf16 on CUDA, fp32 on the CPU)")
         g.add_argument("--max-batch", type=int, default=32, help="images per forward pass and per request")
         g.add_argument("--max-queue", type=int, default=64, help="requests waiting before 'busy' replies")
         g.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request may take")
@@ -180,6 +181,7 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--output", help="PNG path (default outputs/<prompt>.png)")
         g.add_argument("--mode", default="topk", choices=MODES, help="how the router's experts are combined")
         g.add_argument("--k", type=int, default=2, help="topk: experts per step")
+        _device_flags(g)  # for the experts run here
         _sampling(p)
         _swarm(p)
     elif role == "status":
@@ -203,6 +205,7 @@ def _parser(role: str) -> RoleParser:
             help=f"what to evaluate, comma-separated: {', '.join(ROW_NAMES)}",
         )
         g.add_argument("--output", default="outputs/eval", help="report folder")
+        _device_flags(g)
         _sampling(p)
     elif role == "export":
         _common(p, ("ckpt",))
@@ -450,7 +453,7 @@ def run_local_trainer(args: argparse.Namespace) -> None:
 
 def run_server(args: argparse.Namespace) -> None:
     """Serve the denoising forward pass of the published checkpoint(s) of ``--expert K[,K...]``."""
-    from experts.device import resolve_device
+    from experts.device import resolve_device, resolve_precision
     from swarm.server import ExpertServer, ServerConfig
 
     experts = _int_list(args.expert, "--expert")
@@ -458,6 +461,7 @@ def run_server(args: argparse.Namespace) -> None:
         raise UsageError(f"--expert takes distinct expert ids like 0 or 0,3; got {args.expert!r}")
     if args.max_batch < 1 or args.max_queue < 1 or args.request_timeout <= 0 or args.run_timeout <= 0:
         raise UsageError("--max-batch, --max-queue, --request-timeout and --run-timeout must be positive")
+    device = resolve_device(args.device or "cpu")
     cfg = ServerConfig(
         experts=experts,
         work_dir=str(Path(args.workdir) / "served"),
@@ -466,7 +470,8 @@ def run_server(args: argparse.Namespace) -> None:
         request_timeout_s=args.request_timeout,
         follow=args.follow,
         run_timeout_s=args.run_timeout,
-        device=str(resolve_device(args.device or "cpu")),
+        device=str(device),
+        precision=resolve_precision(args.precision, device),
     )
     stop = _stop_on_signals()
     node = _swarm_node(args)
@@ -484,6 +489,7 @@ def run_server(args: argparse.Namespace) -> None:
 
 
 def run_client(args: argparse.Namespace) -> None:
+    from experts.device import resolve_device, resolve_precision
     from router.client import ClientConfig, run_local_client
     from router.sampling import SamplerConfig
 
@@ -495,6 +501,7 @@ def run_client(args: argparse.Namespace) -> None:
     else:
         subset = _int_list(args.local_experts, "--local-experts") if args.local_experts else None
     _, ckpt = _dirs(args)
+    device = resolve_device(args.device)
     cfg = ClientConfig(
         prompts=args.prompts,
         sampler=SamplerConfig(
@@ -505,6 +512,8 @@ def run_client(args: argparse.Namespace) -> None:
         ckpt_dir=str(args.ckpt_dir or Path(args.workdir) / "fetched") if from_swarm else str(ckpt),
         from_export=args.from_export or "",
         vae=args.vae,
+        device=str(device),
+        precision=resolve_precision(args.precision, device),
     )
     if not from_swarm:
         run_local_client(cfg)
@@ -533,12 +542,16 @@ def run_status(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     from evaluation.evaluate import EvalConfig, evaluate
+    from experts.device import resolve_device, resolve_precision
 
     data_dir, ckpt = _dirs(args)
+    device = resolve_device(args.device)
     cfg = EvalConfig(
         ckpt_dir=str(ckpt),
         data_dir=str(data_dir),
         vae=args.vae,
+        device=str(device),
+        precision=resolve_precision(args.precision, device),
         out_dir=args.output,
         n=args.eval_n,
         steps=args.steps,

@@ -51,6 +51,8 @@ class EvalConfig:
     ckpt_dir: str  # the run's checkpoints: expert_K/, router/, monolith/
     data_dir: str = ""  # the prepared run with its held-out split ("": <ckpt_dir>/../data)
     vae: str = ""  # the VAE folder of a latent-space run
+    device: str = "cpu"  # where the experts' (and the monolith's) forward passes run
+    precision: str = "fp32"  # fp32 or bf16 (autocast)
     out_dir: str = "outputs/eval"
     n: int = 0  # held-out images to evaluate on (0: all of them)
     steps: int = 30
@@ -164,7 +166,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Load the run and its trained set, check they belong together, and run the evaluation."""
     ckpt = Path(cfg.ckpt_dir)
     manifest, digest = load_manifest(Path(cfg.data_dir) if cfg.data_dir else ckpt.parent / "data")
-    ensemble, encoder, space = load_ensemble(ckpt, vae=cfg.vae)
+    ensemble, encoder, space = load_ensemble(ckpt, vae=cfg.vae, device=cfg.device, precision=cfg.precision)
     if ensemble.router_meta.get("manifest_sha256") != digest:
         raise CheckpointError(f"the checkpoints under {ckpt} were not trained on the run in {manifest.root}")
     return run_eval(cfg, manifest, digest, ensemble, encoder, space)
@@ -194,7 +196,7 @@ def run_eval(
                 f"no monolith checkpoint under {ckpt_root / MONOLITH}; train the baseline with "
                 "--role trainer --local --job monolith (or leave it out with --eval-rows)"
             )
-        mono = (ck, LocalExpert.from_checkpoint(ck))
+        mono = (ck, LocalExpert.from_checkpoint(ck, cfg.device, cfg.precision))
 
     real, captions, labels = heldout_set(manifest, cfg.n, cfg.seed)
     console.log(f"held-out split: {len(captions)} images of {manifest.num_clusters} clusters")

@@ -37,6 +37,8 @@ class ClientConfig:
     ckpt_dir: str = "runs/default/checkpoints"  # local: the run's checkpoints; swarm: where fetched ones go
     from_export: str = ""  # load an exported folder instead of checkpoints
     vae: str = ""  # the VAE folder of a latent-space set
+    device: str = "cpu"  # where the experts run here run their forward passes
+    precision: str = "fp32"  # fp32 or bf16 (autocast)
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -63,11 +65,13 @@ def local_ensemble(cfg: ClientConfig) -> ClientEnsemble:
     """The router and experts of a run's checkpoints (or of an export), all run in this process."""
     subset = None if cfg.local_experts in (None, "all") else list(cfg.local_experts)
     if cfg.from_export:
-        ens, encoder, space = load_export(Path(cfg.from_export), vae=cfg.vae)
+        ens, encoder, space = load_export(Path(cfg.from_export), cfg.vae, device=cfg.device, precision=cfg.precision)
         if subset is not None:
             ens.experts = {k: v for k, v in ens.experts.items() if k in subset}
     else:
-        ens, encoder, space = load_ensemble(Path(cfg.ckpt_dir), subset, vae=cfg.vae)
+        ens, encoder, space = load_ensemble(
+            Path(cfg.ckpt_dir), subset, vae=cfg.vae, device=cfg.device, precision=cfg.precision
+        )
     objectives = {k: m["objective"] for k, m in ens.expert_meta.items() if k in ens.experts}
     served_by = dict.fromkeys(ens.experts, "local")
     return ClientEnsemble(ens.router, ens.experts, objectives, served_by, encoder, space, ens.shape)

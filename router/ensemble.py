@@ -96,12 +96,18 @@ def load_checkpoints(ckpt_root: Path, experts: list[int] | None = None) -> tuple
 
 
 def load_ensemble(
-    ckpt_root: Path, experts: list[int] | None = None, encoder: TextEncoder | None = None, vae: str = ""
+    ckpt_root: Path,
+    experts: list[int] | None = None,
+    encoder: TextEncoder | None = None,
+    vae: str = "",
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[Ensemble, TextEncoder, LatentSpace]:
+    """The run's router and experts (``experts``: a subset), experts on ``device`` in ``precision``."""
     found, router_ckpt = load_checkpoints(ckpt_root, experts)
     expert_meta = {k: c.meta for k, c in found.items()}
     enc_name = _check_compatible(router_ckpt.meta, expert_meta)
-    models = {k: LocalExpert.from_checkpoint(c) for k, c in found.items()}
+    models = {k: LocalExpert.from_checkpoint(c, device, precision) for k, c in found.items()}
     router = RouterNet.from_pretrained(router_ckpt.model_dir, low_cpu_mem_usage=False).eval()
     ens = Ensemble(models, expert_meta, router, router_ckpt.meta, enc_name, router_ckpt.meta["space"])
     return ens, encoder or encoder_for(enc_name), space_for(ens.space_name, vae)
@@ -211,7 +217,9 @@ def export_paris(ckpt_root: Path, out: Path, vae: str = "", text_weights: str = 
     return out
 
 
-def load_export(folder: Path, vae: str = "", text_weights: str = "") -> tuple[Ensemble, TextEncoder, LatentSpace]:
+def load_export(
+    folder: Path, vae: str = "", text_weights: str = "", device: str = "cpu", precision: str = "fp32"
+) -> tuple[Ensemble, TextEncoder, LatentSpace]:
     """Load a folder written by :func:`export_paris`."""
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -223,9 +231,8 @@ def load_export(folder: Path, vae: str = "", text_weights: str = "") -> tuple[En
     for k in range(int(cfg["num_experts"])):
         d = folder / f"expert_{k}"
         metas[k] = json.loads((d / "diffswarm.json").read_text())
-        experts[k] = LocalExpert(
-            PixArtTransformer2DModel.from_pretrained(d, low_cpu_mem_usage=False), metas[k]["objective"]
-        )
+        model = PixArtTransformer2DModel.from_pretrained(d, low_cpu_mem_usage=False)
+        experts[k] = LocalExpert(model, metas[k]["objective"], device, precision)
     router = RouterNet.from_pretrained(folder / "router", low_cpu_mem_usage=False).eval()
     router_meta = json.loads((folder / "router" / "diffswarm.json").read_text())
     enc_ref = json.loads((folder / "text_encoder" / "diffswarm.json").read_text())

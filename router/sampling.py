@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from experts.device import autocast
 from experts.objectives import TIMESTEP_SCALE, euler_step, network_input, sampling_times, velocity_from_output
 from experts.presets import expert_forward
 from router.combine import MODES, routing_weights
@@ -53,18 +54,19 @@ class ExpertUnavailable(RuntimeError):
 class LocalExpert:
     """An expert loaded in this process; cond and uncond go through one batched forward."""
 
-    def __init__(self, model: torch.nn.Module, objective: str, device: str = "cpu") -> None:
+    def __init__(self, model: torch.nn.Module, objective: str, device: str = "cpu", precision: str = "fp32") -> None:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.objective = objective
+        self.precision = precision  # bf16: the forward under autocast; the velocity math stays fp32
         self.where = "local"
 
     @classmethod
-    def from_checkpoint(cls, ckpt, device: str = "cpu") -> LocalExpert:
+    def from_checkpoint(cls, ckpt, device: str = "cpu", precision: str = "fp32") -> LocalExpert:
         from diffusers import PixArtTransformer2DModel
 
         model = PixArtTransformer2DModel.from_pretrained(ckpt.model_dir, low_cpu_mem_usage=False)
-        return cls(model, ckpt.meta["objective"], device)
+        return cls(model, ckpt.meta["objective"], device, precision)
 
     @torch.no_grad()
     def __call__(
@@ -77,12 +79,14 @@ class LocalExpert:
         t_next: float | None = None,
     ) -> torch.Tensor:
         if self.device.type == "cpu":
-            return guided_velocity(self.model, self.objective, x_t, t, states, mask, guidance)
+            with autocast(self.device, self.precision):
+                return guided_velocity(self.model, self.objective, x_t, t, states, mask, guidance)
         # Inputs and the answer stay on the CPU (the sampler, the router and the wire live there).
         d = self.device
         if isinstance(guidance, torch.Tensor):
             guidance = guidance.to(d)
-        v = guided_velocity(self.model, self.objective, x_t.to(d), t.to(d), states.to(d), mask.to(d), guidance)
+        with autocast(d, self.precision):
+            v = guided_velocity(self.model, self.objective, x_t.to(d), t.to(d), states.to(d), mask.to(d), guidance)
         return v.float().cpu()
 
 
@@ -100,7 +104,8 @@ def guided_velocity(
     b = x_t.shape[0]
     x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])  # (2B, C, H, W), (2B,)
     net_in, timestep = network_input(objective, x2, t2)
-    v = velocity_from_output(objective, expert_forward(model, net_in, timestep, states, mask), x2, t2)  # (2B, C, H, W)
+    out = expert_forward(model, net_in, timestep, states, mask).float()  # fp32 even under autocast
+    v = velocity_from_output(objective, out, x2, t2)  # (2B, C, H, W)
     v_cond, v_uncond = v[:b], v[b:]
     if isinstance(guidance, torch.Tensor):
         guidance = guidance.reshape(-1, 1, 1, 1).to(v.dtype)

@@ -138,6 +138,8 @@ def swarm_ensemble(
     local: list[int] | str | None,
     vae: str = "",
     cfg: RemoteConfig | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[ClientEnsemble, RemotePool | None]:
     """Discover the run's router and servers through the DHT; fetch (and verify) the router and the
     experts asked to run locally (ids or "all"); every other expert with a live server runs remotely.
@@ -164,7 +166,7 @@ def swarm_ensemble(
         ck = got.get(f"expert_{k}")
         if ck is None:
             continue
-        experts[k] = LocalExpert.from_checkpoint(ck)
+        experts[k] = LocalExpert.from_checkpoint(ck, device, precision)
         objectives[k], served_by[k] = ck.meta["objective"], "local"
         encoders.add(ck.meta["text_encoder"])
         p = ck.meta["preset"]
@@ -198,7 +200,9 @@ def run_swarm_client(node: SwarmNode, cfg: ClientConfig) -> Path:
     blobs = BlobService(node.dht, BlobStore())
     pool = None
     try:
-        ens, pool = swarm_ensemble(node, blobs, Path(cfg.ckpt_dir), cfg.local_experts, vae=cfg.vae)
+        ens, pool = swarm_ensemble(
+            node, blobs, Path(cfg.ckpt_dir), cfg.local_experts, cfg.vae, device=cfg.device, precision=cfg.precision
+        )
         return draw(ens, cfg)
     finally:
         if pool is not None:

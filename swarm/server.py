@@ -55,6 +55,7 @@ class ServerConfig:
     keep_old_s: float = 120.0  # after a reload, the previous checkpoint is served until unused this long
     run_timeout_s: float = 60.0  # wait this long for a run record
     device: str = "cpu"  # where the forward passes run (cuda, cuda:1, ...)
+    precision: str = "fp32"  # fp32 or bf16 (autocast; replies are fp32 either way)
 
 
 class _NotYet(SwarmError):
@@ -155,7 +156,7 @@ class ExpertServer:
                 continue
             if ck.meta.get("kind") != "expert" or ck.meta.get("cluster") != k:
                 raise SwarmError(f"the published checkpoint of {job} is not expert {k}'s")
-            served = Served(ck, LocalExpert.from_checkpoint(ck, self.cfg.device))
+            served = Served(ck, LocalExpert.from_checkpoint(ck, self.cfg.device, self.cfg.precision))
             with self._lock:
                 now = time.monotonic()
                 old = [s for s in self.served.get(k, []) if now - s.last_used < self.cfg.keep_old_s]
