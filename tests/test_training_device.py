@@ -151,3 +151,18 @@ def test_a_checkpoint_trained_on_cuda_resumes_on_the_cpu(tmp_path: Path) -> None
     train(FixedJob(batch_size=8), _cfg(tmp_path, steps=2, device="cuda", precision="bf16"))
     ck = train(FixedJob(batch_size=8), _cfg(tmp_path, steps=3, device="cpu"))
     assert ck.step == 3
+
+
+def test_a_non_finite_loss_stops_training_before_any_checkpoint_holds_it(tmp_path: Path) -> None:
+    """The loss is read (a GPU wait) only when logged or saved; a NaN must still never be saved."""
+
+    class NanJob(FixedJob):
+        def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+            loss = super().loss(batch, generator)
+            return loss * float("nan") if self.calls >= 3 else loss  # steps 2, 3, then 4: NaN
+
+    good = train(FixedJob(batch_size=4), _cfg(tmp_path, steps=1))
+    cfg = dataclasses.replace(_cfg(tmp_path, steps=6), log_every=100, ckpt_every_steps=4)
+    with pytest.raises(FloatingPointError, match="loss became nan at step 4"):
+        train(NanJob(batch_size=4), cfg)
+    assert latest_checkpoint(tmp_path).sha256 == good.sha256
