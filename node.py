@@ -108,6 +108,7 @@ def _parser(role: str) -> RoleParser:
         _common(p, ("data", "ckpt"))
         _seed(p)
         _text_encoder(p)
+        _vae(p)
         g = p.add_argument_group("prepare")
         g.add_argument("--source", default="twemoji", help="twemoji | folder:PATH | shard paths/URLs (.tar, braces ok)")
         g.add_argument("--clusters", type=int, default=4, help="K: experts to train")
@@ -353,6 +354,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         holdout_fraction=args.holdout_fraction,
         embed=args.embed,
         text_encoder=args.text_encoder,
+        vae=args.vae,
         limit=args.limit,
         seed=args.seed,
     )

@@ -51,6 +51,13 @@ class Manifest:
     holdout_fraction: float
     clusters: list[ClusterEntry]
     credit: str = ""
+    # Computed once at prepare time and stored in the shards beside each image (None: not stored):
+    # latents = {"vae": space name, "scale": the VAE's scaling factor, "shape": [C, h, w]}: each
+    #   sample's ``latent.npy`` holds the posterior's mean and std, (2, C, h, w) float16;
+    # text_states = {"encoder": name, "tokens": L, "dim": D}: each sample's ``states.npy`` holds
+    #   its caption's n <= L real token states, (n, D) float16 (padding is masked, so not stored).
+    latents: dict | None = None
+    text_states: dict | None = None
     version: int = MANIFEST_VERSION
     root: Path | None = field(default=None, compare=False)  # folder it was loaded from; not saved
 
@@ -116,6 +123,20 @@ class Manifest:
             for s in c.shards + c.holdout:
                 if len(s.sha256) != 64 or s.samples < 0:
                     raise ManifestError(f"cluster {i}: bad shard entry {s.url!r}")
+        lat, txt = self.latents, self.text_states
+        if lat is not None and not (
+            isinstance(lat.get("vae"), str)
+            and isinstance(lat.get("scale"), int | float)
+            and isinstance(lat.get("shape"), list)
+            and len(lat["shape"]) == 3
+            and all(isinstance(n, int) and 0 < n <= 4096 for n in lat["shape"])
+        ):
+            raise ManifestError(f"malformed latents entry {lat!r}")
+        if txt is not None and not (
+            isinstance(txt.get("encoder"), str)
+            and all(isinstance(txt.get(k), int) and 0 < txt[k] <= 8192 for k in ("tokens", "dim"))
+        ):
+            raise ManifestError(f"malformed text_states entry {txt!r}")
 
 
 def load_manifest(path: str | Path) -> tuple[Manifest, str]:

@@ -22,7 +22,7 @@ from rich.progress import Progress
 
 from data.manifest import ClusterEntry, Manifest, ShardEntry, sha256_file
 from data.sources import TWEMOJI_CREDIT, Item, SourceError, open_source
-from experts.latent_space import pil_to_tensor, tensor_to_pil
+from experts.latent_space import VaeSpace, pil_to_tensor, tensor_to_pil
 from experts.presets import get_preset
 from experts.text_encoder import TextEncoderConfig, load_text_encoder
 
@@ -39,6 +39,8 @@ class PrepareConfig:
     fine_clusters: int = 0  # 0: max(8K, 32), capped by the data size
     embed: str = "caption"  # "caption" (text encoder) or "image:PATH[@ARCH]" (open_clip image tower)
     text_encoder: str = "minilm"
+    vae: str = ""  # AutoencoderKL folder: latent presets store every image's latents in the shards
+    store_text_states: bool = True  # store each caption's token states in the shards (computed once)
     limit: int = 0  # use at most this many items (0: all)
     shard_size: int = 1000  # samples per shard
     seed: int = 0
@@ -106,9 +108,22 @@ def _image_embeddings(spec: str, images: list[Image.Image]) -> tuple[np.ndarray,
     return torch.cat(out).numpy(), f"image:{arch}"
 
 
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
 def _write_shards(
-    folder: Path, prefix: str, items: list[tuple[Item, bytes]], cluster: int, shard_size: int, root: Path
+    folder: Path,
+    prefix: str,
+    items: list[tuple[Item, bytes]],
+    cluster: int,
+    shard_size: int,
+    root: Path,
+    extra: dict[str, dict[str, bytes]],
 ) -> list[ShardEntry]:
+    """Shards in the img2dataset layout, plus per key what ``extra`` stores (``latent.npy``, ``states.npy``)."""
     import webdataset as wds
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,7 +134,8 @@ def _write_shards(
         with wds.TarWriter(str(path), mtime=0) as sink:  # fixed mtime: same data → same hash
             for item, png in chunk:
                 meta = {"caption": item.caption, "cluster": cluster, "key": item.key, **item.meta}
-                sink.write({"__key__": item.key, "png": png, "txt": item.caption, "json": json.dumps(meta)})
+                record = {"__key__": item.key, "png": png, "txt": item.caption, "json": json.dumps(meta)}
+                sink.write(record | extra.get(item.key, {}))
         entries.append(ShardEntry(str(path.relative_to(root)), sha256_file(path), len(chunk)))
     return entries
 
@@ -142,11 +158,52 @@ def contact_sheet(
     sheet.save(path)
 
 
+def _latent_space(cfg: PrepareConfig, preset) -> VaeSpace | None:
+    """The VAE of a latent preset (one clear error when it is missing or unusable); None in pixel space."""
+    if preset.space != "latent":
+        if cfg.vae:
+            raise ValueError(f"preset {preset.name} works in pixel space; --vae is for latent presets (B/2, XL/2)")
+        return None
+    if not cfg.vae:
+        raise ValueError(f"preset {preset.name} works on latents: pass --vae PATH to an AutoencoderKL folder")
+    space = VaeSpace(cfg.vae)
+    return space.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _store_latents(space: VaeSpace, items: list[tuple[Item, bytes]], size: int, extra: dict) -> dict:
+    """Encode every image once; training then reads latents and never runs the VAE."""
+    shape = None
+    with Progress(transient=True) as progress:
+        task = progress.add_task("encoding latents", total=len(items))
+        for i in range(0, len(items), 32):
+            chunk = items[i : i + 32]
+            images = torch.stack([pil_to_tensor(it.image, size) for it, _ in chunk])
+            params = space.posterior(images).to(torch.float16).numpy()  # (B, 2, C, h, w)
+            shape = list(params.shape[2:])
+            for (it, _), p in zip(chunk, params, strict=True):
+                extra[it.key]["latent.npy"] = _npy(p)
+            progress.advance(task, len(chunk))
+    return {"vae": space.name, "scale": space.scale, "shape": shape}
+
+
+def _store_text_states(encoder, items: list[tuple[Item, bytes]], extra: dict) -> dict:
+    """Encode every caption once; only its real tokens are stored (the rest is masked padding)."""
+    captions = [it.caption for it, _ in items]
+    tokens = 0
+    for i in range(0, len(captions), 256):
+        states, mask = encoder.encode(captions[i : i + 256], cache=False)  # each caption once anyway
+        tokens = states.shape[1]
+        for (it, _), st, m in zip(items[i : i + 256], states, mask, strict=True):
+            extra[it.key]["states.npy"] = _npy(st[: max(int(m.sum()), 1)].to(torch.float16).numpy())
+    return {"encoder": encoder.name, "tokens": tokens, "dim": encoder.dim}
+
+
 def prepare(cfg: PrepareConfig) -> tuple[Manifest, str]:
     """Run the whole preparation; returns the manifest and its sha256."""
     _validate(cfg)
     preset = get_preset(cfg.preset)
     size = cfg.image_size or preset.image_size
+    space = _latent_space(cfg, preset)  # before reading any data: a bad --vae fails at once
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
@@ -171,8 +228,9 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, str]:
 
     encoder_cfg = TextEncoderConfig.parse(cfg.text_encoder)
     captions = [it.caption for it, _ in items]
+    encoder = load_text_encoder(encoder_cfg) if cfg.embed == "caption" or cfg.store_text_states else None
     if cfg.embed == "caption":
-        emb = load_text_encoder(encoder_cfg).sentence_embeddings(captions).numpy()
+        emb = encoder.sentence_embeddings(captions).numpy()
         embedding_name = f"caption:{encoder_cfg.name}"
     elif cfg.embed.startswith("image:"):
         emb, embedding_name = _image_embeddings(cfg.embed[len("image:") :], originals)
@@ -180,6 +238,9 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, str]:
         raise ValueError(f"--embed must be 'caption' or 'image:PATH', got {cfg.embed!r}")
 
     labels, centroids = cluster_embeddings(emb.astype(np.float64), cfg.clusters, cfg.fine_clusters, cfg.seed)
+    extra: dict[str, dict[str, bytes]] = {it.key: {} for it, _ in items}
+    latents_info = _store_latents(space, items, size, extra) if space is not None else None
+    text_info = _store_text_states(encoder, items, extra) if cfg.store_text_states else None
 
     clusters: list[ClusterEntry] = []
     samples: dict[int, list[tuple[Image.Image, str]]] = {}
@@ -201,8 +262,8 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, str]:
                 ClusterEntry(
                     id=c,
                     samples=len(train),
-                    shards=_write_shards(folder, "train", train, c, cfg.shard_size, out),
-                    holdout=_write_shards(folder, "holdout", held, c, cfg.shard_size, out) if held else [],
+                    shards=_write_shards(folder, "train", train, c, cfg.shard_size, out, extra),
+                    holdout=_write_shards(folder, "holdout", held, c, cfg.shard_size, out, extra) if held else [],
                     centroid=[round(float(v), 5) for v in centroids[c]],
                     examples=examples,
                     objective=objective,
@@ -221,6 +282,8 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, str]:
         holdout_fraction=cfg.holdout_fraction,
         clusters=clusters,
         credit=TWEMOJI_CREDIT if cfg.source == "twemoji" else "",
+        latents=latents_info,
+        text_states=text_info,
     )
     digest = manifest.save(out)
     contact_sheet(manifest, samples, out / "clusters.png")

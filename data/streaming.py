@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -41,13 +42,53 @@ class Batch:
     captions: list[str]
     labels: torch.Tensor  # (B,) cluster ids
     position: DataPosition  # position after this batch
+    latents: torch.Tensor | None = None  # (B, 2, C, h, w) posterior mean and std, when the shards hold them
+    states: torch.Tensor | None = None  # (B, L, D) caption token states, when the shards hold them
+    mask: torch.Tensor | None = None  # (B, L) 1 = real token
 
     def to(self, device: torch.device | str) -> Batch:
         if torch.device(device).type == "cpu":
             return self
-        # pinned host memory: the copy can overlap the GPU's work on the previous step
-        images = self.images.pin_memory().to(device, non_blocking=True)
-        return Batch(images, self.captions, self.labels.to(device, non_blocking=True), self.position)
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            # pinned host memory: the copy can overlap the GPU's work on the previous step
+            return None if t is None else t.pin_memory().to(device, non_blocking=True)
+
+        return Batch(
+            move(self.images), self.captions, move(self.labels), self.position,
+            move(self.latents), move(self.states), move(self.mask),
+        )  # fmt: skip
+
+
+@dataclass
+class Sample:
+    """One decoded sample; ``latent``/``states`` only when the run's shards store them."""
+
+    image: torch.Tensor
+    caption: str
+    label: int
+    latent: torch.Tensor | None = None
+    states: torch.Tensor | None = None  # (n, D): the caption's real tokens only
+
+
+def collate(samples: list[Sample], position: DataPosition, text_tokens: int = 0) -> Batch:
+    """Stack samples into a batch; text states are zero-padded to ``text_tokens`` and masked."""
+    batch = Batch(
+        torch.stack([s.image for s in samples]),
+        [s.caption for s in samples],
+        torch.tensor([s.label for s in samples]),
+        position,
+    )
+    if samples[0].latent is not None:
+        batch.latents = torch.stack([s.latent for s in samples])
+    if samples[0].states is not None:
+        dim = samples[0].states.shape[1]
+        batch.states = torch.zeros(len(samples), text_tokens, dim)
+        batch.mask = torch.zeros(len(samples), text_tokens, dtype=torch.long)
+        for i, s in enumerate(samples):
+            batch.states[i, : len(s.states)] = s.states
+            batch.mask[i, : len(s.states)] = 1
+    return batch
 
 
 def verify_local_shards(manifest: Manifest, entries: list[ShardEntry]) -> None:
@@ -73,7 +114,23 @@ def _samples(urls: list[str], rng: random.Random, shuffle_buffer: int) -> Iterat
     return iter(pipeline)
 
 
-def _decode(sample: dict, size: int, default_label: int) -> tuple[torch.Tensor, str, int]:
+def _array(sample: dict, name: str, shape: tuple[int | None, ...]) -> torch.Tensor:
+    """A stored ``.npy`` array of a sample, checked: never unpickled, float16, the expected shape, finite."""
+    raw = sample.get(name)
+    if raw is None:
+        raise ManifestError(f"sample {sample.get('__key__')!r} lacks {name}, which its manifest says it stores")
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError as e:
+        raise ManifestError(f"sample {sample.get('__key__')!r}: unreadable {name} ({e})") from None
+    ok = arr.dtype == np.float16 and arr.ndim == len(shape)
+    ok = ok and all(want is None or got == want for got, want in zip(arr.shape, shape, strict=True))
+    if not ok or not np.isfinite(arr).all():
+        raise ManifestError(f"sample {sample.get('__key__')!r}: {name} has {arr.dtype} {arr.shape}, expected {shape}")
+    return torch.from_numpy(arr.astype(np.float32))
+
+
+def _decode(sample: dict, size: int, default_label: int, manifest: Manifest) -> Sample:
     img_bytes = next((sample[k] for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
     if img_bytes is None or "txt" not in sample:
         raise ValueError(f"sample {sample.get('__key__')!r} lacks an image or a caption")
@@ -82,7 +139,16 @@ def _decode(sample: dict, size: int, default_label: int) -> tuple[torch.Tensor, 
     label = default_label
     if "json" in sample:
         label = int(json.loads(sample["json"]).get("cluster", default_label))
-    return x, sample["txt"].decode("utf-8"), label
+    out = Sample(x, sample["txt"].decode("utf-8"), label)
+    if manifest.latents is not None:
+        out.latent = _array(sample, "latent.npy", (2, *manifest.latents["shape"]))
+    if manifest.text_states is not None:
+        txt = manifest.text_states
+        out.states = _array(sample, "states.npy", (None, txt["dim"]))
+        if not 0 < len(out.states) <= txt["tokens"]:
+            n, most = len(out.states), txt["tokens"]
+            raise ManifestError(f"sample {sample.get('__key__')!r}: {n} text tokens, expected 1 to {most}")
+    return out
 
 
 def _cluster_samples(
@@ -94,7 +160,7 @@ def _cluster_samples(
     holdout: bool,
     epochs: int,
     shuffle_buffer: int,
-) -> Iterator[tuple[torch.Tensor, str, int, DataPosition]]:
+) -> Iterator[tuple[Sample, DataPosition]]:
     """Decoded samples of one cluster with the position after each; endless unless ``epochs``."""
     entries = manifest.clusters[cluster].holdout if holdout else manifest.clusters[cluster].shards
     urls_all = sorted(manifest.resolve(s.url) for s in entries)
@@ -108,9 +174,9 @@ def _cluster_samples(
             n_in_epoch += 1
             if i < pos.index:
                 continue  # resuming: skip what was already consumed in this epoch
-            x, cap, lab = _decode(sample, image_size, cluster)
+            decoded = _decode(sample, image_size, cluster, manifest)
             pos = DataPosition(pos.epoch, i + 1)
-            yield x, cap, lab, pos
+            yield decoded, pos
         if n_in_epoch == 0:
             raise ManifestError(f"shards of cluster {cluster} hold no samples")
         pos = DataPosition(pos.epoch + 1, 0)
@@ -142,26 +208,22 @@ def stream_batches(
     # A small cluster may have no held-out shard; it simply contributes nothing to a held-out stream.
     clusters = [c for c in clusters if (manifest.clusters[c].holdout if holdout else manifest.clusters[c].shards)]
 
-    def sub(c: int) -> Iterator[tuple[torch.Tensor, str, int, DataPosition]]:
+    def sub(c: int) -> Iterator[tuple[Sample, DataPosition]]:
         p = start.mix.get(str(c), [0, 0]) if len(clusters) > 1 else [start.epoch, start.index]
         return _cluster_samples(manifest, c, image_size, seed, DataPosition(*p), holdout, epochs, shuffle_buffer)
 
-    imgs: list[torch.Tensor] = []
-    caps: list[str] = []
-    labs: list[int] = []
+    got: list[Sample] = []
     pos = start
-
-    def emit() -> Batch:
-        return Batch(torch.stack(imgs), list(caps), torch.tensor(labs), pos)
+    tokens = manifest.text_states["tokens"] if manifest.text_states else 0
 
     if len(clusters) == 1 or epochs:
         for c in clusters:
-            for x, cap, lab, where in sub(c):
-                imgs.append(x), caps.append(cap), labs.append(lab)
+            for sample, where in sub(c):
+                got.append(sample)
                 pos = where
-                if len(imgs) == batch_size:
-                    yield emit()
-                    imgs, caps, labs = [], [], []
+                if len(got) == batch_size:
+                    yield collate(got, pos, tokens)
+                    got = []
     else:
         streams = {c: sub(c) for c in clusters}
         weights = [manifest.clusters[c].samples for c in clusters]
@@ -170,13 +232,13 @@ def stream_batches(
         while True:
             # Each draw is a function of (seed, draw number), so a resumed mix continues exactly.
             c = random.Random((seed + 1) * 1_000_003 + drawn).choices(clusters, weights)[0]
-            x, cap, lab, where = next(streams[c])
-            imgs.append(x), caps.append(cap), labs.append(lab)
+            sample, where = next(streams[c])
+            got.append(sample)
             mix[str(c)] = [where.epoch, where.index]
             drawn += 1
-            if len(imgs) == batch_size:
+            if len(got) == batch_size:
                 pos = DataPosition(mix={k: list(v) for k, v in mix.items()}, drawn=drawn)
-                yield emit()
-                imgs, caps, labs = [], [], []
-    if imgs:
-        yield emit()
+                yield collate(got, pos, tokens)
+                got = []
+    if got:
+        yield collate(got, pos, tokens)

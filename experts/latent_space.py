@@ -31,6 +31,16 @@ class LatentSpace:
         return self
 
 
+def sample_posterior(params: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled latents z = (mean + std * eps) * scale from stored posterior parameters (B, 2, C, h, w).
+
+    Sampling (rather than keeping the mean) at every step is what training through the VAE does:
+    it keeps the VAE's own noise as augmentation, and costs one randn."""
+    mean, std = params.float().unbind(1)
+    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return (mean + std * eps) * scale
+
+
 class VaeSpace(LatentSpace):
     """diffusers ``AutoencoderKL`` latents, scaled by the VAE's own scaling factor."""
 
@@ -40,7 +50,11 @@ class VaeSpace(LatentSpace):
         if vae is None:
             if not Path(path).is_dir():
                 raise ValueError(f"VAE folder not found at {path!r}")
-            vae = AutoencoderKL.from_pretrained(path)
+            try:
+                vae = AutoencoderKL.from_pretrained(path)
+            except (OSError, ValueError, RuntimeError, KeyError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"--vae {path}: not a usable AutoencoderKL folder ({first[:200]})") from None
         self.vae = vae.eval().requires_grad_(False)
         self.scale = float(self.vae.config.scaling_factor)
         self.name = f"vae:{Path(path).name}"
@@ -48,6 +62,13 @@ class VaeSpace(LatentSpace):
     def to(self, device: torch.device | str) -> VaeSpace:
         self.vae.to(device)
         return self
+
+    @torch.no_grad()
+    def posterior(self, images: torch.Tensor) -> torch.Tensor:
+        """The latent posterior's (mean, std) per image, unscaled: (B, 2, C, h, w), on the images' device."""
+        here = next(self.vae.parameters()).device
+        dist = self.vae.encode(images.to(here)).latent_dist
+        return torch.stack([dist.mean, dist.std], dim=1).to(images.device)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

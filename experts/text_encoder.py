@@ -66,8 +66,10 @@ class TextEncoder:
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
     @torch.no_grad()
-    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, D) token states and (B, L) attention mask, with per-caption caching."""
+    def encode(self, captions: list[str], cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) token states and (B, L) attention mask, with per-caption caching (``cache``)."""
+        if not cache:
+            return self._encode(captions)
         missing = sorted({c for c in captions if c not in self._cache})
         for i in range(0, len(missing), 256):
             chunk = missing[i : i + 256]

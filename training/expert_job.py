@@ -12,10 +12,19 @@ import torch
 
 from data.manifest import Manifest
 from data.streaming import Batch, DataPosition, stream_batches
+from experts.latent_space import sample_posterior
 from experts.objectives import make_training_batch, sample_train_times
 from experts.presets import ExpertPreset, build_expert, expert_forward, get_preset
 from experts.text_encoder import TextEncoder
 from training.loop import TrainConfig
+
+
+def clean_x0(batch: Batch, manifest: Manifest, encode_space, generator: torch.Generator) -> torch.Tensor:
+    """The batch in the experts' space: stored latents sampled from their posterior when the shards
+    hold them (the VAE never runs while training), else ``encode_space`` of the images."""
+    if batch.latents is not None and manifest.latents is not None:
+        return sample_posterior(batch.latents, manifest.latents["scale"], generator)
+    return encode_space(batch.images)
 
 
 class ExpertJob:
@@ -46,16 +55,34 @@ class ExpertJob:
         self.warmup_steps = cfg.warmup_steps if cfg.warmup_steps >= 0 else self.preset.warmup_steps
         self.cond_dropout = cfg.cond_dropout
         self.seed = cfg.seed
+        # The shards' stored token states stand in for the encoder when they come from this encoder;
+        # a dropped caption gets the empty prompt's states, encoded once here.
+        empty_states, empty_mask = encoder.encode([""])
+        stored = manifest.text_states
+        self.stored_text = bool(
+            stored and stored["encoder"] == encoder.name and stored["tokens"] == empty_states.shape[1]
+        )
+        self.empty = (empty_states[0], empty_mask[0])
 
     def batches(self, start: DataPosition) -> Iterator[Batch]:
         return stream_batches(self.manifest, [self.cluster], self.batch_size, self.preset.image_size, self.seed, start)
 
+    def text(self, batch: Batch, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states and mask of the batch's captions, with the ``drop`` rows made the empty prompt."""
+        device = batch.images.device
+        if self.stored_text and batch.states is not None:
+            keep = ~drop.to(device)
+            states = torch.where(keep[:, None, None], batch.states, self.empty[0].to(device))
+            mask = torch.where(keep[:, None], batch.mask, self.empty[1].to(device))
+            return states, mask
+        captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=True)]
+        return tuple(a.to(device) for a in self.encoder.encode(captions))
+
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         drop = torch.rand(len(batch.captions), generator=generator) < self.cond_dropout
-        captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=False)]
-        x0 = self.encode_space(batch.images)
+        x0 = clean_x0(batch, self.manifest, self.encode_space, generator)
         device = x0.device
-        states, mask = (a.to(device) for a in self.encoder.encode(captions))
+        states, mask = self.text(batch, drop)
         # Noise and times come from the CPU generator, so a run is the same on any device.
         noise = torch.randn(x0.shape, generator=generator).to(device)
         t = sample_train_times(len(x0), generator).to(device)

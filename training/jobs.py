@@ -23,13 +23,22 @@ def build_job(
 ):
     """The training job for ``expert_K``, ``router`` or ``monolith`` on this run's data (local or swarm)."""
     preset = get_preset(manifest.clusters[0].preset)
-    if preset.space == "latent" and not vae:
+    if preset.space == "latent" and manifest.latents is not None:
+        # The shards hold every image's latents: training never runs the VAE, so needs none.
+        space_name, encode = manifest.latents["vae"], _no_vae
+    elif preset.space == "latent" and not vae:
         raise ValueError("this run's preset works on latents; pass --vae PATH to an AutoencoderKL folder")
-    space = load_space(vae if preset.space == "latent" else "").to(cfg.device)
+    else:
+        space = load_space(vae if preset.space == "latent" else "").to(cfg.device)
+        space_name, encode = space.name, space.encode
     if job == "router":
-        return RouterJob(manifest, digest, space.name, space.encode, cfg, router_preset)
+        return RouterJob(manifest, digest, space_name, encode, cfg, router_preset)
     encoder = load_text_encoder(TextEncoderConfig.parse(text_encoder))
     if job == "monolith":
-        return MonolithJob(manifest, digest, encoder, space.name, space.encode, cfg)
+        return MonolithJob(manifest, digest, encoder, space_name, encode, cfg)
     k = int(job.split("_")[1])
-    return ExpertJob(manifest, digest, k, encoder, space.name, space.encode, cfg)
+    return ExpertJob(manifest, digest, k, encoder, space_name, encode, cfg)
+
+
+def _no_vae(images):
+    raise ValueError("a sample without stored latents in a run whose shards hold them; the shards are inconsistent")

@@ -17,6 +17,7 @@ from data.streaming import Batch, DataPosition, stream_batches
 from experts.objectives import TIMESTEP_SCALE, fm_interpolate
 from experts.presets import get_preset
 from router.network import RouterNet, build_router, get_router_preset
+from training.expert_job import clean_x0
 from training.loop import TrainConfig
 
 NOISE_BINS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -57,7 +58,7 @@ class RouterJob:
         )
 
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        x0 = self.encode_space(batch.images)
+        x0 = clean_x0(batch, self.manifest, self.encode_space, generator)
         t = torch.rand(len(x0), generator=generator).to(x0.device)  # uniform: the router is asked at every step
         x_t = fm_interpolate(x0, torch.randn(x0.shape, generator=generator).to(x0.device), t)
         return torch.nn.functional.cross_entropy(self.model(x_t, TIMESTEP_SCALE * t), batch.labels)
@@ -95,7 +96,10 @@ def router_accuracy(
     device = next(model.parameters()).device
     for batch in stream_batches(manifest, clusters, 256, image_size, seed, holdout=holdout, epochs=1, shuffle_buffer=0):
         batch = batch.to(device)
-        x0 = encode_space(batch.images)
+        if batch.latents is not None and manifest.latents is not None:  # the posterior mean: no noise to add
+            x0 = batch.latents[:, 0] * manifest.latents["scale"]
+        else:
+            x0 = encode_space(batch.images)
         for t in NOISE_BINS:
             tt = torch.full((len(x0),), t, device=device)
             x_t = fm_interpolate(x0, torch.randn(x0.shape, generator=gen).to(device), tt)
