@@ -150,6 +150,7 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps")
         g.add_argument("--ckpt-minutes", type=float, default=5.0, help="and at least every M minutes")
         g.add_argument("--accum", type=int, default=1, help="micro-batches per step: global batch = batch x accum")
+        g.add_argument("--workers", type=int, default=0, help="processes decoding batches (0: this one)")
         g.add_argument("--warmup-steps", type=int, default=-1, help="linear LR warm-up (-1: the preset's)")
         _device_flags(g)
         g.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -392,6 +393,7 @@ def _train_config(args: argparse.Namespace, steps: int, minutes: float):
         precision=resolve_precision(args.precision, device),
         compile=args.compile,
         accum=args.accum,
+        workers=args.workers,
         warmup_steps=args.warmup_steps,
     )
 

@@ -46,6 +46,14 @@ class Batch:
     states: torch.Tensor | None = None  # (B, L, D) caption token states, when the shards hold them
     mask: torch.Tensor | None = None  # (B, L) 1 = real token
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (what DataLoader's ``pin_memory`` calls on a custom batch)."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(
+            pin(self.images), self.captions, pin(self.labels), self.position,
+            pin(self.latents), pin(self.states), pin(self.mask),
+        )  # fmt: skip
+
     def to(self, device: torch.device | str) -> Batch:
         if torch.device(device).type == "cpu":
             return self
@@ -151,6 +159,21 @@ def _decode(sample: dict, size: int, default_label: int, manifest: Manifest) -> 
     return out
 
 
+@dataclass
+class RawBatch:
+    """A batch's samples as read from the shards, not yet decoded, and the position after it."""
+
+    samples: list[tuple[dict, int]]  # (webdataset sample, its cluster)
+    position: DataPosition
+    manifest: Manifest
+    image_size: int
+
+    def decode(self) -> Batch:
+        tokens = self.manifest.text_states["tokens"] if self.manifest.text_states else 0
+        decoded = [_decode(s, self.image_size, c, self.manifest) for s, c in self.samples]
+        return collate(decoded, self.position, tokens)
+
+
 def _cluster_samples(
     manifest: Manifest,
     cluster: int,
@@ -160,8 +183,9 @@ def _cluster_samples(
     holdout: bool,
     epochs: int,
     shuffle_buffer: int,
-) -> Iterator[tuple[Sample, DataPosition]]:
-    """Decoded samples of one cluster with the position after each; endless unless ``epochs``."""
+) -> Iterator[tuple[tuple[dict, int], DataPosition]]:
+    """Raw samples of one cluster (with their cluster) and the position after each; endless unless
+    ``epochs``. Decoding is left to whoever assembles the batch (possibly a loader worker)."""
     entries = manifest.clusters[cluster].holdout if holdout else manifest.clusters[cluster].shards
     urls_all = sorted(manifest.resolve(s.url) for s in entries)
     pos = DataPosition(start.epoch, start.index)
@@ -174,9 +198,8 @@ def _cluster_samples(
             n_in_epoch += 1
             if i < pos.index:
                 continue  # resuming: skip what was already consumed in this epoch
-            decoded = _decode(sample, image_size, cluster, manifest)
             pos = DataPosition(pos.epoch, i + 1)
-            yield decoded, pos
+            yield (sample, cluster), pos
         if n_in_epoch == 0:
             raise ManifestError(f"shards of cluster {cluster} hold no samples")
         pos = DataPosition(pos.epoch + 1, 0)
@@ -192,8 +215,10 @@ def stream_batches(
     holdout: bool = False,
     epochs: int = 0,
     shuffle_buffer: int = 500,
-) -> Iterator[Batch]:
-    """Endless (or ``epochs``-long) batches over the shards of ``clusters``.
+    decode: bool = True,
+) -> Iterator[Batch | RawBatch]:
+    """Endless (or ``epochs``-long) batches over the shards of ``clusters``; with ``decode=False``
+    they come as :class:`RawBatch` and a loader worker decodes them (``training.loader``).
 
     Several clusters are interleaved sample by sample, each drawn with probability proportional
     to its size: reading shards one after another would give batches of a single cluster, and a
@@ -208,13 +233,16 @@ def stream_batches(
     # A small cluster may have no held-out shard; it simply contributes nothing to a held-out stream.
     clusters = [c for c in clusters if (manifest.clusters[c].holdout if holdout else manifest.clusters[c].shards)]
 
-    def sub(c: int) -> Iterator[tuple[Sample, DataPosition]]:
+    def sub(c: int) -> Iterator[tuple[tuple[dict, int], DataPosition]]:
         p = start.mix.get(str(c), [0, 0]) if len(clusters) > 1 else [start.epoch, start.index]
         return _cluster_samples(manifest, c, image_size, seed, DataPosition(*p), holdout, epochs, shuffle_buffer)
 
-    got: list[Sample] = []
+    got: list[tuple[dict, int]] = []
     pos = start
-    tokens = manifest.text_states["tokens"] if manifest.text_states else 0
+
+    def emit() -> Batch | RawBatch:
+        raw = RawBatch(got, pos, manifest, image_size)
+        return raw.decode() if decode else raw
 
     if len(clusters) == 1 or epochs:
         for c in clusters:
@@ -222,7 +250,7 @@ def stream_batches(
                 got.append(sample)
                 pos = where
                 if len(got) == batch_size:
-                    yield collate(got, pos, tokens)
+                    yield emit()
                     got = []
     else:
         streams = {c: sub(c) for c in clusters}
@@ -238,7 +266,7 @@ def stream_batches(
             drawn += 1
             if len(got) == batch_size:
                 pos = DataPosition(mix={k: list(v) for k, v in mix.items()}, drawn=drawn)
-                yield collate(got, pos, tokens)
+                yield emit()
                 got = []
     if got:
-        yield collate(got, pos, tokens)
+        yield emit()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from data.manifest import Manifest
-from data.streaming import Batch, DataPosition, stream_batches
+from data.streaming import Batch, DataPosition, RawBatch, stream_batches
 from experts.latent_space import sample_posterior
 from experts.objectives import make_training_batch, sample_train_times
 from experts.presets import ExpertPreset, build_expert, expert_forward, get_preset
@@ -64,8 +64,11 @@ class ExpertJob:
         )
         self.empty = (empty_states[0], empty_mask[0])
 
-    def batches(self, start: DataPosition) -> Iterator[Batch]:
-        return stream_batches(self.manifest, [self.cluster], self.batch_size, self.preset.image_size, self.seed, start)
+    def batches(self, start: DataPosition, decode: bool = True) -> Iterator[Batch | RawBatch]:
+        clusters = [self.cluster]
+        return stream_batches(
+            self.manifest, clusters, self.batch_size, self.preset.image_size, self.seed, start, decode=decode
+        )
 
     def text(self, batch: Batch, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states and mask of the batch's captions, with the ``drop`` rows made the empty prompt."""

@@ -32,6 +32,7 @@ from data.checkpoint import (
 )
 from data.streaming import Batch, DataPosition
 from experts.device import PRECISIONS, autocast, enable_fast_matmul
+from training.loader import load_batches
 
 console = Console(stderr=True, markup=False)  # logged errors hold multiaddrs like [/ip4/...]
 
@@ -58,10 +59,13 @@ class TrainConfig:
     device: str = "cpu"  # cpu, cuda, cuda:N (the command line picks cuda when there is one)
     precision: str = "fp32"  # fp32 or bf16 (autocast; master weights and EMA stay fp32)
     compile: bool = False  # torch.compile the network (the first steps pay for compiling)
+    workers: int = 0  # processes decoding batches (0: the training process itself); resume stays exact
     accum: int = 1  # micro-batches of batch_size per optimizer step: global batch = batch_size x accum
     warmup_steps: int = -1  # linear LR warm-up over this many optimizer steps (-1: the preset's)
 
     def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError("--workers must be at least 0")
         if self.accum < 1 or self.warmup_steps < -1:
             raise ValueError("--accum must be at least 1 and --warmup-steps at least 0")
         if self.precision not in PRECISIONS:
@@ -77,7 +81,7 @@ class TrainJob(Protocol):
     lr: float
     warmup_steps: int
 
-    def batches(self, start: DataPosition) -> Iterator[Batch]: ...
+    def batches(self, start: DataPosition, decode: bool = True) -> Iterator[Batch]: ...
 
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor: ...
 
@@ -270,7 +274,7 @@ def _train(job, cfg, should_stop, on_checkpoint, on_log) -> Checkpoint:
     columns = (TextColumn(f"[bold]{job.name}"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=cfg.steps or None, completed=step)
-        batches = job.batches(position)
+        batches = load_batches(job, position, cfg.workers, pin_memory=cuda)
         while not (done_steps() or out_of_time()):
             for group in opt.param_groups:
                 group["lr"] = learning_rate(job.lr, step, job.warmup_steps)

@@ -16,7 +16,7 @@ import torch
 
 from data.checkpoint import CheckpointError, latest_checkpoint
 from data.manifest import Manifest
-from data.streaming import Batch, DataPosition, stream_batches
+from data.streaming import Batch, DataPosition, RawBatch, stream_batches
 from experts.text_encoder import TextEncoder
 from training.expert_job import ExpertJob
 from training.loop import TrainConfig
@@ -47,9 +47,11 @@ class MonolithJob(ExpertJob):
         self.objective = monolith_objective(manifest)
         self.name = f"monolith ({self.objective})"
 
-    def batches(self, start: DataPosition) -> Iterator[Batch]:
+    def batches(self, start: DataPosition, decode: bool = True) -> Iterator[Batch | RawBatch]:
         clusters = list(range(self.manifest.num_clusters))
-        return stream_batches(self.manifest, clusters, self.batch_size, self.preset.image_size, self.seed, start)
+        return stream_batches(
+            self.manifest, clusters, self.batch_size, self.preset.image_size, self.seed, start, decode=decode
+        )
 
     def meta(self) -> dict:
         return super().meta() | {"kind": MONOLITH}

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from data.manifest import Manifest
-from data.streaming import Batch, DataPosition, stream_batches
+from data.streaming import Batch, DataPosition, RawBatch, stream_batches
 from experts.objectives import TIMESTEP_SCALE, fm_interpolate
 from experts.presets import get_preset
 from router.network import RouterNet, build_router, get_router_preset
@@ -47,15 +47,10 @@ class RouterJob:
         self.seed = cfg.seed
         self.last_accuracy: dict[str, float] = {}
 
-    def batches(self, start: DataPosition) -> Iterator[Batch]:
-        return stream_batches(
-            self.manifest,
-            list(range(self.manifest.num_clusters)),
-            self.batch_size,
-            self.expert_preset.image_size,
-            self.seed,
-            start,
-        )
+    def batches(self, start: DataPosition, decode: bool = True) -> Iterator[Batch | RawBatch]:
+        clusters = list(range(self.manifest.num_clusters))
+        size = self.expert_preset.image_size
+        return stream_batches(self.manifest, clusters, self.batch_size, size, self.seed, start, decode=decode)
 
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         x0 = clean_x0(batch, self.manifest, self.encode_space, generator)
