@@ -567,7 +567,10 @@ def run_eval(args: argparse.Namespace) -> None:
     report = evaluate(cfg)
     out = Path(cfg.out_dir)
     print((out / "eval.md").read_text())
-    print(f"wrote {out}/eval.md, eval.json, fid.png, usage.png, samples.png ({report['heldout_images']} images)")
+    print(
+        f"wrote {out}/eval.md, eval.json, fid.png, usage.png, routing.png, samples.png "
+        f"({report['heldout_images']} images)"
+    )
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -1,60 +1,91 @@
-"""``--role eval``: does the routed ensemble beat the monolith at equal compute? Measured by FID.
+"""``--role eval``: where does the routed ensemble beat the monolith, and where does it lose? By FID.
 
-For the held-out split of a run (images ``prepare`` kept out of training), the evaluation
-generates one image per held-out caption with every routing mode (top-1, top-2, threshold, full
-ensemble) and with the monolith baseline — the same initial noise for each, so the rows differ
-only in who denoises — and computes FID against the held-out real images. It writes:
+For a representative held-out subset of a run (images ``prepare`` kept out of training, drawn from
+every cluster in proportion to its held-out size), the evaluation generates one image per
+held-out caption with every routing mode (top-1, top-2, threshold, full ensemble), with the
+**oracle** (each image denoised by the expert of its own cluster, no router), with the monolith
+at equal total compute and with the monolith at the experts' step count (``monolith@S``: equal
+wall-clock on K machines) — the same initial noise for each, so the rows differ only in who
+denoises — and computes FID against the held-out real images, overall and per cluster, each
+with a 95 % bootstrap interval from the already computed Inception features. It writes:
 
-    eval.json / eval.md   FID, expert forwards per image, seconds per image, router accuracy
-    fid.png               FID per mode, with the compute each spends per image
+    eval.json / eval.md   FID [95 % CI] overall and per cluster, the three comparisons (equal
+                          compute, equal wall-clock, what the router loses), expert forwards and
+                          seconds per image, router accuracy, routing along the sampling path
+    fid.png               FID per row with its interval, and the compute each spends per image
     usage.png             how often each expert is selected at each noise level (top-1 and top-2)
-    samples.png           real | top-1 | top-2 | threshold | full | monolith, side by side
+    routing.png           along the real top-1 sampling path, per step: how often top-1 picks the
+                          image's own cluster, and how far apart the experts' velocities are
+    samples.png           real | every row, side by side
 
-The reference statistics of the held-out split are cached next to the data
-(``<data>/fid/holdout_<run>_<n>.npz``), so repeated evaluations embed the real images once.
+The reference features of the held-out subset are cached next to the data
+(``<data>/fid/holdout_<run>_<n>_<selection>.npz``), so repeated evaluations embed the real images once.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
+import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from data.checkpoint import CheckpointError, latest_checkpoint
+from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, verify_checkpoint
 from data.manifest import Manifest, load_manifest
-from data.streaming import stream_batches
-from evaluation.fid import FeatureStats, InceptionFeatures, fid
-from experts.latent_space import tensor_to_pil
+from data.streaming import RawBatch, stream_batches
+from evaluation.fid import (
+    FeatureStats,
+    InceptionFeatures,
+    bootstrap_fids,
+    bootstrap_interval,
+    fid,
+    fid_from_features,
+    stratified_resamples,
+)
+from evaluation.report import ORACLE, Row, fmt_ci, markdown_report, plot_fid, plot_routing, plot_usage, sample_grid
 from experts.objectives import sampling_times
 from router.ensemble import load_ensemble
 from router.sampling import LocalExpert, RoutingLog, SamplerConfig, generate
-from training.monolith import MONOLITH, SingleExpertRouter
+from training.monolith import (
+    MONOLITH,
+    SingleExpertRouter,
+    equal_wallclock_steps,
+    experts_samples_seen,
+    wallclock_dir,
+)
 from training.router_job import router_accuracy
 
 console = Console(stderr=True, markup=False)
 
 # name → (sampler mode, k); the monolith samples as a one-expert ensemble
 ROUTINGS = {"top-1": ("top1", 1), "top-2": ("topk", 2), "threshold": ("threshold", 2), "full": ("full", 2)}
-ROW_NAMES = (*ROUTINGS, MONOLITH)  # what --eval-rows may name
+AT_EXPERT_STEPS = f"{MONOLITH}@S"  # the monolith at the experts' step count S (equal wall-clock)
+ROW_NAMES = (*ROUTINGS, ORACLE, MONOLITH, AT_EXPERT_STEPS)  # what --eval-rows may name
+_AT_STEP = re.compile(rf"{MONOLITH}@(S|[0-9]+)$")  # monolith@S, or monolith@N for a kept step N
+# Resamples per FID interval. At 200 the ends move between sets of resamples by 0.6-0.8 FID (sd)
+# on 408 images and 1.7-4 FID on 27 (measured by re-drawing 20-30 times), under a tenth of the
+# interval's width; 1000 would halve that for 5x the time. eval.md states each run's own figure.
+BOOTSTRAP = 200
+DIAGNOSTIC_IMAGES = 32  # images on which the experts' disagreement is measured along the path
 
 
 @dataclass
 class EvalConfig:
-    ckpt_dir: str  # the run's checkpoints: expert_K/, router/, monolith/
+    ckpt_dir: str  # the run's checkpoints: expert_K/, router/, monolith/, monolith_at_S/
     data_dir: str = ""  # the prepared run with its held-out split ("": <ckpt_dir>/../data)
     vae: str = ""  # the VAE folder of a latent-space run
     device: str = "cpu"  # where the experts' (and the monolith's) forward passes run
     precision: str = "fp32"  # fp32 or bf16 (autocast)
     out_dir: str = "outputs/eval"
-    n: int = 0  # held-out images to evaluate on (0: all of them)
+    n: int = 0  # held-out images to evaluate on, drawn in proportion to each cluster (0: all)
     steps: int = 30
     guidance: float = 3.0
     tau: float = 0.2  # threshold mode
@@ -62,48 +93,85 @@ class EvalConfig:
     batch_size: int = 64  # images generated at once
     rows: list[str] = field(default_factory=lambda: list(ROW_NAMES))
     grid_prompts: int = 8
+    bootstrap: int = BOOTSTRAP  # resamples per FID interval (0: no intervals)
+    diagnostic_images: int = DIAGNOSTIC_IMAGES
 
     def __post_init__(self) -> None:
-        unknown = [r for r in self.rows if r not in ROW_NAMES]
+        unknown = [r for r in self.rows if r not in ROW_NAMES and not _AT_STEP.match(r)]
         if unknown:
-            raise ValueError(f"unknown evaluation row(s) {unknown}; choose from {list(ROW_NAMES)}")
-        if self.n < 0 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("--eval-n must be >= 0, --steps and the batch size >= 1")
+            raise ValueError(f"unknown evaluation row(s) {unknown}; choose from {list(ROW_NAMES)} (or monolith@N)")
+        if self.n < 0 or self.steps < 1 or self.batch_size < 1 or self.bootstrap < 0:
+            raise ValueError("--eval-n and the bootstrap count must be >= 0, --steps and the batch size >= 1")
 
 
-@dataclass
-class Row:
-    name: str
-    fid: float
-    expert_forwards_per_image: float  # guided expert calls (cond + uncond each) per image
-    seconds_per_image: float
-    usage: list[int]  # (image, step) pairs per expert
+def heldout_sizes(manifest: Manifest) -> list[int]:
+    """Held-out images per cluster, as the manifest records them."""
+    return [sum(s.samples for s in c.holdout) for c in manifest.clusters]
 
 
-def heldout_set(manifest: Manifest, n: int, seed: int) -> tuple[torch.Tensor, list[str], list[int]]:
-    """The first ``n`` held-out images (all with n = 0), their captions and cluster labels."""
-    if not any(c.holdout for c in manifest.clusters):
+def proportional_allocation(sizes: list[int], n: int) -> list[int]:
+    """How many of ``n`` images each cluster gives: in proportion to ``sizes``, at least one from
+    every non-empty cluster, exactly ``n`` in all (largest remainder: each count is its quota
+    n·size/total rounded down or up, unless the at-least-one rule forces otherwise)."""
+    total = sum(sizes)
+    nonempty = sum(1 for s in sizes if s > 0)
+    if n > total:
+        raise ValueError(f"--eval-n {n} is more than the {total} held-out images of this run")
+    if n < nonempty:
+        raise ValueError(f"--eval-n {n} is below the {nonempty} clusters with held-out images (one each at least)")
+    counts = [min(max(n * s // total, 1), s) if s else 0 for s in sizes]
+    # Integer arithmetic: count·total − n·size is how far a count is above its quota (× total).
+    while sum(counts) > n:  # only after the at-least-one rule: take from the most over-served
+        k = max((k for k, c in enumerate(counts) if c > 1), key=lambda k: (counts[k] * total - n * sizes[k], -k))
+        counts[k] -= 1
+    while sum(counts) < n:  # the largest remainders get one more
+        k = max((k for k, c in enumerate(counts) if c < sizes[k]), key=lambda k: (n * sizes[k] - counts[k] * total, -k))
+        counts[k] += 1
+    return counts
+
+
+def heldout_set(manifest: Manifest, n: int, seed: int) -> tuple[torch.Tensor, list[str], list[int], str]:
+    """``n`` held-out images (all with n = 0) drawn from every cluster in proportion to its
+    held-out size (``proportional_allocation``), uniformly within it with ``seed``; their
+    captions, cluster labels and a digest of which images they are (for the reference cache)."""
+    sizes = heldout_sizes(manifest)
+    if not any(sizes):
         raise ValueError("this run has no held-out split; prepare it with --holdout-fraction > 0")
-    clusters = list(range(manifest.num_clusters))
-    imgs, caps, labs = [], [], []
-    for b in stream_batches(
-        manifest, clusters, 256, manifest.image_size, seed, holdout=True, epochs=1, shuffle_buffer=0
-    ):
-        imgs.append(b.images)
-        caps += b.captions
-        labs += b.labels.tolist()
-        if n and len(caps) >= n:
+    counts = proportional_allocation(sizes, n or sum(sizes))
+    rng = np.random.default_rng(seed)
+    wanted = {c: set(rng.choice(size, counts[c], replace=False).tolist()) for c, size in enumerate(sizes) if size}
+    clusters = [c for c, size in enumerate(sizes) if size]
+    seen: collections.Counter[int] = collections.Counter()
+    chosen, keys = [], []
+    stream = stream_batches(
+        manifest, clusters, 256, manifest.image_size, seed, holdout=True, epochs=1, shuffle_buffer=0, decode=False
+    )
+    for raw in stream:
+        for sample, c in raw.samples:  # only the chosen ones are decoded
+            if seen[c] in wanted[c]:
+                chosen.append((sample, c))
+                keys.append(f"{c}/{sample.get('__key__')}")
+            seen[c] += 1
+        if len(chosen) == sum(counts):
             break
-    images = torch.cat(imgs)
-    if n:
-        images, caps, labs = images[:n], caps[:n], labs[:n]
+    if len(chosen) < sum(counts):
+        c = next(c for c in clusters if seen[c] < sizes[c])
+        raise ValueError(f"the held-out shards of cluster {c} hold {seen[c]} images, its manifest says {sizes[c]}")
+    batches = [
+        RawBatch(chosen[i : i + 256], raw.position, manifest, manifest.image_size).decode()
+        for i in range(0, len(chosen), 256)
+    ]
+    images = torch.cat([b.images for b in batches])
+    caps = [c for b in batches for c in b.captions]
+    labs = [int(x) for b in batches for x in b.labels.tolist()]
     # Interleave clusters so a first few images (the sample grid) show several of them.
-    rank, seen = [], collections.Counter()
+    rank, nth = [], collections.Counter()
     for lab in labs:
-        rank.append(seen[lab])
-        seen[lab] += 1
+        rank.append(nth[lab])
+        nth[lab] += 1
     order = sorted(range(len(caps)), key=lambda i: (rank[i], labs[i]))
-    return images[order], [caps[i] for i in order], [labs[i] for i in order]
+    digest = hashlib.sha256("\n".join(keys[i] for i in order).encode()).hexdigest()
+    return images[order], [caps[i] for i in order], [labs[i] for i in order], digest
 
 
 def _progress() -> Progress:
@@ -117,12 +185,15 @@ def _progress() -> Progress:
 
 
 def reference_stats(
-    manifest: Manifest, digest: str, images: torch.Tensor, inception: InceptionFeatures, cache: Path
+    digest: str, selection: str, images: torch.Tensor, inception: InceptionFeatures, cache: Path
 ) -> FeatureStats:
-    path = cache / f"holdout_{digest[:16]}_{len(images)}.npz"
+    """Inception statistics and features of the held-out subset, cached per run and selection."""
+    path = cache / f"holdout_{digest[:16]}_{len(images)}_{selection[:12]}.npz"
     if path.is_file():
-        console.log(f"reference statistics from {path}")
-        return FeatureStats.load(path)
+        stats = FeatureStats.load(path)
+        if stats.features is not None and stats.n == len(images):
+            console.log(f"reference statistics from {path}")
+            return stats
     stats = _stats(inception, images, "held-out images")
     stats.save(path)
     return stats
@@ -134,8 +205,19 @@ def _stats(inception: InceptionFeatures, images: torch.Tensor, label: str) -> Fe
         return inception.stats(images.split(inception.batch_size), lambda n: bar.advance(task, n))
 
 
+RouterFor = Callable[[int, int], torch.nn.Module]  # (first, end) of a chunk of prompts → its router
+
+
 def _generate_all(
-    prompts: list[str], router, experts, encoder, space, shape, sampler: SamplerConfig, batch: int, label: str
+    prompts: list[str],
+    router_for: RouterFor,
+    experts,
+    encoder,
+    space,
+    shape,
+    sampler: SamplerConfig,
+    batch: int,
+    label: str,
 ) -> tuple[torch.Tensor, list[RoutingLog], float]:
     out, logs = [], []
     t0 = time.perf_counter()
@@ -144,7 +226,7 @@ def _generate_all(
         for i in range(0, len(prompts), batch):
             chunk = prompts[i : i + batch]
             cfg = SamplerConfig(**{**asdict(sampler), "seed": sampler.seed + i})  # same noise for every row
-            images, log = generate(chunk, router, experts, encoder, space, shape, cfg)
+            images, log = generate(chunk, router_for(i, i + len(chunk)), experts, encoder, space, shape, cfg)
             out.append(images)
             logs.append(log)
             bar.advance(task, len(chunk))
@@ -162,14 +244,193 @@ def usage_by_noise(logs: list[RoutingLog], num_experts: int, steps: int) -> np.n
     return counts / max(total, 1)
 
 
+# --- the oracle and the routing diagnostics -------------------------------------------------
+
+
+def oracle_logits(labels: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(B, K) logits whose softmax is exactly one-hot on each image's own cluster."""
+    logits = torch.full((len(labels), num_experts), float("-inf"))
+    logits[torch.arange(len(labels)), labels.long()] = 0.0
+    return logits
+
+
+class OracleRouter(torch.nn.Module):
+    """Routes image i to the expert of its held-out image's cluster at every step, ignoring x_t:
+    what a router that is always right would do. ``labels`` are the chunk's, in prompt order."""
+
+    def __init__(self, labels: list[int], num_experts: int) -> None:
+        super().__init__()
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.config = type("Config", (), {"num_experts": num_experts})()
+
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if x_t.shape[0] != len(self.labels):
+            raise ValueError(f"the oracle holds {len(self.labels)} labels, the batch has {x_t.shape[0]} images")
+        return oracle_logits(self.labels, self.config.num_experts)
+
+
+class RecordingRouter(torch.nn.Module):
+    """A router that passes every call through and keeps x_t of the first ``keep`` images: the
+    sampler calls its router once per step with the current x_t, so this records the real path."""
+
+    def __init__(self, router: torch.nn.Module, keep: int) -> None:
+        super().__init__()
+        self.router, self.keep = router, keep
+        self.config = router.config
+        self.path: list[torch.Tensor] = []  # x_t at each step, (keep, C, H, W)
+
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        self.path.append(x_t[: self.keep].detach().clone())
+        return self.router(x_t, timestep)
+
+
+def own_cluster_rate(weights_by_step: list[torch.Tensor], labels: list[int]) -> np.ndarray:
+    """(steps,): at each step, the fraction of images whose largest routing weight is on their
+    own cluster's expert (for top-1: how often the one expert chosen is the right one)."""
+    lab = torch.as_tensor(labels)
+    return np.array([float((w.argmax(-1) == lab).float().mean()) for w in weights_by_step])
+
+
+def expert_spread(velocities: torch.Tensor) -> tuple[float, float]:
+    """Of (K, B, ...) velocity predictions of K experts for the same B inputs: the mean L2
+    distance between two experts' predictions (over pairs and images) and the mean L2 norm of
+    a prediction (its scale). K = 1 has no pair: distance 0."""
+    k = velocities.shape[0]
+    flat = velocities.reshape(k, velocities.shape[1], -1).double()
+    norm = float(flat.norm(dim=-1).mean())
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    if not pairs:
+        return 0.0, norm
+    return float(torch.stack([(flat[i] - flat[j]).norm(dim=-1).mean() for i, j in pairs]).mean()), norm
+
+
+def disagreement_along_path(
+    path: list[torch.Tensor], times: list[float], experts, encoder, prompts: list[str], guidance: float
+) -> tuple[list[float], list[float]]:
+    """At every step of a recorded path, every expert predicts the guided velocity at that x_t;
+    returns the mean pairwise distance and the mean norm per step (``expert_spread``)."""
+    b = len(path[0])
+    cond, cmask = encoder.encode(prompts[:b])
+    uncond, umask = encoder.encode([""] * b)
+    states, mask = torch.cat([cond, uncond]), torch.cat([cmask, umask])  # as ``generate`` lays them out
+    dist, norm = [], []
+    for i, x_t in enumerate(path):
+        tt = torch.full((b,), float(times[i]))
+        v = torch.stack([experts[k](x_t, tt, states, mask, guidance, t_next=times[i + 1]) for k in sorted(experts)])
+        d, n = expert_spread(v)
+        dist.append(d)
+        norm.append(n)
+    return dist, norm
+
+
+# --- the evaluation --------------------------------------------------------------------------
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Load the run and its trained set, check they belong together, and run the evaluation."""
     ckpt = Path(cfg.ckpt_dir)
     manifest, digest = load_manifest(Path(cfg.data_dir) if cfg.data_dir else ckpt.parent / "data")
+    _check_n(manifest, cfg.n)  # before the slow loading
     ensemble, encoder, space = load_ensemble(ckpt, vae=cfg.vae, device=cfg.device, precision=cfg.precision)
     if ensemble.router_meta.get("manifest_sha256") != digest:
         raise CheckpointError(f"the checkpoints under {ckpt} were not trained on the run in {manifest.root}")
     return run_eval(cfg, manifest, digest, ensemble, encoder, space)
+
+
+def _check_n(manifest: Manifest, n: int) -> list[int]:
+    """The held-out sizes per cluster, once ``n`` is known to be drawable from them."""
+    sizes = heldout_sizes(manifest)
+    if not any(sizes):
+        raise ValueError("this run has no held-out split; prepare it with --holdout-fraction > 0")
+    proportional_allocation(sizes, n or sum(sizes))
+    return sizes
+
+
+def expert_step_count(ckpt_root: Path, num_experts: int, monolith: Checkpoint | None) -> int:
+    """S, the monolith step at equal wall-clock with the experts: their step count, in the
+    monolith's own samples per step (its latest checkpoint's) when it has one."""
+    seen = experts_samples_seen(ckpt_root, num_experts)
+    if monolith is not None and monolith.step:
+        per_step = round(int(monolith.meta["samples_seen"]) / monolith.step)
+    else:
+        first = latest_checkpoint(ckpt_root / f"expert_{min(seen)}") if seen else None
+        per_step = round(int(first.meta["samples_seen"]) / first.step) if first is not None else 1
+    return equal_wallclock_steps(seen, max(per_step, 1))
+
+
+def monolith_at(ckpt_root: Path, step: int) -> Checkpoint | None:
+    """The monolith's checkpoint at ``step``: kept in monolith_at_<step>, or still in monolith/."""
+    kept = latest_checkpoint(wallclock_dir(ckpt_root, step))
+    if kept is not None:
+        return kept
+    folder = ckpt_root / MONOLITH / f"step_{step:08d}"
+    return verify_checkpoint(folder) if folder.is_dir() else None
+
+
+MonolithRow = tuple[str, Checkpoint, LocalExpert]  # (row name in the report, checkpoint, model)
+
+
+def _monolith_rows(cfg: EvalConfig, ckpt_root: Path, num_experts: int) -> dict[str, MonolithRow]:
+    """For each monolith row of ``cfg.rows`` (as named there): its report name, checkpoint and model.
+    ``monolith@S`` becomes ``monolith@<S>`` with S the experts' step count."""
+    out: dict[str, MonolithRow] = {}
+    latest = latest_checkpoint(ckpt_root / MONOLITH)
+    for name in cfg.rows:
+        if name == MONOLITH:
+            if latest is None:
+                raise CheckpointError(
+                    f"no monolith checkpoint under {ckpt_root / MONOLITH}; train the baseline with "
+                    "--role trainer --local --job monolith (or leave it out with --eval-rows)"
+                )
+            out[name] = (name, latest, LocalExpert.from_checkpoint(latest, cfg.device, cfg.precision))
+        elif m := _AT_STEP.match(name):
+            step = expert_step_count(ckpt_root, num_experts, latest) if m[1] == "S" else int(m[1])
+            ck = monolith_at(ckpt_root, step)
+            if ck is None:
+                raise CheckpointError(
+                    f"no monolith checkpoint at the experts' step {step} under {wallclock_dir(ckpt_root, step)}; "
+                    "train it with --role trainer --local --job monolith (it keeps that step on its way to the "
+                    f"equal-compute budget; a monolith already past step {step} needs a fresh --ckpt-dir), "
+                    f"or leave {name} out with --eval-rows"
+                )
+            out[name] = (f"{MONOLITH}@{step}", ck, LocalExpert.from_checkpoint(ck, cfg.device, cfg.precision))
+    return out
+
+
+def _fid_row(
+    ref: FeatureStats, gen: FeatureStats, labels: np.ndarray, resamples: np.ndarray
+) -> tuple[float, list[float], dict[str, dict], np.ndarray]:
+    """FID, its interval and the per-cluster FIDs of one row; also its bootstrap FIDs (for
+    paired differences between rows, which use the same resamples)."""
+    point = fid(ref, gen)
+    boot = bootstrap_fids(ref.features, gen.features, resamples) if len(resamples) else np.zeros(0)
+    by_cluster = {}
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        entry: dict = {"fid": None, "fid_ci95": None, "n": len(where)}
+        if len(where) >= 2:
+            entry["fid"] = fid_from_features(ref.features[where], gen.features[where])
+            if len(resamples):
+                # A stratified resample draws cluster c's images from where; renumber them within it.
+                local = np.searchsorted(where, resamples[:, where])
+                sub = bootstrap_fids(ref.features[where], gen.features[where], local)
+                entry["fid_ci95"] = list(bootstrap_interval(entry["fid"], sub))
+        by_cluster[str(int(c))] = entry
+    return point, list(bootstrap_interval(point, boot)) if len(boot) else None, by_cluster, boot
+
+
+def interval_end_sd(intervals: list[tuple[float, np.ndarray]]) -> float | None:
+    """How much the intervals' ends would move with another set of resamples of the same count
+    (their Monte-Carlo standard deviation), from the resamples already drawn: each (estimate,
+    bootstrap FIDs) is split into two halves, and the ends of the two half-count intervals differ
+    by d with E[d²] = 2·var(B/2) = 4·var(B) (a quantile's variance ∝ 1/count). Pooled over every
+    row and both ends: sd(B) = √(mean d²) / 2. None with fewer than 4 resamples."""
+    d2 = []
+    for point, boot in intervals:
+        if len(boot) >= 4:
+            a, b = bootstrap_interval(point, boot[0::2]), bootstrap_interval(point, boot[1::2])
+            d2 += [(a[0] - b[0]) ** 2, (a[1] - b[1]) ** 2]
+    return float(np.sqrt(np.mean(d2)) / 2) if d2 else None
 
 
 def run_eval(
@@ -183,172 +444,188 @@ def run_eval(
 ) -> dict:
     """Generate with every row of ``cfg.rows``, compute FID against the held-out split, write the report."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_root = Path(cfg.ckpt_dir)
+    sizes = _check_n(manifest, cfg.n)
     missing = sorted(set(range(ensemble.num_experts)) - set(ensemble.experts))
-    if missing and any(r in ROUTINGS for r in cfg.rows):
+    if missing and any(r in ROUTINGS or r == ORACLE for r in cfg.rows):
         raise CheckpointError(f"experts {missing} have no checkpoint under {ckpt_root}; train them first")
-    mono = None
-    if MONOLITH in cfg.rows:
-        ck = latest_checkpoint(ckpt_root / MONOLITH)
-        if ck is None:
-            raise CheckpointError(
-                f"no monolith checkpoint under {ckpt_root / MONOLITH}; train the baseline with "
-                "--role trainer --local --job monolith (or leave it out with --eval-rows)"
-            )
-        mono = (ck, LocalExpert.from_checkpoint(ck, cfg.device, cfg.precision))
+    monoliths = _monolith_rows(cfg, ckpt_root, ensemble.num_experts)
 
-    real, captions, labels = heldout_set(manifest, cfg.n, cfg.seed)
-    console.log(f"held-out split: {len(captions)} images of {manifest.num_clusters} clusters")
+    real, captions, labels, selection = heldout_set(manifest, cfg.n, cfg.seed)
+    drawn = dict(sorted(collections.Counter(labels).items()))
+    console.log(
+        f"held-out subset: {len(captions)} of {sum(sizes)} images, in proportion to each cluster's held-out size: "
+        + ", ".join(f"cluster {c} {drawn.get(c, 0)}/{size}" for c, size in enumerate(sizes))
+    )
+    out.mkdir(parents=True, exist_ok=True)
     inception = inception or InceptionFeatures()
-    ref = reference_stats(manifest, digest, real, inception, Path(manifest.root or ".") / "fid")
+    ref = reference_stats(digest, selection, real, inception, Path(manifest.root or ".") / "fid")
+    label_arr = np.asarray(labels)
+    resamples = stratified_resamples(label_arr, cfg.bootstrap, cfg.seed)
 
     rows: list[Row] = []
+    boots: dict[str, np.ndarray] = {}
     samples: dict[str, torch.Tensor] = {}
     usage: dict[str, np.ndarray] = {}
+    routing: dict | None = None
     shape = ensemble.shape
-    for name in cfg.rows:
-        if name == MONOLITH:
-            router, experts = SingleExpertRouter(), {0: mono[1]}
-            sampler = SamplerConfig(mode="top1", k=1, guidance=cfg.guidance, steps=cfg.steps, seed=cfg.seed)
+    times = sampling_times(cfg.steps, 1.0)
+    for asked in dict.fromkeys(cfg.rows):  # in the order asked, once each
+        name = monoliths[asked][0] if asked in monoliths else asked
+        if name in boots:
+            continue  # monolith@S and monolith@<S> named together
+        recorder: RecordingRouter | None = None
+        step = None
+        sampler = SamplerConfig("top1", 1, cfg.tau, cfg.guidance, cfg.steps, cfg.seed)
+        if asked in monoliths:
+            _, ck, model = monoliths[asked]
+            step, experts = ck.step, {0: model}
+            router_for: RouterFor = lambda i, j: SingleExpertRouter()  # noqa: E731
+        elif name == ORACLE:
+            experts = ensemble.experts
+            router_for = lambda i, j: OracleRouter(labels[i:j], ensemble.num_experts)  # noqa: E731
         else:
             mode, k = ROUTINGS[name]
-            router, experts = ensemble.router, ensemble.experts
+            experts = ensemble.experts
             sampler = SamplerConfig(mode, k, cfg.tau, cfg.guidance, cfg.steps, cfg.seed)
+            if name == "top-1" and cfg.diagnostic_images:
+                recorder = RecordingRouter(ensemble.router, cfg.diagnostic_images)
+            router_for = lambda i, j, rec=recorder: rec if (rec is not None and i == 0) else ensemble.router  # noqa: E731
         images, logs, spi = _generate_all(
-            captions, router, experts, encoder, space, shape, sampler, cfg.batch_size, name
+            captions, router_for, experts, encoder, space, shape, sampler, cfg.batch_size, name
         )
         stats = _stats(inception, images, name)
+        point, ci, by_cluster, boots[name] = _fid_row(ref, stats, label_arr, resamples)
         used = [sum(log.usage[k] for log in logs) for k in range(logs[0].num_experts)]
-        rows.append(Row(name, fid(ref, stats), sum(used) / len(captions), spi, used))
+        rows.append(Row(name, point, ci, by_cluster, sum(used) / len(captions), spi, used, step))
         samples[name] = images[: cfg.grid_prompts]
         if name in ("top-1", "top-2"):
             usage[name] = usage_by_noise(logs, ensemble.num_experts, cfg.steps)
-        console.log(f"{name}: FID {rows[-1].fid:.2f} ({rows[-1].expert_forwards_per_image:.0f} expert forwards/image)")
+        if recorder is not None:
+            weights = [torch.cat([log.weights[s] for log in logs]) for s in range(cfg.steps)]
+            dist, norm = disagreement_along_path(recorder.path, times, experts, encoder, captions, cfg.guidance)
+            routing = routing_by_step(weights, labels, times[: cfg.steps], dist, norm, len(recorder.path[0]))
+        console.log(
+            f"{name}: FID {point:.2f} {fmt_ci(ci)} ({rows[-1].expert_forwards_per_image:.0f} expert forwards/image)"
+        )
 
     accuracy = router_accuracy(ensemble.router, manifest, space.encode, manifest.image_size, cfg.seed)
-    times = sampling_times(cfg.steps, 1.0)[: cfg.steps]
+    end_sd = interval_end_sd([(r.fid, boots[r.name]) for r in rows])
     report = {
         "run": digest,
         "heldout_images": len(captions),
+        "heldout_by_cluster": {str(c): drawn.get(c, 0) for c in range(len(sizes))},
+        "heldout_available_by_cluster": {str(c): s for c, s in enumerate(sizes)},
         "steps": cfg.steps,
         "guidance": cfg.guidance,
         "tau": cfg.tau,
         "seed": cfg.seed,
-        "checkpoints": _checkpoint_summary(ckpt_root, ensemble.num_experts),
+        "bootstrap": {
+            "resamples": cfg.bootstrap,
+            "method": "the resamples' spread around their mean, placed on the estimate; paired resamples "
+            "of held-out images, stratified by cluster",
+            "end_sd": None if end_sd is None else round(end_sd, 2),
+        },
+        "checkpoints": _checkpoint_summary(ckpt_root, ensemble.num_experts, monoliths),
         "rows": [asdict(r) for r in rows],
+        "comparisons": comparisons(rows, boots),
         "router_accuracy": accuracy,
         "usage_by_noise": {
-            name: {"t": [round(float(t), 4) for t in times], "fraction": u.round(4).tolist()}
+            name: {"t": [round(float(t), 4) for t in times[: cfg.steps]], "fraction": u.round(4).tolist()}
             for name, u in usage.items()
         },
+        "routing_by_step": routing,
     }
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "eval.md").write_text(markdown_report(report))
     plot_fid(rows, out / "fid.png", len(captions))
     if usage:
-        plot_usage(usage, times, out / "usage.png")
+        plot_usage(usage, times[: cfg.steps], out / "usage.png")
+    if routing is not None:
+        plot_routing(routing, accuracy, ensemble.num_experts, out / "routing.png")
     sample_grid(real[: cfg.grid_prompts], samples, captions[: cfg.grid_prompts], out / "samples.png")
     return report
 
 
-def _checkpoint_summary(root: Path, k: int) -> dict:
-    out = {}
-    for job in [*(f"expert_{i}" for i in range(k)), "router", MONOLITH]:
-        ck = latest_checkpoint(root / job)
-        if ck is not None:
-            out[job] = {"step": ck.step, "samples_seen": ck.meta.get("samples_seen"), "sha256": ck.sha256}
+def routing_by_step(
+    weights: list[torch.Tensor],
+    labels: list[int],
+    times: list[float],
+    dist: list[float],
+    norm: list[float],
+    distance_images: int,
+) -> dict:
+    """The routing diagnostics of the top-1 path, per step, as the report stores them."""
+    lab = np.asarray(labels)
+    by_cluster = {}
+    for c in np.unique(lab):
+        where = np.flatnonzero(lab == c)
+        by_cluster[str(int(c))] = own_cluster_rate([w[where] for w in weights], lab[where].tolist()).round(4).tolist()
+    return {
+        "t": [round(float(t), 4) for t in times],
+        "top1_own_cluster": own_cluster_rate(weights, labels).round(4).tolist(),
+        "top1_own_cluster_by_cluster": by_cluster,
+        "images": len(labels),
+        "expert_distance": [round(d, 4) for d in dist],
+        "expert_distance_rel": [round(d / n, 4) if n > 0 else None for d, n in zip(dist, norm, strict=True)],
+        "velocity_norm": [round(n, 4) for n in norm],
+        "distance_images": distance_images,
+    }
+
+
+# The comparisons eval.md states: (what, the row to test, the row it is measured against).
+COMPARISONS = (
+    ("equal total compute", "routed", MONOLITH),
+    ("equal wall-clock on K machines", "routed", f"{MONOLITH}@"),
+    ("what the router loses", "top-1", ORACLE),
+    ("what the experts give", ORACLE, MONOLITH),
+)
+
+
+def comparisons(rows: list[Row], boots: dict[str, np.ndarray]) -> list[dict]:
+    """Δ = FID(a) − FID(b) for each pair of ``COMPARISONS`` present, with a 95 % interval from the
+    paired resamples (both rows scored on the same resampled images): negative means a is better."""
+    names = [r.name for r in rows]
+    fids = {r.name: r.fid for r in rows}
+    routed = [n for n in names if n in ROUTINGS]
+    out = []
+    for what, a_spec, b_spec in COMPARISONS:
+        bs = [n for n in names if n == b_spec or (b_spec.endswith("@") and n.startswith(b_spec))]
+        a_names = routed if a_spec == "routed" else [a_spec]
+        for b in bs:
+            for a in a_names:
+                if a not in fids:
+                    continue
+                delta = fids[a] - fids[b]
+                diff = boots[a] - boots[b]
+                ci = list(bootstrap_interval(delta, diff, floor=None)) if len(diff) else None
+                if ci is None:
+                    verdict = "no interval (no resamples)"
+                else:
+                    verdict = f"{a} better" if ci[1] < 0 else f"{b} better" if ci[0] > 0 else "not resolved at this n"
+                out.append(
+                    {
+                        "comparison": what,
+                        "a": a,
+                        "b": b,
+                        "fid_a": fids[a],
+                        "fid_b": fids[b],
+                        "delta": delta,
+                        "delta_ci95": ci,
+                        "verdict": verdict,
+                    }
+                )
     return out
 
 
-def markdown_report(report: dict) -> str:
-    ck = report["checkpoints"]
-    expert_samples = sum(v["samples_seen"] or 0 for k, v in ck.items() if k.startswith("expert_"))
-    lines = [
-        f"# Evaluation of run {report['run'][:12]}",
-        "",
-        f"FID against {report['heldout_images']} held-out real images (their captions as prompts); "
-        f"{report['steps']} Euler steps, guidance {report['guidance']}, the same noise for every row.",
-        f"Training compute: experts together {expert_samples} samples"
-        + (f", monolith {ck[MONOLITH]['samples_seen']} samples." if MONOLITH in ck else "."),
-        "",
-        "| model | FID ↓ | expert forwards / image | s / image |",
-        "|---|---:|---:|---:|",
-    ]
-    for r in report["rows"]:
-        lines.append(
-            f"| {r['name']} | {r['fid']:.2f} | {r['expert_forwards_per_image']:.1f} | {r['seconds_per_image']:.3f} |"
-        )
-    acc = report["router_accuracy"]
-    lines += [
-        "",
-        f"Router top-1 accuracy on {acc.get('samples')} {acc.get('split')} images, by noise level: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in acc.items() if k.startswith("t=")),
-        "",
-        "One expert forward is one guided call (conditional and unconditional rows together).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def plot_fid(rows: list[Row], path: Path, n: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    names = [r.name for r in rows]
-    colors = ["tab:gray" if r.name == MONOLITH else "tab:blue" for r in rows]
-    bars = ax.bar(names, [r.fid for r in rows], color=colors)
-    for bar, r in zip(bars, rows, strict=True):
-        ax.annotate(
-            f"{r.fid:.1f}\n{r.expert_forwards_per_image:.0f} fwd/img",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax.set(ylabel="FID (lower is better)", title=f"FID on {n} held-out images, per routing mode")
-    ax.margins(y=0.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_usage(usage: dict[str, np.ndarray], times, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(usage), figsize=(5 * len(usage), 3.5), squeeze=False)
-    for ax, (name, u) in zip(axes[0], usage.items(), strict=True):
-        for k in range(u.shape[1]):
-            ax.plot(times, u[:, k], label=f"expert {k}")
-        ax.set(xlabel="noise level t (1 = pure noise)", ylabel="fraction of images", title=f"experts selected: {name}")
-        ax.invert_xaxis()  # sampling runs from t = 1 to t = 0
-        ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def sample_grid(real: torch.Tensor, samples: dict[str, torch.Tensor], captions: list[str], path: Path) -> None:
-    """Rows: held-out captions; columns: the real image, then each evaluated model."""
-    cell, label_w, head = 96, 180, 18
-    cols = [("real", real), *samples.items()]
-    sheet = Image.new("RGB", (label_w + cell * len(cols), head + cell * len(captions)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, (name, _) in enumerate(cols):
-        draw.text((label_w + j * cell + 4, 3), name, fill="black")
-    for i, cap in enumerate(captions):
-        y = head + i * cell
-        draw.text((4, y + cell // 2 - 6), cap[:28], fill="black")
-        for j, (_, imgs) in enumerate(cols):
-            if i < len(imgs):
-                sheet.paste(
-                    tensor_to_pil(imgs[i]).resize((cell, cell), Image.Resampling.NEAREST), (label_w + j * cell, y)
-                )
-    sheet.save(path)
+def _checkpoint_summary(root: Path, k: int, monoliths: dict[str, MonolithRow]) -> dict:
+    out = {}
+    for job in [*(f"expert_{i}" for i in range(k)), "router"]:
+        ck = latest_checkpoint(root / job)
+        if ck is not None:
+            out[job] = {"step": ck.step, "samples_seen": ck.meta.get("samples_seen"), "sha256": ck.sha256}
+    for name, ck, _ in monoliths.values():
+        out[name] = {"step": ck.step, "samples_seen": ck.meta.get("samples_seen"), "sha256": ck.sha256}
+    if MONOLITH not in out and (ck := latest_checkpoint(root / MONOLITH)) is not None:
+        out[MONOLITH] = {"step": ck.step, "samples_seen": ck.meta.get("samples_seen"), "sha256": ck.sha256}
+    return out

@@ -102,4 +102,5 @@ def test_role_defaults() -> None:
     args = node.parse_args(["--role=server", "--expert", "0,3"])
     assert args.role == "server" and args.run_timeout == 60.0 and args.device == "cpu"
     args = node.parse_args(["--role", "eval"])
-    assert args.eval_rows.split(",") == ["top-1", "top-2", "threshold", "full", "monolith"] and args.steps == 30
+    assert args.eval_rows.split(",") == ["top-1", "top-2", "threshold", "full", "oracle", "monolith", "monolith@S"]
+    assert args.steps == 30

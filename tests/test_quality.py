@@ -1,5 +1,6 @@
 """FID (the Fréchet distance and the real Inception network), the monolith baseline at equal
-compute, and ``--role eval`` end to end on a small trained run."""
+compute, and ``--role eval`` end to end on a small trained run (the report's new parts in detail:
+tests/test_eval_report.py)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def test_stats_round_trip_without_pickle(tmp_path):
     s.save(tmp_path / "s.npz")
     back = FeatureStats.load(tmp_path / "s.npz")
     assert back.n == 10 and np.array_equal(back.mu, s.mu) and np.array_equal(back.sigma, s.sigma)
+    assert np.array_equal(back.features, s.features)  # kept for per-cluster FID and the bootstrap
+    FeatureStats(s.mu, s.sigma, s.n).save(tmp_path / "old.npz")  # a cache from before features were kept
+    assert FeatureStats.load(tmp_path / "old.npz").features is None
     with pytest.raises(FidError, match="at least 2"):
         FeatureStats.of(np.zeros((1, 4)))
 
@@ -96,28 +100,36 @@ def test_monolith_trains_at_the_experts_total_compute_and_eval_writes_the_report
     assert mono.meta["kind"] == "monolith" and mono.meta["objective"] == "fm"
     assert mono.meta["samples_seen"] == total
 
+    # On the way it kept its checkpoint at the experts' step count (equal wall-clock on 2 machines).
+    s = -(-max(e.meta["samples_seen"] for e in experts) // 16)
+    assert f"monolith: kept step {s}" in out.stdout
+    assert latest_checkpoint(work / "checkpoints" / f"monolith_at_{s}").step == s
+
     report_dir = tmp_path / "eval"
     out = node("--role", "eval", "--workdir", str(work), "--eval-n", "12", "--steps", "4", "--output", str(report_dir))
     report = json.loads((report_dir / "eval.json").read_text())
     names = [r["name"] for r in report["rows"]]
-    assert names == ["top-1", "top-2", "threshold", "full", "monolith"]
-    assert report["heldout_images"] == 12
+    assert names == ["top-1", "top-2", "threshold", "full", "oracle", "monolith", f"monolith@{s}"]
+    assert report["heldout_images"] == 12 and sum(report["heldout_by_cluster"].values()) == 12
     for r in report["rows"]:
         assert np.isfinite(r["fid"]) and r["fid"] > 0
+        assert r["fid_ci95"][0] <= r["fid_ci95"][1] and set(r["fid_by_cluster"]) == {"0", "1"}
     by = {r["name"]: r for r in report["rows"]}
     # Compute per image follows the routing: 1 expert per step for top-1, both for full (2 experts).
     assert by["top-1"]["expert_forwards_per_image"] == 4
     assert by["full"]["expert_forwards_per_image"] == 8
     assert by["monolith"]["expert_forwards_per_image"] == 4
+    assert by["oracle"]["expert_forwards_per_image"] == 4
     assert sum(by["top-2"]["usage"]) == 12 * 4 * 2
     frac = np.array(report["usage_by_noise"]["top-1"]["fraction"])
     assert frac.shape == (4, 2) and np.allclose(frac.sum(1), 1.0)
     assert set(report["router_accuracy"]) >= {"t=0.1", "t=0.9", "split"}
-    for f in ("eval.md", "fid.png", "usage.png", "samples.png"):
+    assert len(report["routing_by_step"]["top1_own_cluster"]) == 4
+    for f in ("eval.md", "fid.png", "usage.png", "routing.png", "samples.png"):
         assert (report_dir / f).stat().st_size > 0
     assert "| monolith |" in (report_dir / "eval.md").read_text()
-    # The reference statistics were cached beside the data and are reused by the next evaluation.
-    cached = list((work / "data" / "fid").glob("holdout_*_12.npz"))
+    # The reference features were cached beside the data and are reused by the next evaluation.
+    cached = list((work / "data" / "fid").glob("holdout_*_12_*.npz"))
     assert len(cached) == 1
     again = node(
         "--role", "eval", "--workdir", str(work), "--eval-n", "12", "--steps", "2",

@@ -2,24 +2,35 @@
 monolith baseline, on a prepared run's data, into ``<ckpt>/<job>/step_N``.
 
 With no budget given a job trains for 5 minutes; the monolith's default budget is the experts'
-total compute (``training.monolith.equal_compute_steps``).
+total compute (``training.monolith.equal_compute_steps``). On the way the monolith keeps its
+checkpoint at the experts' step count (equal wall-clock on K machines) in ``<ckpt>/monolith_at_S``:
+it trains to S, that checkpoint is kept, and a fresh job resumes from it to the full budget, exactly
+as a restarted process would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
 
-from data.checkpoint import Checkpoint
+from data.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, verify_checkpoint
 from data.manifest import load_manifest
 from experts.presets import get_preset
 from experts.text_encoder import TextEncoderConfig
 from router.ensemble import expert_dir, router_dir
 from training.jobs import build_job
-from training.loop import TrainConfig, train
-from training.monolith import MONOLITH, equal_compute_steps, experts_samples_seen
+from training.loop import TrainConfig, TrainJob, train
+from training.monolith import (
+    MONOLITH,
+    equal_compute_steps,
+    equal_wallclock_steps,
+    experts_samples_seen,
+    keep_checkpoint,
+    wallclock_dir,
+)
 
 console = Console(stderr=True, markup=False)
 
@@ -50,9 +61,11 @@ def plan(cfg: LocalTrainConfig) -> TrainConfig:
             return replace(tc, ckpt_root=str(ckpt / MONOLITH))
         seen = experts_samples_seen(ckpt, manifest.num_clusters)
         batch = tc.batch_size or get_preset(manifest.clusters[0].preset).batch_size
-        steps = equal_compute_steps(seen, manifest.num_clusters, batch)
+        # A step of --accum N micro-batches sees N batches: count samples, not micro-batches.
+        steps = equal_compute_steps(seen, manifest.num_clusters, batch * tc.accum)
+        of = f"{batch}" if tc.accum == 1 else f"{batch} x {tc.accum}"
         print(
-            f"monolith: {steps} steps of {batch} = the {sum(seen.values())} samples the "
+            f"monolith: {steps} steps of {of} = the {sum(seen.values())} samples the "
             f"{manifest.num_clusters} experts saw together",
             flush=True,
         )
@@ -66,11 +79,64 @@ def plan(cfg: LocalTrainConfig) -> TrainConfig:
     return replace(tc, ckpt_root=str(expert_dir(ckpt, k)), seed=tc.seed + k, **budget)
 
 
+def wallclock_step(cfg: LocalTrainConfig, tc: TrainConfig) -> int:
+    """The monolith's step at equal wall-clock with the experts (their step count), where a copy
+    is kept; 0 when there is none to keep: not the monolith, no step budget (or a time limit too,
+    which two phases would each spend), no resuming (the second phase resumes the first), an
+    expert untrained, or a budget that ends before it."""
+    if cfg.job != MONOLITH or not tc.steps or tc.minutes or not tc.resume:
+        return 0
+    manifest, _ = load_manifest(Path(cfg.data_dir))
+    seen = experts_samples_seen(Path(cfg.ckpt_dir), manifest.num_clusters)
+    if len(seen) < manifest.num_clusters:
+        return 0
+    batch = tc.batch_size or get_preset(manifest.clusters[0].preset).batch_size
+    step = equal_wallclock_steps(seen, batch * tc.accum)
+    return step if step <= tc.steps else 0
+
+
+def _keep_wallclock(
+    job: TrainJob, cfg: LocalTrainConfig, tc: TrainConfig, at: int, rebuild: Callable[[], TrainJob]
+) -> TrainJob:
+    """Train the monolith to step ``at`` (if it is not there yet) and keep that checkpoint in
+    ``<ckpt>/monolith_at_<at>``; returns the job to continue with."""
+    dest = wallclock_dir(Path(cfg.ckpt_dir), at)
+    if list_checkpoints(dest):
+        return job  # kept by an earlier run
+    root = Path(tc.ckpt_root)
+    last = latest_checkpoint(root)
+    if last is None or last.step < at:
+        ckpt = train(job, replace(tc, steps=at))
+        job = rebuild()  # a fresh job resumes from that checkpoint exactly as a restarted process would
+    elif (root / f"step_{at:08d}").is_dir():  # still among the kept last few
+        ckpt = verify_checkpoint(root / f"step_{at:08d}")
+    else:
+        ckpt = last
+    if ckpt.step != at:
+        print(
+            f"note: the monolith is at step {ckpt.step}, not at the experts' step {at}, and no checkpoint of "
+            f"step {at} is left; for the monolith@{at} row train a fresh monolith (another --ckpt-dir, "
+            f"or move {root} away)",
+            flush=True,
+        )
+        return job
+    kept = keep_checkpoint(ckpt, dest)
+    print(f"monolith: kept step {at} (the experts' step count: equal wall-clock) in {kept.path}", flush=True)
+    return job
+
+
 def train_local(cfg: LocalTrainConfig) -> Checkpoint:
     """Train the job to its budget (resuming its latest checkpoint) and say what it reached."""
     manifest, digest = load_manifest(Path(cfg.data_dir))
     tc = plan(cfg)
-    job = build_job(manifest, digest, cfg.job, tc, cfg.text_encoder, cfg.vae, cfg.router_preset)
+
+    def build() -> TrainJob:
+        return build_job(manifest, digest, cfg.job, tc, cfg.text_encoder, cfg.vae, cfg.router_preset)
+
+    job = build()
+    at = wallclock_step(cfg, tc)
+    if at:
+        job = _keep_wallclock(job, cfg, tc, at, build)
     result = train(job, tc)
     if cfg.job == "router":
         acc = result.meta.get("heldout_accuracy", {})

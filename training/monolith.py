@@ -4,17 +4,24 @@ It is what the K experts plus a router are compared against, so it gets the same
 compute: as many samples as all experts saw together (``equal_compute_steps``), the same preset,
 batch size and learning rate, and the same loop. Its checkpoints live beside the experts'
 (``<ckpt>/monolith/step_N``) and it samples as a one-expert ensemble.
+
+On its way there it passes the experts' own step count S (``equal_wallclock_steps``): K machines
+training the K experts side by side finish after S steps' time, so a monolith at step S is the
+baseline at equal wall-clock. That checkpoint is kept (``<ckpt>/monolith_at_S/step_S``, hard
+links) where the loop's pruning of ``<ckpt>/monolith`` cannot reach it.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from data.checkpoint import CheckpointError, latest_checkpoint
+from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, verify_checkpoint
 from data.manifest import Manifest
 from data.streaming import Batch, DataPosition, RawBatch, stream_batches
 from experts.text_encoder import TextEncoder
@@ -76,6 +83,38 @@ def equal_compute_steps(seen: dict[int, int], num_experts: int, batch_size: int)
             "so train them first (or give --steps)"
         )
     return max(1, math.ceil(sum(seen.values()) / batch_size))
+
+
+def equal_wallclock_steps(seen: dict[int, int], samples_per_step: int) -> int:
+    """Steps of ``samples_per_step`` that take as long as the slowest expert's training: K experts
+    of one preset train side by side on K machines, so the run's wall-clock is its longest job."""
+    if not seen:
+        raise CheckpointError("no expert has a checkpoint yet; train them first")
+    return max(1, math.ceil(max(seen.values()) / samples_per_step))
+
+
+def wallclock_dir(ckpt_root: Path, step: int) -> Path:
+    """Where the monolith's checkpoint at the experts' step ``step`` is kept."""
+    return ckpt_root / f"{MONOLITH}_at_{step}"
+
+
+def keep_checkpoint(ckpt: Checkpoint, dest_root: Path) -> Checkpoint:
+    """Put checkpoint ``ckpt`` under ``dest_root`` as well (hard links where the file system allows,
+    so no bytes are copied; a checkpoint's files are never rewritten in place), verified."""
+    dest_root.mkdir(parents=True, exist_ok=True)
+    final, tmp = dest_root / ckpt.path.name, dest_root / f".tmp_{ckpt.path.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt.path, tmp, copy_function=_link_or_copy)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return verify_checkpoint(final, ckpt.sha256)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)
 
 
 class SingleExpertRouter(torch.nn.Module):
