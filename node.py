@@ -375,11 +375,18 @@ def run_prepare(args: argparse.Namespace) -> None:
         node.shutdown()
 
 
-def _train_config(args: argparse.Namespace, steps: int, minutes: float):
+def _device_and_precision(args: argparse.Namespace, default_device: str = "") -> tuple[str, str]:
+    """The role's ``--device`` (this machine must have it) and ``--precision`` (default: by device)."""
     from experts.device import resolve_device, resolve_precision
+
+    device = resolve_device(args.device or default_device)
+    return str(device), resolve_precision(args.precision, device)
+
+
+def _train_config(args: argparse.Namespace, steps: int, minutes: float):
     from training.loop import TrainConfig
 
-    device = resolve_device(args.device)
+    device, precision = _device_and_precision(args)
     return TrainConfig(
         ckpt_root="",  # set per job
         steps=steps,
@@ -389,8 +396,8 @@ def _train_config(args: argparse.Namespace, steps: int, minutes: float):
         ckpt_every_steps=args.ckpt_every,
         ckpt_every_minutes=args.ckpt_minutes,
         seed=args.seed,
-        device=str(device),
-        precision=resolve_precision(args.precision, device),
+        device=device,
+        precision=precision,
         compile=args.compile,
         accum=args.accum,
         workers=args.workers,
@@ -457,7 +464,6 @@ def run_local_trainer(args: argparse.Namespace) -> None:
 
 def run_server(args: argparse.Namespace) -> None:
     """Serve the denoising forward pass of the published checkpoint(s) of ``--expert K[,K...]``."""
-    from experts.device import resolve_device, resolve_precision
     from swarm.server import ExpertServer, ServerConfig
 
     experts = _int_list(args.expert, "--expert")
@@ -465,7 +471,7 @@ def run_server(args: argparse.Namespace) -> None:
         raise UsageError(f"--expert takes distinct expert ids like 0 or 0,3; got {args.expert!r}")
     if args.max_batch < 1 or args.max_queue < 1 or args.request_timeout <= 0 or args.run_timeout <= 0:
         raise UsageError("--max-batch, --max-queue, --request-timeout and --run-timeout must be positive")
-    device = resolve_device(args.device or "cpu")
+    device, precision = _device_and_precision(args, default_device="cpu")
     cfg = ServerConfig(
         experts=experts,
         work_dir=str(Path(args.workdir) / "served"),
@@ -474,8 +480,8 @@ def run_server(args: argparse.Namespace) -> None:
         request_timeout_s=args.request_timeout,
         follow=args.follow,
         run_timeout_s=args.run_timeout,
-        device=str(device),
-        precision=resolve_precision(args.precision, device),
+        device=device,
+        precision=precision,
     )
     stop = _stop_on_signals()
     node = _swarm_node(args)
@@ -493,7 +499,6 @@ def run_server(args: argparse.Namespace) -> None:
 
 
 def run_client(args: argparse.Namespace) -> None:
-    from experts.device import resolve_device, resolve_precision
     from router.client import ClientConfig, run_local_client
     from router.sampling import SamplerConfig
 
@@ -505,7 +510,7 @@ def run_client(args: argparse.Namespace) -> None:
     else:
         subset = _int_list(args.local_experts, "--local-experts") if args.local_experts else None
     _, ckpt = _dirs(args)
-    device = resolve_device(args.device)
+    device, precision = _device_and_precision(args)
     cfg = ClientConfig(
         prompts=args.prompts,
         sampler=SamplerConfig(
@@ -516,8 +521,8 @@ def run_client(args: argparse.Namespace) -> None:
         ckpt_dir=str(args.ckpt_dir or Path(args.workdir) / "fetched") if from_swarm else str(ckpt),
         from_export=args.from_export or "",
         vae=args.vae,
-        device=str(device),
-        precision=resolve_precision(args.precision, device),
+        device=device,
+        precision=precision,
     )
     if not from_swarm:
         run_local_client(cfg)
@@ -546,16 +551,15 @@ def run_status(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     from evaluation.evaluate import EvalConfig, evaluate
-    from experts.device import resolve_device, resolve_precision
 
     data_dir, ckpt = _dirs(args)
-    device = resolve_device(args.device)
+    device, precision = _device_and_precision(args)
     cfg = EvalConfig(
         ckpt_dir=str(ckpt),
         data_dir=str(data_dir),
         vae=args.vae,
-        device=str(device),
-        precision=resolve_precision(args.precision, device),
+        device=device,
+        precision=precision,
         out_dir=args.output,
         n=args.eval_n,
         steps=args.steps,

@@ -46,26 +46,22 @@ class Batch:
     states: torch.Tensor | None = None  # (B, L, D) caption token states, when the shards hold them
     mask: torch.Tensor | None = None  # (B, L) 1 = real token
 
+    def _map(self, fn) -> Batch:
+        """The same batch with ``fn`` applied to each of its tensors."""
+        f = lambda t: None if t is None else fn(t)  # noqa: E731
+        return Batch(
+            f(self.images), self.captions, f(self.labels), self.position, f(self.latents), f(self.states), f(self.mask)
+        )
+
     def pin_memory(self) -> Batch:
         """Page-locked copies (what DataLoader's ``pin_memory`` calls on a custom batch)."""
-        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return Batch(
-            pin(self.images), self.captions, pin(self.labels), self.position,
-            pin(self.latents), pin(self.states), pin(self.mask),
-        )  # fmt: skip
+        return self._map(lambda t: t.pin_memory())
 
     def to(self, device: torch.device | str) -> Batch:
         if torch.device(device).type == "cpu":
             return self
-
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            # pinned host memory: the copy can overlap the GPU's work on the previous step
-            return None if t is None else t.pin_memory().to(device, non_blocking=True)
-
-        return Batch(
-            move(self.images), self.captions, move(self.labels), self.position,
-            move(self.latents), move(self.states), move(self.mask),
-        )  # fmt: skip
+        # pinned host memory: the copy can overlap the GPU's work on the previous step
+        return self._map(lambda t: t.pin_memory().to(device, non_blocking=True))
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from data.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, verify_checkpoint
-from data.manifest import load_manifest
+from data.manifest import Manifest, load_manifest
 from experts.presets import get_preset
 from experts.text_encoder import TextEncoderConfig
 from router.ensemble import expert_dir, router_dir
@@ -49,9 +49,13 @@ class LocalTrainConfig:
     router_preset: str = "tiny"
 
 
-def plan(cfg: LocalTrainConfig) -> TrainConfig:
+def _samples_per_step(manifest: Manifest, tc: TrainConfig) -> int:
+    """A step of --accum N micro-batches sees N batches: budgets count samples, not micro-batches."""
+    return (tc.batch_size or get_preset(manifest.clusters[0].preset).batch_size) * tc.accum
+
+
+def plan(cfg: LocalTrainConfig, manifest: Manifest) -> TrainConfig:
     """The job's TrainConfig: its checkpoint folder, its seed and its budget."""
-    manifest, _ = load_manifest(Path(cfg.data_dir))
     ckpt, tc = Path(cfg.ckpt_dir), cfg.train
     budget = {} if (tc.steps or tc.minutes) else {"minutes": DEFAULT_MINUTES}
     if cfg.job == "router":
@@ -61,8 +65,7 @@ def plan(cfg: LocalTrainConfig) -> TrainConfig:
             return replace(tc, ckpt_root=str(ckpt / MONOLITH))
         seen = experts_samples_seen(ckpt, manifest.num_clusters)
         batch = tc.batch_size or get_preset(manifest.clusters[0].preset).batch_size
-        # A step of --accum N micro-batches sees N batches: count samples, not micro-batches.
-        steps = equal_compute_steps(seen, manifest.num_clusters, batch * tc.accum)
+        steps = equal_compute_steps(seen, manifest.num_clusters, _samples_per_step(manifest, tc))
         of = f"{batch}" if tc.accum == 1 else f"{batch} x {tc.accum}"
         print(
             f"monolith: {steps} steps of {of} = the {sum(seen.values())} samples the "
@@ -79,19 +82,17 @@ def plan(cfg: LocalTrainConfig) -> TrainConfig:
     return replace(tc, ckpt_root=str(expert_dir(ckpt, k)), seed=tc.seed + k, **budget)
 
 
-def wallclock_step(cfg: LocalTrainConfig, tc: TrainConfig) -> int:
+def wallclock_step(cfg: LocalTrainConfig, tc: TrainConfig, manifest: Manifest) -> int:
     """The monolith's step at equal wall-clock with the experts (their step count), where a copy
     is kept; 0 when there is none to keep: not the monolith, no step budget (or a time limit too,
     which two phases would each spend), no resuming (the second phase resumes the first), an
     expert untrained, or a budget that ends before it."""
     if cfg.job != MONOLITH or not tc.steps or tc.minutes or not tc.resume:
         return 0
-    manifest, _ = load_manifest(Path(cfg.data_dir))
     seen = experts_samples_seen(Path(cfg.ckpt_dir), manifest.num_clusters)
     if len(seen) < manifest.num_clusters:
         return 0
-    batch = tc.batch_size or get_preset(manifest.clusters[0].preset).batch_size
-    step = equal_wallclock_steps(seen, batch * tc.accum)
+    step = equal_wallclock_steps(seen, _samples_per_step(manifest, tc))
     return step if step <= tc.steps else 0
 
 
@@ -128,13 +129,13 @@ def _keep_wallclock(
 def train_local(cfg: LocalTrainConfig) -> Checkpoint:
     """Train the job to its budget (resuming its latest checkpoint) and say what it reached."""
     manifest, digest = load_manifest(Path(cfg.data_dir))
-    tc = plan(cfg)
+    tc = plan(cfg, manifest)
 
     def build() -> TrainJob:
         return build_job(manifest, digest, cfg.job, tc, cfg.text_encoder, cfg.vae, cfg.router_preset)
 
     job = build()
-    at = wallclock_step(cfg, tc)
+    at = wallclock_step(cfg, tc, manifest)
     if at:
         job = _keep_wallclock(job, cfg, tc, at, build)
     result = train(job, tc)
