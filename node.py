@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
+
+from swarm.lifeline import interrupt_on_signals, stop_on_signals
 
 # role → what it does (the lines of `python node.py --help`)
 ROLES = {
@@ -300,13 +300,6 @@ def _one_expert(args: argparse.Namespace) -> int:
     return k[0]
 
 
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
-
-
 def _swarm_node(args: argparse.Namespace, say_join: bool = True):
     """Join (or start) the swarm; with no initial peers, print the flag other nodes join with."""
     from swarm.dht import SwarmConfig, SwarmNode
@@ -328,7 +321,7 @@ def _swarm_node(args: argparse.Namespace, say_join: bool = True):
 def run_bootstrap(args: argparse.Namespace) -> None:
     """A long-lived DHT entry point; its identity folder keeps its peer id across restarts."""
     node = _swarm_node(args, say_join=False)
-    stop = _stop_on_signals()
+    stop = stop_on_signals(args.role)
     print(f"bootstrap peer {node.peer_id} is up; other nodes join with:", flush=True)
     print(f"  {node.initial_peers_line()}", flush=True)
     try:
@@ -364,7 +357,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         return
     from swarm.preparer import serve_run
 
-    stop = _stop_on_signals()
+    stop = stop_on_signals(args.role)
     node = _swarm_node(args, say_join=False)
     print(f"serving run {digest[:12]} as {node.peer_id}; trainers join with:", flush=True)
     print(f"  {node.initial_peers_line()}", flush=True)
@@ -427,7 +420,7 @@ def run_trainer(args: argparse.Namespace) -> None:
         train=_train_config(args, steps=0, minutes=0.0),  # the swarm trainer sets the budget per job
         run_timeout_s=args.run_timeout,
     )
-    stop = _stop_on_signals()
+    stop = stop_on_signals(args.role)
     node = _swarm_node(args)
     print(f"trainer {node.peer_id} joined the swarm", flush=True)
     trainer = SwarmTrainer(node, cfg, stop)
@@ -483,7 +476,7 @@ def run_server(args: argparse.Namespace) -> None:
         device=device,
         precision=precision,
     )
-    stop = _stop_on_signals()
+    stop = stop_on_signals(args.role)
     node = _swarm_node(args)
     try:
         server = ExpertServer(node, cfg, stop)
@@ -541,7 +534,7 @@ def run_status(args: argparse.Namespace) -> None:
 
     if not args.initial_peers:
         raise UsageError("status needs --initial-peers of a swarm to look at")
-    stop = _stop_on_signals()
+    stop = stop_on_signals(args.role)
     node = _swarm_node(args, say_join=False)
     try:
         show(node, once=args.once or args.json, as_json=args.json, stop=stop, until_done=args.until_done)
@@ -602,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub on the default path
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    interrupt_on_signals()  # long-lived roles replace this with a clean stop once they hold something
     try:
         import torch
 
@@ -611,6 +605,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except InterruptedError as e:  # a stop that was asked for, before there was anything to save
+        print(f"{args.role}: {e}", file=sys.stderr)
+        return 0
     except (ValueError, OSError, FloatingPointError, RuntimeError) as e:  # ours subclass these
         print(f"error: {e}", file=sys.stderr)
         return 2

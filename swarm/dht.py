@@ -8,6 +8,7 @@ for others. Unreachable initial peers end in a clear error within ``join_timeout
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from hivemind.utils import get_dht_time
 
 from swarm.claims import Snapshot
 from swarm.identity import identity_paths, load_or_create_rsa_key
+from swarm.lifeline import detach_and_watch
 from swarm.records import (
     CLAIM_TTL_S,
     CheckpointRecord,
@@ -46,6 +48,19 @@ class SwarmConfig:
     join_timeout: float = 30.0  # seconds to reach the initial peers before giving up
 
 
+class OwnedDHT(DHT):
+    """hivemind's DHT process, tied to the node that forked it: it ignores the signals meant for
+    the node and ends itself and its p2pd when the node is gone (see :mod:`swarm.lifeline`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._node_pid = os.getpid()  # set before DHT.__init__, which forks at once
+        super().__init__(*args, **kwargs)
+
+    def run(self) -> None:
+        detach_and_watch(self._node_pid)
+        super().run()
+
+
 class SwarmNode:
     """One DHT participant; every record it writes is signed and owned by its RSA key."""
 
@@ -64,7 +79,7 @@ class SwarmNode:
         if cfg.announce_maddrs:
             kwargs["announce_maddrs"] = cfg.announce_maddrs
         pool = concurrent.futures.ThreadPoolExecutor(1)
-        future = pool.submit(DHT, **kwargs)
+        future = pool.submit(OwnedDHT, **kwargs)
         try:
             self.dht = future.result(timeout=cfg.join_timeout)
         except concurrent.futures.TimeoutError:

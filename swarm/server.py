@@ -112,7 +112,9 @@ class ExpertServer:
             run = self.node.run()
             if run is not None:
                 return run
-            if time.monotonic() > deadline or self.stop.wait(1.0):
+            if self.stop.wait(1.0):
+                raise InterruptedError("stopped while waiting for a run")
+            if time.monotonic() > deadline:
                 raise SwarmError("no run is published in this swarm (python node.py --role prepare --serve ...)")
 
     def _first_load(self) -> None:
@@ -124,7 +126,9 @@ class ExpertServer:
             try:
                 return self._load_latest(initial=True)
             except _NotYet as e:
-                if time.monotonic() > deadline or self.stop.wait(2.0):
+                if self.stop.wait(2.0):
+                    raise InterruptedError(f"stopped while waiting: {e}") from None
+                if time.monotonic() > deadline:
                     raise SwarmError(str(e)) from None
                 if str(e) != said:
                     console.log(f"{e}; trying again")

@@ -143,6 +143,9 @@ def render(data: dict) -> Group:
     return Group(*tables, peers)
 
 
+LOG_EVERY_S = 30.0  # without a terminal
+
+
 def run_status(
     node: SwarmNode, once: bool, as_json: bool, interval: float = 2.0, stop=None, until_done: bool = False
 ) -> None:
@@ -155,8 +158,20 @@ def run_status(
         else:
             Console().print(render(data))
         return
+    console = Console()
     data = collect(node)
-    with Live(render(data), refresh_per_second=2, screen=False) as live:
+    if not console.is_terminal:  # a log file or a pipe: a snapshot when something changed, at most
+        console.print(render(data))  # every LOG_EVERY_S, so a log stays readable
+        printed, shown = time.monotonic(), data
+        while not (until_done and data["complete"]):
+            if stop.wait(interval) if stop is not None else time.sleep(interval):
+                break
+            data = collect(node)
+            if data != shown and (time.monotonic() - printed > LOG_EVERY_S or data["complete"]):
+                console.print(render(data))
+                printed, shown = time.monotonic(), data
+        return
+    with Live(render(data), console=console, refresh_per_second=2, screen=False) as live:
         while not (until_done and data["complete"]):
             if stop.wait(interval) if stop is not None else time.sleep(interval):
                 break

@@ -70,16 +70,36 @@ def wait_in_log(proc: subprocess.Popen, log: Path, text: str, timeout: float, wh
     raise AssertionError(f"{problem}; the end of {log.name}:\n{content[-4000:]}")
 
 
-def group_gone(pid: int, timeout: float = 15.0) -> bool:
-    """True once no process of the group led by ``pid`` is left (a clean exit leaves none)."""
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a live process, or None once it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else (fields[0], int(fields[1]))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (its DHT process, p2pd, loader workers...), in any group."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _proc_stat(int(entry.name))) is not None:
+            parents.setdefault(st[1], []).append(int(entry.name))
+    out, frontier = [], [pid]
+    while frontier:
+        frontier = [c for p in frontier for c in parents.get(p, [])]
+        out += frontier
+    return out
+
+
+def left_behind(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """The processes of ``pids`` still alive after ``timeout`` s (zombies count as gone)."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
+    while True:
+        alive = [p for p in pids if _proc_stat(p) is not None]
+        if not alive or time.time() > deadline:
+            return alive
         time.sleep(0.2)
-    return False
 
 
 _SPAWNED: list[subprocess.Popen] = []
@@ -102,8 +122,9 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    """Signal a spawned node's whole process group: killing only the main process would orphan
-    its hivemind DHT process and p2p daemon."""
+    """Signal a spawned node's process group, then kill whatever it left below it: cleanup after
+    a test, so it does not rely on the node's own lifeline (tests/test_stop.py checks that)."""
+    below = descendants(proc.pid)
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
@@ -113,6 +134,11 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+    for pid in left_behind(below, timeout=5.0):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="session", autouse=True)

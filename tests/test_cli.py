@@ -104,3 +104,64 @@ def test_role_defaults() -> None:
     args = node.parse_args(["--role", "eval"])
     assert args.eval_rows.split(",") == ["top-1", "top-2", "threshold", "full", "oracle", "monolith", "monolith@S"]
     assert args.steps == 30
+
+
+# ------------------------------------------------------------------ README's command lines
+DOCS = ["README.md", "bootstrap/README.md"]
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """(file, command) for every ``python node.py`` line in the docs' code blocks, continuation
+    lines joined."""
+    out = []
+    for doc in DOCS:
+        lines = (ROOT / doc).read_text().splitlines()
+        i = 0
+        while i < len(lines):
+            line = lines[i].strip()
+            if lines[i].startswith("    ") and line.startswith("python node.py"):
+                while line.endswith("\\") and i + 1 < len(lines):
+                    i += 1
+                    line = line[:-1] + " " + lines[i].strip()
+                out.append((doc, line))
+            i += 1
+    return out
+
+
+def spellings(command: str) -> list[str]:
+    """The command with every ``[optional]`` part left out, and with each one put in (its first
+    alternative where it lists ``a | b`` or ``a|b``): both must work as printed."""
+    import re
+
+    group = re.compile(r"\[([^\[\]]*)\]")
+
+    def first(m: re.Match) -> str:
+        words = m.group(1).split(" | ")[0].split()
+        return " ".join(w.split("|")[0] for w in words if w != "...")
+
+    return [re.sub(r"\s+", " ", group.sub("", command)).strip(), group.sub(first, command)]
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_docs_show_command_lines() -> None:
+    roles = {shlex_split(cmd)[3] for _, cmd in COMMANDS}
+    assert roles >= set(node.ROLES) - {"eval"}, f"README shows no command for {set(node.ROLES) - roles}"
+
+
+def shlex_split(command: str) -> list[str]:
+    import shlex
+
+    return shlex.split(command, comments=True)
+
+
+@pytest.mark.parametrize(("doc", "command"), COMMANDS, ids=[c[:60] for _, c in COMMANDS])
+def test_every_command_line_the_docs_show_parses_as_printed(doc: str, command: str) -> None:
+    for spelled in spellings(command):
+        argv = shlex_split(spelled)
+        assert argv[:2] == ["python", "node.py"], spelled
+        args = node.parse_args(argv[2:])  # a usage error would exit 2 here
+        quoted = [w for w in argv if " " in w]  # what the docs quote is a prompt
+        assert quoted == [w for w in getattr(args, "prompts", []) if " " in w], f"{doc}: {spelled}"
+        assert all(p.startswith("/") for p in getattr(args, "initial_peers", None) or []), f"{doc}: {spelled}"

@@ -10,7 +10,7 @@ from hivemind.utils import get_dht_time
 from swarm.claims import winner
 from swarm.dht import SwarmConfig, SwarmError, SwarmNode
 from swarm.records import ClaimRecord, RunRecord, claim_key, encode, run_key
-from tests.conftest import group_gone, kill_tree, node, spawn
+from tests.conftest import descendants, kill_tree, left_behind, node, spawn
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 RUN = RunRecord("a" * 64, 2, ["tiny", "tiny"], ["fm", "ddpm"], 100)
@@ -70,10 +70,11 @@ def _start_bootstrap(identity, port_maddr="/ip4/127.0.0.1/tcp/0"):
 
 def _stop(proc):
     """SIGTERM to the main process: a clean shutdown must take its DHT and p2p daemon with it."""
+    helpers = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
-        assert group_gone(proc.pid), "a stopped bootstrap peer left processes behind"
+        assert proc.wait(timeout=30) == 0
+        assert not left_behind(helpers), "a stopped bootstrap peer left processes behind"
     finally:
         kill_tree(proc)
 

@@ -10,7 +10,7 @@ import pytest
 
 from swarm import claims
 from swarm.dht import SwarmConfig, SwarmNode
-from tests.conftest import group_gone, kill_tree, node, spawn, wait_for
+from tests.conftest import descendants, kill_tree, left_behind, node, spawn, wait_for
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 HEARTBEAT = 2.0
@@ -166,10 +166,11 @@ def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
 
     # A clean shutdown releases the claim at once rather than letting it expire.
     proc = peer_of[successor][0]
+    helpers = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)  # the main process only: it must shut its own children down
     proc.wait(timeout=60)
     assert proc.returncode == 0, log.read_text()[-2000:]
-    assert group_gone(proc.pid), "a cleanly stopped trainer left processes behind"
+    assert not left_behind(helpers), "a cleanly stopped trainer left processes behind"
     snap = observer.snapshot(run)
     assert claims.winner(snap, "expert_0") is None, "the claim outlived a clean shutdown"
     assert "released expert_0" in log.read_text()

@@ -1,0 +1,94 @@
+"""How a node stops: on request it finishes cleanly, and its helper processes never outlive it.
+
+A node is one Python process plus helpers it does not write itself: hivemind's DHT process
+(forked) and the DHT's ``p2pd`` daemon (its child). Two rules keep them in step:
+
+* **Only the node hears a stop.** The DHT process moves into its own process group before it
+  starts ``p2pd``, so Ctrl-C in a terminal (which signals the whole foreground group) or a
+  SIGTERM sent to the node's group reaches the node alone. The node then saves and writes its
+  last records *through* the DHT, and only then shuts the DHT down. If Ctrl-C reached the
+  helpers too, they would die first and the last records would never be written.
+* **The helpers end with the node.** The DHT process watches its parent; when the node is gone
+  (even by SIGKILL, which runs no cleanup) it ends its own group, ``p2pd`` included.
+
+Signal handlers are inherited across ``fork``. A handler that only sets an event would make a
+forked helper ignore SIGTERM, including hivemind's own ``terminate()``, and the node would wait
+on it forever. So the handlers here act only in the process that installed them; in any forked
+child they fall back to the default action.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PARENT_POLL_S = 0.5  # how often a helper checks that its node is still there
+
+
+def _pid_aware(handler: Callable[[int], None]) -> Callable:
+    """Run ``handler`` in the installing process; in a forked child, behave as SIG_DFL."""
+    owner = os.getpid()
+
+    def on_signal(sig: int, _frame) -> None:
+        if os.getpid() != owner:
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+            return
+        handler(sig)
+
+    return on_signal
+
+
+def stop_on_signals(what: str = "node") -> threading.Event:
+    """The first Ctrl-C / SIGTERM sets the returned event (the node finishes its step, saves,
+    releases what it holds and exits 0); a second one quits at once (exit 130), and the helpers
+    end with the node."""
+    stop = threading.Event()
+
+    def handler(sig: int) -> None:
+        if stop.is_set():
+            os._exit(128 + signal.SIGINT)  # asked twice: no more cleanup
+        stop.set()
+        # os.write, not print: a signal can arrive while the main thread is inside print.
+        name = signal.Signals(sig).name
+        os.write(2, f"{what}: stopping on {name}; press Ctrl-C again to quit at once\n".encode())
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _pid_aware(handler))
+    return stop
+
+
+def interrupt_on_signals() -> None:
+    """For one-shot roles (client, eval, prepare): SIGTERM interrupts like Ctrl-C, so ``finally``
+    blocks run and the DHT shuts down, and the exit status says the work was not finished."""
+
+    def handler(_sig: int) -> None:
+        raise KeyboardInterrupt
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _pid_aware(handler))
+
+
+def _end_group_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    # The node died without shutting us down: end p2pd and this process (SIG_DFL, see below).
+    os.killpg(0, signal.SIGTERM)
+    time.sleep(5)
+    os.killpg(0, signal.SIGKILL)
+
+
+def detach_and_watch(parent: int) -> None:
+    """First thing in a helper process: its own process group, default SIGTERM, and a thread that
+    ends the group when ``parent`` is gone."""
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # hivemind ignores it too; the node decides
+    if os.getppid() != parent:  # the node died while we were being forked
+        os._exit(1)
+    threading.Thread(target=_end_group_when_orphaned, args=(parent,), name="lifeline", daemon=True).start()
+
