@@ -114,7 +114,8 @@ def test_server_says_offline_on_sigterm(swarm):
     proc, log, helpers = _start(swarm, "server", ["--role", "server", "--expert", "1"], "serving expert")
     text = _assert_clean_stop(proc, log, helpers, _stop(proc, "sigterm"))
     assert "server stopped" in text
-    states = {r.peer: r.state for r in observer.read(serve_key(1), ServeRecord).values() if r.run == run.manifest_sha256}
+    records = observer.read(serve_key(1), ServeRecord).values()
+    states = {r.peer: r.state for r in records if r.run == run.manifest_sha256}
     assert "offline" in states.values() and "online" not in states.values(), states
 
 
