@@ -91,4 +91,3 @@ def detach_and_watch(parent: int) -> None:
     if os.getppid() != parent:  # the node died while we were being forked
         os._exit(1)
     threading.Thread(target=_end_group_when_orphaned, args=(parent,), name="lifeline", daemon=True).start()
-
