@@ -156,6 +156,13 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--compile", action="store_true", help="torch.compile the network")
         g.add_argument("--heartbeat", type=float, default=5.0, help="swarm: claim renewal period in seconds")
         g.add_argument("--run-timeout", type=float, default=0.0, help="swarm: give up if no run appears (0: wait)")
+        g.add_argument(
+            "--replicas",
+            type=int,
+            default=2,
+            help="swarm: peers (this one included) that must hold a job's last checkpoint before this node "
+            "releases it or stops (1 when no mirroring peer is up)",
+        )
         _swarm(p)
     elif role == "server":
         _common(p)
@@ -419,7 +426,10 @@ def run_trainer(args: argparse.Namespace) -> None:
         steps=args.steps,
         train=_train_config(args, steps=0, minutes=0.0),  # the swarm trainer sets the budget per job
         run_timeout_s=args.run_timeout,
+        replicas=args.replicas,
     )
+    if args.replicas < 1:
+        raise UsageError("--replicas takes a count >= 1 (this node's own copy counts)")
     stop = stop_on_signals(args.role)
     node = _swarm_node(args)
     print(f"trainer {node.peer_id} joined the swarm", flush=True)

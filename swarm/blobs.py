@@ -221,7 +221,4 @@ def announce(node, store: BlobStore, ttl: float | None = None, only: set[str] | 
 
 def providers(node, digest: str) -> list[str]:
     """Peers that announced ``digest``, this node excluded, in a stable order."""
-    from swarm.records import ProviderRecord, blob_key
-
-    recs = node.read(blob_key(digest), ProviderRecord)
-    return sorted({r.peer for r in recs.values() if r.peer != node.peer_id})
+    return sorted(node.providers(digest) - {node.peer_id})

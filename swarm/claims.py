@@ -22,6 +22,8 @@ class Snapshot:
     run: RunRecord
     claims: dict[str, dict[bytes, ClaimRecord]] = field(default_factory=dict)  # job → owner → claim
     ckpts: dict[str, dict[bytes, CheckpointRecord]] = field(default_factory=dict)  # job → owner → record
+    # checkpoint sha256 → peers whose provider record is live (None: not read, every one counts)
+    providers: dict[str, set[str]] | None = None
 
     def live_claims(self, job: str) -> dict[bytes, ClaimRecord]:
         """Claims of ``job`` for this run (records of other runs are ignored)."""
@@ -40,14 +42,27 @@ def owners(snapshot: Snapshot) -> dict[str, bytes | None]:
     return {job: winner(snapshot, job) for job in snapshot.run.jobs()}
 
 
+def available(snapshot: Snapshot, rec: CheckpointRecord) -> bool:
+    """Some live peer provides this checkpoint: a record whose every holder is gone is a promise
+    nobody can keep (provider records expire within ``PROVIDER_TTL_S`` of their peer's death)."""
+    return snapshot.providers is None or bool(snapshot.providers.get(rec.sha256))
+
+
 def latest_checkpoint(snapshot: Snapshot, job: str) -> CheckpointRecord | None:
-    """The most advanced checkpoint published for ``job`` in this run (ties: by hash, for determinism)."""
-    recs = [r for r in snapshot.ckpts.get(job, {}).values() if r.run == snapshot.run.manifest_sha256]
+    """The most advanced checkpoint of ``job`` in this run that a live peer provides (ties: by
+    hash, for determinism). Replicas publish records too, so when the owner's newest is lost with
+    it, the newest one a mirror still holds is the latest."""
+    recs = [
+        r
+        for r in snapshot.ckpts.get(job, {}).values()
+        if r.run == snapshot.run.manifest_sha256 and available(snapshot, r)
+    ]
     return max(recs, key=lambda r: (r.step, r.sha256)) if recs else None
 
 
 def done(snapshot: Snapshot, job: str) -> bool:
-    """A job is done once a checkpoint at the run's target step is published (never without a target)."""
+    """A job is done once a checkpoint at the run's target step is published and provided by a
+    live peer (never without a target)."""
     target = snapshot.run.target(job)
     ck = latest_checkpoint(snapshot, job)
     return target > 0 and ck is not None and ck.step >= target

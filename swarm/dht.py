@@ -23,8 +23,10 @@ from swarm.records import (
     CLAIM_TTL_S,
     CheckpointRecord,
     ClaimRecord,
+    ProviderRecord,
     RunRecord,
     ServeRecord,
+    blob_key,
     ckpt_key,
     claim_key,
     decode,
@@ -144,11 +146,18 @@ class SwarmNode:
 
     def snapshot(self, run: RunRecord) -> Snapshot:
         jobs = run.jobs()
+        ckpts = {j: self.read(ckpt_key(j), CheckpointRecord) for j in jobs}
+        hashes = {r.sha256 for recs in ckpts.values() for r in recs.values() if r.run == run.manifest_sha256}
         return Snapshot(
             run=run,
             claims={j: self.read(claim_key(j), ClaimRecord) for j in jobs},
-            ckpts={j: self.read(ckpt_key(j), CheckpointRecord) for j in jobs},
+            ckpts=ckpts,
+            providers={h: self.providers(h) for h in hashes},
         )
+
+    def providers(self, sha256: str) -> set[str]:
+        """Peers (this one included) whose provider record for the blob ``sha256`` is live."""
+        return {r.peer for r in self.read(blob_key(sha256), ProviderRecord).values()}
 
     def servers(self, run: RunRecord, experts: list[int], online_only: bool = True) -> dict[int, list[ServeRecord]]:
         """Serve records of this run per expert (only those online, unless ``online_only`` is off)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -35,12 +36,15 @@ def mirror_checkpoints(
     snap: claims.Snapshot,
     folder: Path,
     jobs: list[str] | None = None,
+    publish: bool = False,
 ) -> dict[str, Checkpoint | str]:
     """Hold (and provide) the latest published checkpoint of each job (default: all of the run).
 
     Returns, per job with a published checkpoint, the verified local copy, or the reason it
     could not be had (then the other jobs still go on). A copy already on disk is verified and
-    reused; older copies of a job are deleted.
+    reused; older copies of a job are deleted. With ``publish`` (long-lived mirrors: idle
+    trainers, the preparer) this node also publishes a record of the copy under its own key, so
+    the job's progress stays findable when its owner and the owner's record are gone.
     """
     out: dict[str, Checkpoint | str] = {}
     for job in jobs or snap.run.jobs():
@@ -52,6 +56,8 @@ def mirror_checkpoints(
         if held is not None:  # verified when it was added: no need to hash it again every round
             if held.parent.resolve() == dest.resolve():
                 out[job] = Checkpoint(dest, json.loads(held.read_bytes()), rec.sha256)
+                if publish:
+                    _publish_replica(node, snap, job, rec)
             continue  # else held elsewhere (this trainer's own checkpoint): nothing to mirror
         try:
             try:
@@ -65,10 +71,18 @@ def mirror_checkpoints(
             continue
         out[job] = got
         announce(node, blobs.store, only={got.sha256, *got.meta["files"].values()})
+        if publish:
+            _publish_replica(node, snap, job, rec)
         for old in sorted((folder / job).glob("step_*")):
             if old.resolve() != dest.resolve():
                 shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _publish_replica(node: SwarmNode, snap: claims.Snapshot, job: str, rec: CheckpointRecord) -> None:
+    mine = snap.ckpts.get(job, {}).get(node.owner)
+    if mine is None or mine.sha256 != rec.sha256 or mine.providers != [node.peer_id]:
+        node.store(ckpt_key(job), replace(rec, providers=[node.peer_id]), CKPT_TTL_S)
 
 
 def fetch_published(node: SwarmNode, blobs: BlobService, run, folder: Path, jobs: list[str]) -> dict[str, Checkpoint]:

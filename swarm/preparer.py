@@ -16,7 +16,7 @@ from swarm import claims
 from swarm.blobs import BlobService, BlobStore, announce
 from swarm.dht import SwarmNode
 from swarm.mirror import mirror_checkpoints, publish_checkpoint
-from swarm.records import PROVIDER_TTL_S, RUN_TTL_S, RunRecord, run_key
+from swarm.records import PROVIDER_TTL_S, RUN_TTL_S, PeerRecord, RunRecord, peers_key, run_key
 
 console = Console(stderr=True, markup=False)  # logged errors hold multiaddrs like [/ip4/...]
 
@@ -27,7 +27,7 @@ def serve_run(
     stop: threading.Event,
     expert_steps: int = 0,
     router_steps: int = 0,
-    period_s: float = 5.0,
+    period_s: float = 2.0,  # mirror rounds: a stopping trainer waits for one
     ckpt_dir: Path | None = None,
 ) -> None:
     """The preparer's side: publish the run record (with the run's step targets, 0 = none) and
@@ -56,14 +56,20 @@ def serve_run(
         while True:
             if time.monotonic() - last_announce > min(RUN_TTL_S, PROVIDER_TTL_S) / 3:
                 node.store(run_key(), run, RUN_TTL_S)
+                # Trainers hold a job until a mirror has its last checkpoint; this says one is up.
+                node.store(peers_key(), PeerRecord(node.peer_id, "preparer", "mirroring"), PROVIDER_TTL_S)
                 announce(node, store)
                 if ckpt_dir is not None:
                     _publish_local(node, blobs.store, run, ckpt_dir)
                 last_announce = time.monotonic()
-            mirror_checkpoints(node, blobs, node.snapshot(run), data_dir.parent / "mirror")
+            mirror_checkpoints(node, blobs, node.snapshot(run), data_dir.parent / "mirror", publish=True)
             if stop.wait(period_s):
                 break
     finally:
+        try:
+            node.store(peers_key(), PeerRecord(node.peer_id, "preparer", "offline"), PROVIDER_TTL_S)
+        except Exception:  # shutting down; the record expires by itself
+            pass
         blobs.shutdown()
 
 

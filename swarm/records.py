@@ -29,8 +29,9 @@ CLAIM_TTL_S = 3 * HEARTBEAT_S  # a claim not renewed for ~3 heartbeats has expir
 RUN_TTL_S = 600.0  # the preparer re-publishes the run record well within this
 CKPT_TTL_S = 24 * 3600.0  # checkpoint records outlive their trainer: others resume from them
 PROVIDER_TTL_S = 120.0  # a provider re-announces its blobs while it is up
-SERVE_PERIOD_S = 15.0  # a server announces itself this often
-SERVE_TTL_S = 3 * SERVE_PERIOD_S
+SERVE_PERIOD_S = 15.0  # a server's record lives this long, so a killed server leaves clients' view by then
+SERVE_ANNOUNCE_S = SERVE_PERIOD_S / 3  # and is renewed this often: two missed renewals are tolerated
+SERVE_TTL_S = SERVE_PERIOD_S
 
 OwnerKey = BytesWithPublicKey  # a subkey that names its owner: only that key may sign it
 Sha256 = pydantic.constr(regex=r"^[0-9a-f]{64}$")

@@ -38,7 +38,7 @@ from swarm.blobs import BlobService, BlobStore, announce
 from swarm.dht import SwarmError, SwarmNode
 from swarm.mirror import mirror_checkpoints
 from swarm.protocol import PROTOCOL, ExpectedInput, ProtocolError, encode_reply, parse_request, read_frame
-from swarm.records import PROVIDER_TTL_S, SERVE_PERIOD_S, SERVE_TTL_S, RunRecord, ServeRecord, serve_key
+from swarm.records import PROVIDER_TTL_S, SERVE_ANNOUNCE_S, SERVE_TTL_S, RunRecord, ServeRecord, serve_key
 
 console = Console(stderr=True, markup=False)
 
@@ -50,7 +50,7 @@ class ServerConfig:
     max_batch: int = 32  # images per forward pass (and per request)
     max_queue: int = 64  # requests waiting; beyond that a request is answered "busy"
     request_timeout_s: float = 30.0
-    announce_s: float = SERVE_PERIOD_S
+    announce_s: float = SERVE_ANNOUNCE_S
     follow: bool = False  # load newer published checkpoints of the served experts
     keep_old_s: float = 120.0  # after a reload, the previous checkpoint is served until unused this long
     run_timeout_s: float = 60.0  # wait this long for a run record

@@ -59,6 +59,8 @@ class SwarmTrainerConfig:
     minutes: float = 0.0  # this node's whole budget (0: until stopped)
     steps: int = 0  # stop a job at this step even before the run's target (0: the run's target)
     chunk_minutes: float = 60.0  # with neither target nor cap, release and re-choose a job this often
+    replicas: int = 2  # peers (this one included) that must hold a job's last checkpoint before release
+    replica_timeout_s: float = 120.0  # give up waiting for them after this long (and say so)
     # batch size, learning rate, checkpoint cadence, seed; its budget fields are set per job
     train: TrainConfig = field(default_factory=lambda: TrainConfig(ckpt_root="", minutes=60.0))
 
@@ -221,8 +223,39 @@ class SwarmTrainer:
         else:
             raise reason
 
+    def _mirrors_up(self) -> bool:
+        """Another peer that mirrors every job is up: the preparer, or a trainer with no job."""
+        mirroring = {"preparer": ("mirroring",), "trainer": ("idle", "done")}
+        return any(
+            p.peer != self.node.peer_id and p.state in mirroring.get(p.role, ())
+            for p in self.node.read(peers_key(), PeerRecord).values()
+        )
+
+    def await_replicas(self, job: str, ckpt: Checkpoint) -> int:
+        """Hold the job (and the process) until ``replicas`` peers provide ``ckpt``, so leaving
+        loses no step; returns how many do. Alone in the swarm, this node's own copy is all."""
+        want = self.cfg.replicas if self._mirrors_up() else 1
+        deadline = time.monotonic() + self.cfg.replica_timeout_s
+        said = False
+        while True:
+            have = len(self.node.providers(ckpt.sha256) | {self.node.peer_id})
+            if have >= want:
+                if want > 1:
+                    console.log(f"{job}: step {ckpt.step} is held by {have} peers")
+                return have
+            if time.monotonic() > deadline:
+                console.log(
+                    f"{job}: step {ckpt.step} is held by {have} of {want} peers after "
+                    f"{self.cfg.replica_timeout_s:.0f}s; releasing anyway (it is lost if this node does not come back)"
+                )
+                return have
+            if not said:
+                console.log(f"{job}: waiting until step {ckpt.step} is held by {want} peers before releasing")
+                said = True
+            time.sleep(0.25)
+
     def mirror(self, snap: claims.Snapshot) -> None:
-        mirror_checkpoints(self.node, self.blobs, snap, self.work / "mirror")
+        mirror_checkpoints(self.node, self.blobs, snap, self.work / "mirror", publish=True)
 
     # ---------------------------------------------------------------- the loop
     def claim(self, run: RunRecord) -> tuple[str, ClaimRecord] | None:
@@ -290,6 +323,7 @@ class SwarmTrainer:
                 rec = claims.latest_checkpoint(self.node.snapshot(run), job)
                 if rec is None or rec.step < last.step:  # resumed at its target: nothing new was saved
                     self._publish(job, run, last)
+                self.await_replicas(job, last)
             finally:
                 keeper.stop()
                 if not keeper.lost.is_set():

@@ -73,6 +73,22 @@ def test_jobs_at_the_run_target_are_done_and_trainers_move_on():
     assert not run_complete(Snapshot(RUN, ckpts={j: ck(10**6) for j in RUN.jobs()}))  # no target: never done
 
 
+def test_a_checkpoint_nobody_alive_provides_is_neither_latest_nor_done():
+    run = RunRecord("a" * 64, 2, ["tiny"] * 2, ["fm", "fm"], 1234, expert_steps=300)
+    lost = CheckpointRecord(run.manifest_sha256, 300, "d" * 64, 1, "fm", "tiny", 0.1, ["dead"])
+    replica = CheckpointRecord(run.manifest_sha256, 200, "e" * 64, 1, "fm", "tiny", 0.2, ["mirror"])
+    ckpts = {"expert_0": {key(1): lost, key(2): replica}}
+    both = Snapshot(run, ckpts=ckpts, providers={lost.sha256: {"dead"}, replica.sha256: {"mirror"}})
+    assert latest_checkpoint(both, "expert_0") == lost and done(both, "expert_0")
+    # The owner died and nobody else held step 300: its record is a promise nobody can keep.
+    gone = Snapshot(run, ckpts=ckpts, providers={lost.sha256: set(), replica.sha256: {"mirror"}})
+    assert latest_checkpoint(gone, "expert_0") == replica, "the newest step a live peer holds is the latest"
+    assert not done(gone, "expert_0"), "a job whose target checkpoint is lost is not done"
+    assert choose_job(gone, key(5), wanted="expert_0") == "expert_0", "so a trainer takes it up again"
+    nothing = Snapshot(run, ckpts=ckpts, providers={})
+    assert latest_checkpoint(nothing, "expert_0") is None and not run_complete(nothing)
+
+
 def test_simultaneous_claims_settle_to_one_owner_per_job():
     """Rounds of the protocol on a shared snapshot: everyone claims what it chose, re-reads,
     losers withdraw. Every job ends with exactly one owner and nobody believes otherwise."""

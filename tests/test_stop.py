@@ -17,7 +17,7 @@ import pytest
 
 from swarm import claims
 from swarm.dht import SwarmConfig, SwarmNode
-from swarm.records import ServeRecord, serve_key
+from swarm.records import SERVE_PERIOD_S, ServeRecord, serve_key
 from tests.conftest import descendants, kill_tree, left_behind, spawn, wait_in_log
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -106,6 +106,9 @@ def test_training_trainer_saves_and_releases_on_ctrl_c(swarm):
     assert claims.winner(snap, "expert_0") is None, "the claim outlived the stop"
     rec = claims.latest_checkpoint(snap, "expert_0")
     assert rec is not None and rec.step > 6, "the steps trained before the stop were not saved and published"
+    me = text.split("trainer ", 1)[1].split()[0]
+    assert observer.providers(rec.sha256) - {me}, "the trainer left before another peer held its last checkpoint"
+    assert "is held by 2 peers" in text, text[-2000:]
 
 
 def test_server_says_offline_on_sigterm(swarm):
@@ -134,10 +137,19 @@ def test_live_status_stops_on_ctrl_c(swarm):
     ids=["bootstrap", "trainer", "server"],
 )
 def test_sigkilled_node_takes_its_dht_process_and_p2pd_with_it(swarm, role_args, ready):
-    proc, _, helpers = _start(swarm, f"killed-{role_args[1]}", role_args, ready)
+    proc, log, helpers = _start(swarm, f"killed-{role_args[1]}", role_args, ready)
+    killed = time.monotonic()
     proc.send_signal(signal.SIGKILL)  # the main pid only: no cleanup runs in it
     proc.wait(timeout=10)
     assert not left_behind(helpers, timeout=10), "a SIGKILLed node left its helpers running"
+    if role_args[1] == "server":  # it said nothing on its way out, yet leaves clients' view in time
+        observer = swarm[2]
+        peer = log.read_text().split("server ", 1)[1].split()[0]
+        run = observer.run()
+        listed = lambda: any(r.peer == peer for recs in observer.servers(run, [0]).values() for r in recs)  # noqa: E731
+        while listed() and time.monotonic() - killed < SERVE_PERIOD_S + 2:
+            time.sleep(0.5)
+        assert not listed(), f"a killed server was still listed {time.monotonic() - killed:.0f}s later"
 
 
 def test_serving_preparer_stops_last_within_10s(swarm):
