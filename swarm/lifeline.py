@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PARENT_POLL_S = 0.5  # how often a helper checks that its node is still there
@@ -91,3 +92,43 @@ def detach_and_watch(parent: int) -> None:
     if os.getppid() != parent:  # the node died while we were being forked
         os._exit(1)
     threading.Thread(target=_end_group_when_orphaned, args=(parent,), name="lifeline", daemon=True).start()
+
+
+# ---------------------------------------------------------------- process trees (Linux /proc)
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a live process; None once it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else (fields[0], int(fields[1]))
+
+
+def is_alive(pid: int) -> bool:
+    return _stat(pid) is not None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (its DHT process, p2pd, loader workers...), in any group."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _stat(int(entry.name))) is not None:
+            children.setdefault(st[1], []).append(int(entry.name))
+    out, frontier = [], [pid]
+    while frontier:
+        frontier = [c for p in frontier for c in children.get(p, [])]
+        out += frontier
+    return out
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Resident memory of these processes together (those gone count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from swarm.lifeline import descendants, is_alive
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
@@ -70,33 +72,11 @@ def wait_in_log(proc: subprocess.Popen, log: Path, text: str, timeout: float, wh
     raise AssertionError(f"{problem}; the end of {log.name}:\n{content[-4000:]}")
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) of a live process, or None once it is gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else (fields[0], int(fields[1]))
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (its DHT process, p2pd, loader workers...), in any group."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (st := _proc_stat(int(entry.name))) is not None:
-            parents.setdefault(st[1], []).append(int(entry.name))
-    out, frontier = [], [pid]
-    while frontier:
-        frontier = [c for p in frontier for c in parents.get(p, [])]
-        out += frontier
-    return out
-
-
 def left_behind(pids: list[int], timeout: float = 10.0) -> list[int]:
     """The processes of ``pids`` still alive after ``timeout`` s (zombies count as gone)."""
     deadline = time.time() + timeout
     while True:
-        alive = [p for p in pids if _proc_stat(p) is not None]
+        alive = [p for p in pids if is_alive(p)]
         if not alive or time.time() > deadline:
             return alive
         time.sleep(0.2)
