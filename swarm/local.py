@@ -6,8 +6,8 @@ denoising step to them and draws a grid — every one a real ``node.py`` process
     python -m swarm.local --workdir runs/demo --trainers 2 --expert-steps 300 --router-steps 150 \\
         --output outputs/demo.png "red apple" "rocket"
 
-Each node runs in its own process group (with its hivemind DHT process and p2p daemon), logs to
-``<workdir>/logs/<name>.log``, and the whole group is stopped on exit, also on Ctrl-C or error.
+Each node runs in its own session, logs to ``<workdir>/logs/<name>.log``, and is stopped on exit,
+also on Ctrl-C or error; its DHT process and p2p daemon end with it (:mod:`swarm.lifeline`).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class NodeProcess:
             self.proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             pass
-        self.signal(signal.SIGKILL)  # the DHT process and p2pd of the group, if still there
+        self.signal(signal.SIGKILL)  # a node that did not stop in time; its DHT process and p2pd follow it
         self.proc.wait(timeout=30)
 
 
