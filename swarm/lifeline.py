@@ -77,17 +77,25 @@ def interrupt_on_signals() -> None:
 def _end_group_when_orphaned(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(PARENT_POLL_S)
-    # The node died without shutting us down: end p2pd and this process (SIG_DFL, see below).
-    os.killpg(0, signal.SIGTERM)
-    time.sleep(5)
+    # The node died without shutting us down: end p2pd (gracefully), then this process.
+    for pid in descendants(os.getpid()):
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(1.0)
     os.killpg(0, signal.SIGKILL)
+
+
+def _end_group(_sig: int, _frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.killpg(0, signal.SIGTERM)
 
 
 def detach_and_watch(parent: int) -> None:
     """First thing in a helper process: its own process group, default SIGTERM, and a thread that
     ends the group when ``parent`` is gone."""
     os.setpgid(0, 0)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # SIGTERM (hivemind's terminate() after its grace period, multiprocessing's at exit) ends the
+    # whole group: p2pd too, which the default action would leave running.
+    signal.signal(signal.SIGTERM, _end_group)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # hivemind ignores it too; the node decides
     if os.getppid() != parent:  # the node died while we were being forked
         os._exit(1)
