@@ -14,6 +14,7 @@ import pytest
 from swarm.lifeline import descendants, is_alive
 
 ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
@@ -145,6 +146,34 @@ def small_run(tmp_path_factory) -> Path:
         "--role", "trainer", "--local", "--workdir", str(work), "--job", "router", "--steps", "6", "--batch-size", "32"
     )
     return work
+
+
+def start_serving_preparer(small_run: Path, tmp: Path, procs: list) -> tuple[list[str], object, subprocess.Popen, Path]:
+    """A preparer serving a copy of :func:`small_run` with its checkpoints published, and an
+    observer node in that swarm: (peers, observer, preparer, its log). The preparer is appended to
+    ``procs``; the caller kills ``procs`` and shuts the observer down."""
+    import shutil
+
+    from swarm.dht import SwarmConfig, SwarmNode
+
+    run = tmp / "run"
+    shutil.copytree(small_run, run)  # the preparer re-prepares (identically) and publishes its checkpoints
+    log = tmp / "prep.log"
+    prep = spawn(
+        ["--role", "prepare", "--serve", "--workdir", str(run), "--limit", "300", "--clusters", "2"]
+        + ["--objective", "mixed", "--publish-local", "--host-maddrs", LOOPBACK],
+        log,
+    )
+    procs.append(prep)
+    text = wait_in_log(prep, log, "--initial-peers", 240, "the preparer")
+    peers = text.split("--initial-peers", 1)[1].split("\n")[0].split()
+    observer = SwarmNode(SwarmConfig(str(tmp / "observer"), initial_peers=peers, host_maddrs=[LOOPBACK]))
+    try:
+        wait_in_log(prep, log, "publishing local checkpoint of router", 60, "the preparer")
+    except BaseException:
+        observer.shutdown()
+        raise
+    return peers, observer, prep, log
 
 
 @pytest.fixture(autouse=True)

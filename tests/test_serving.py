@@ -11,11 +11,8 @@ import torch
 from PIL import Image
 
 from swarm.blobs import BlobService, BlobStore
-from swarm.dht import SwarmConfig, SwarmNode
 from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, frame, parse_reply, read_frame
-from tests.conftest import kill_tree, node, spawn, wait_for, wait_in_log
-
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+from tests.conftest import LOOPBACK, kill_tree, node, spawn, start_serving_preparer, wait_for, wait_in_log
 
 
 class Swarm:
@@ -59,21 +56,9 @@ class Swarm:
 @pytest.fixture(scope="module")
 def swarm(small_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serving")
-    run = tmp / "run"
-    shutil.copytree(small_run, run)  # the preparer re-prepares (identically) and publishes its checkpoints
     procs, observer = [], None
     try:
-        log = tmp / "prep.log"
-        prep = spawn(
-            ["--role", "prepare", "--serve", "--workdir", str(run), "--limit", "300", "--clusters", "2"]
-            + ["--objective", "mixed", "--publish-local", "--host-maddrs", LOOPBACK],
-            log,
-        )
-        procs.append(prep)
-        text = wait_in_log(prep, log, "--initial-peers", 240, "the preparer")
-        peers = text.split("--initial-peers", 1)[1].split("\n")[0].split()
-        observer = SwarmNode(SwarmConfig(str(tmp / "observer"), initial_peers=peers, host_maddrs=[LOOPBACK]))
-        wait_in_log(prep, log, "publishing local checkpoint of router", 60, "the preparer")
+        peers, observer, _, _ = start_serving_preparer(small_run, tmp, procs)
         yield Swarm(tmp, peers, observer, procs)
     finally:
         if observer is not None:

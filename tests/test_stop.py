@@ -9,18 +9,15 @@ These tests signal only what a user would signal, never the helpers themselves.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 
 import pytest
 
 from swarm import claims
-from swarm.dht import SwarmConfig, SwarmNode
 from swarm.records import SERVE_PERIOD_S, ServeRecord, serve_key
-from tests.conftest import descendants, kill_tree, left_behind, spawn, wait_in_log
+from tests.conftest import LOOPBACK, descendants, kill_tree, left_behind, spawn, start_serving_preparer, wait_in_log
 
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 STOP_S = 10.0  # the promise: a requested stop ends the node within this many seconds
 
 
@@ -28,21 +25,9 @@ STOP_S = 10.0  # the promise: a requested stop ends the node within this many se
 def swarm(small_run, tmp_path_factory):
     """A preparer serving the small trained run (its checkpoints published), and an observer."""
     tmp = tmp_path_factory.mktemp("stop")
-    run = tmp / "run"
-    shutil.copytree(small_run, run)
     procs, observer = [], None
     try:
-        log = tmp / "prep.log"
-        prep = spawn(
-            ["--role", "prepare", "--serve", "--workdir", str(run), "--limit", "300", "--clusters", "2"]
-            + ["--objective", "mixed", "--publish-local", "--host-maddrs", LOOPBACK],
-            log,
-        )
-        procs.append(prep)
-        text = wait_in_log(prep, log, "--initial-peers", 240, "the preparer")
-        peers = text.split("--initial-peers", 1)[1].split("\n")[0].split()
-        observer = SwarmNode(SwarmConfig(str(tmp / "observer"), initial_peers=peers, host_maddrs=[LOOPBACK]))
-        wait_in_log(prep, log, "publishing local checkpoint of router", 60, "the preparer")
+        peers, observer, prep, log = start_serving_preparer(small_run, tmp, procs)
         yield tmp, peers, observer, prep, log
     finally:
         if observer is not None:
