@@ -187,6 +187,9 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--local", action="store_true", help="sample from this machine's checkpoints, no swarm")
         g.add_argument("--from-export", help="load an exported folder instead of checkpoints")
         g.add_argument("--local-experts", help="experts to run here: 0,3 or all (swarm default: none)")
+        g.add_argument(
+            "--server-timeout", type=float, default=30.0, help="swarm: seconds to wait for a server when none is up"
+        )
         g.add_argument("--output", help="PNG path (default outputs/<prompt>.png)")
         g.add_argument("--mode", default="topk", choices=MODES, help="how the router's experts are combined")
         g.add_argument("--k", type=int, default=2, help="topk: experts per step")
@@ -526,6 +529,7 @@ def run_client(args: argparse.Namespace) -> None:
         vae=args.vae,
         device=device,
         precision=precision,
+        server_wait_s=args.server_timeout,
     )
     if not from_swarm:
         run_local_client(cfg)

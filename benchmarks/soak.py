@@ -84,6 +84,7 @@ class SoakReport:
     failures: list[str] = field(default_factory=list)
     kills: list[Kill] = field(default_factory=list)
     left_behind: list[int] = field(default_factory=list)
+    crashes: list[str] = field(default_factory=list)  # nodes that exited without being told (restarted)
     rss_mb: dict[str, tuple[float, float]] = field(default_factory=dict)  # node → (after start, end)
 
 
@@ -254,6 +255,10 @@ class Soak:
                 self.settle_takeovers()
                 if not rss0 and time.monotonic() - t0 > 30:  # after start-up
                     rss0 = self.rss()
+                for name, n in list(self.nodes.items()):
+                    if not n.alive():  # not killed by us (kill_one restarts at once): a crash
+                        self.report.crashes.append(f"{name} exited {n.proc.returncode}: {n.tail(1)[-300:]}")
+                        self.start(name, self.commands[name])
                 if time.monotonic() >= next_kill:
                     self.report.kills.append(self.kill_one(time.monotonic() - t0))
                     next_kill = time.monotonic() + self.rng.uniform(*self.cfg.kill_every)
@@ -309,7 +314,8 @@ def markdown(r: SoakReport, machine: str) -> str:
         f"- kills: {len(r.kills)} ({sum(k.signal == 'SIGKILL' for k in r.kills)} SIGKILL, "
         f"{sum(k.signal == 'SIGTERM' for k in r.kills)} SIGTERM); SIGTERM stop times: "
         f"{', '.join(f'{k.stop_s:g}s' for k in r.kills if k.stop_s is not None) or '-'}",
-        f"- processes left behind at the end: {len(r.left_behind)}",
+        f"- processes left behind at the end: {len(r.left_behind)}; nodes that exited on their own "
+        f"(and were restarted): {len(r.crashes)}",
         "",
         "| t (s) | node | signal | job | step reached | last published | resumed from | steps lost "
         "| published steps lost | takeover (s) |",
@@ -330,6 +336,8 @@ def markdown(r: SoakReport, machine: str) -> str:
             lines.append(f"| {name} | {a:g} | {b:g} | {100 * (b - a) / max(a, 1e-9):+.0f} % |")
     if r.failures:
         lines += ["", "Failures:", *[f"- {f}" for f in r.failures[:10]]]
+    if r.crashes:
+        lines += ["", "Exits on their own:", *[f"- {c}" for c in r.crashes[:10]]]
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,7 @@ def swarm_ensemble(
     cfg: RemoteConfig | None = None,
     device: str = "cpu",
     precision: str = "fp32",
+    server_wait_s: float = 0.0,
 ) -> tuple[ClientEnsemble, RemotePool | None]:
     """Discover the run's router and servers through the DHT; fetch (and verify) the router and the
     experts asked to run locally (ids or "all"); every other expert with a live server runs remotely.
@@ -152,7 +154,14 @@ def swarm_ensemble(
     unknown = [k for k in local if k not in everyone]
     if unknown:
         raise SwarmError(f"unknown expert(s) {unknown}; this run has experts 0..{run.num_clusters - 1}")
-    servers = node.servers(run, [k for k in everyone if k not in local])
+    remote = [k for k in everyone if k not in local]
+    servers = node.servers(run, remote)
+    deadline = time.monotonic() + server_wait_s
+    if not servers and not local and server_wait_s > 0:
+        print(f"no server is up yet; waiting up to {server_wait_s:.0f}s for one", file=sys.stderr, flush=True)
+        while not servers and time.monotonic() < deadline:  # in a churning swarm one is restarting
+            time.sleep(1.0)
+            servers = node.servers(run, remote)
     if not servers and not local:
         raise SwarmError(
             f"no server is up for any expert of run {run.manifest_sha256[:12]} "
@@ -201,7 +210,14 @@ def run_swarm_client(node: SwarmNode, cfg: ClientConfig) -> Path:
     pool = None
     try:
         ens, pool = swarm_ensemble(
-            node, blobs, Path(cfg.ckpt_dir), cfg.local_experts, cfg.vae, device=cfg.device, precision=cfg.precision
+            node,
+            blobs,
+            Path(cfg.ckpt_dir),
+            cfg.local_experts,
+            cfg.vae,
+            device=cfg.device,
+            precision=cfg.precision,
+            server_wait_s=cfg.server_wait_s,
         )
         return draw(ens, cfg)
     finally:

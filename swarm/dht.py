@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 from hivemind.dht import DHT
@@ -48,6 +49,7 @@ class SwarmConfig:
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     announce_maddrs: list[str] = field(default_factory=list)
     join_timeout: float = 30.0  # seconds to reach the initial peers before giving up
+    op_timeout: float = 60.0  # one DHT read or write; a DHT process that is gone fails at once
 
 
 class OwnedDHT(DHT):
@@ -94,6 +96,7 @@ class SwarmNode:
             raise SwarmError(f"could not join the swarm via {cfg.initial_peers}: {reason}") from None
         finally:
             pool.shutdown(wait=False)
+        self.op_timeout = cfg.op_timeout
         self.peer_id = str(self.dht.peer_id)
         self._expiry: dict[str, float] = {}  # key → expiration of our last write under it
         self._lock = threading.RLock()  # heartbeat, publisher and trainer threads share the node
@@ -105,6 +108,20 @@ class SwarmNode:
         loopback_last = sorted(self.maddrs(), key=lambda a: ("/127.0.0.1/" in a, a))
         return "--initial-peers " + " ".join(loopback_last)
 
+    def _wait(self, future):
+        """The result of one DHT operation. A node must never hang on its DHT: if the DHT process
+        is gone (killed apart from its node, e.g. ``pkill -f``) or does not answer in
+        ``op_timeout`` seconds, this raises instead."""
+        deadline = time.monotonic() + self.op_timeout
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except concurrent.futures.TimeoutError:
+                if not self.dht.is_alive():
+                    raise SwarmError("this node's DHT process is gone; restart the node") from None
+                if time.monotonic() > deadline:
+                    raise SwarmError(f"the DHT did not answer within {self.op_timeout:.0f}s") from None
+
     # ---------------------------------------------------------------- writes
     def store(self, key: str, record, ttl: float) -> bool:
         """Write ``record`` under our owner subkey; False if the swarm refused it.
@@ -114,7 +131,8 @@ class SwarmNode:
         """
         with self._lock:
             expiration = max(get_dht_time() + ttl, self._expiry.get(key, 0.0) + 1e-3)
-            ok = bool(self.dht.store(key, encode(record), expiration, subkey=self.owner))
+            pending = self.dht.store(key, encode(record), expiration, subkey=self.owner, return_future=True)
+            ok = bool(self._wait(pending))
             if ok:
                 self._expiry[key] = expiration
             return ok
@@ -126,10 +144,14 @@ class SwarmNode:
         return self.store(claim_key(job), released, CLAIM_TTL_S)
 
     # ---------------------------------------------------------------- reads
+    def get(self, key: str):
+        """hivemind's latest value under ``key`` (subkey → ValueWithExpiration), or None."""
+        with self._lock:
+            return self._wait(self.dht.get(key, latest=True, return_future=True))
+
     def read(self, key: str, cls) -> dict[bytes, object]:
         """Live, well-formed records under ``key`` by owner (malformed ones are dropped)."""
-        with self._lock:
-            found = self.dht.get(key, latest=True)
+        found = self.get(key)
         if found is None or not isinstance(found.value, dict):
             return {}
         out = {}

@@ -9,7 +9,10 @@ A node is one Python process plus helpers it does not write itself: hivemind's D
   last records *through* the DHT, and only then shuts the DHT down. If Ctrl-C reached the
   helpers too, they would die first and the last records would never be written.
 * **The helpers end with the node.** The DHT process watches its parent; when the node is gone
-  (even by SIGKILL, which runs no cleanup) it ends its own group, ``p2pd`` included.
+  (even by SIGKILL, which runs no cleanup) it ends its own group, ``p2pd`` included. A SIGTERM
+  sent to the DHT process itself (``pkill -f node.py``, a service manager signalling every
+  process of the unit) ends its group too, but only after a grace period in which the node,
+  signalled at the same time, still writes its last records.
 
 Signal handlers are inherited across ``fork``. A handler that only sets an event would make a
 forked helper ignore SIGTERM, including hivemind's own ``terminate()``, and the node would wait
@@ -28,6 +31,7 @@ from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PARENT_POLL_S = 0.5  # how often a helper checks that its node is still there
+HELPER_GRACE_S = 8.0  # a helper signalled directly outlives the signal this long, for its node
 
 
 def _pid_aware(handler: Callable[[int], None]) -> Callable:
@@ -77,25 +81,34 @@ def interrupt_on_signals() -> None:
 def _end_group_when_orphaned(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(PARENT_POLL_S)
-    # The node died without shutting us down: end p2pd (gracefully), then this process.
+    _end_group_from_thread()  # the node died without shutting us down
+
+
+def _end_group_after_grace(_sig: int, _frame) -> None:
+    """SIGTERM sent to this helper itself. It may come with one to the node (``pkill -f``, a
+    service manager stopping the whole control group) while the node still writes its last
+    records through us; or from the node (hivemind's terminate() once its shutdown stalled). Either
+    way: give the node HELPER_GRACE_S, then end the group; sooner if the node is gone."""
+    if getattr(_end_group_after_grace, "armed", False):
+        return
+    _end_group_after_grace.armed = True
+    threading.Timer(HELPER_GRACE_S, _end_group_from_thread).start()
+
+
+def _end_group_from_thread() -> None:
     for pid in descendants(os.getpid()):
         os.kill(pid, signal.SIGTERM)
     time.sleep(1.0)
     os.killpg(0, signal.SIGKILL)
 
 
-def _end_group(_sig: int, _frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.killpg(0, signal.SIGTERM)
-
-
 def detach_and_watch(parent: int) -> None:
     """First thing in a helper process: its own process group, default SIGTERM, and a thread that
     ends the group when ``parent`` is gone."""
     os.setpgid(0, 0)
-    # SIGTERM (hivemind's terminate() after its grace period, multiprocessing's at exit) ends the
-    # whole group: p2pd too, which the default action would leave running.
-    signal.signal(signal.SIGTERM, _end_group)
+    # SIGTERM ends the whole group, p2pd too (the default action would leave it running), after
+    # a grace period for the node's last writes.
+    signal.signal(signal.SIGTERM, _end_group_after_grace)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # hivemind ignores it too; the node decides
     if os.getppid() != parent:  # the node died while we were being forked
         os._exit(1)

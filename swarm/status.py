@@ -88,7 +88,7 @@ def collect(node: SwarmNode) -> dict:
 
 def _checkpoint_age(node: SwarmNode, job: str, ck: CheckpointRecord) -> float | None:
     """Seconds since the record was written: its expiry minus the TTL it was written with."""
-    found = node.dht.get(ckpt_key(job), latest=True)
+    found = node.get(ckpt_key(job))
     if found is None or not isinstance(found.value, dict):
         return None
     expirations = [

@@ -234,10 +234,11 @@ class SwarmTrainer:
     def await_replicas(self, job: str, ckpt: Checkpoint) -> int:
         """Hold the job (and the process) until ``replicas`` peers provide ``ckpt``, so leaving
         loses no step; returns how many do. Alone in the swarm, this node's own copy is all."""
-        want = self.cfg.replicas if self._mirrors_up() else 1
         deadline = time.monotonic() + self.cfg.replica_timeout_s
         said = False
         while True:
+            # Re-read each round: the mirrors may be leaving too (a whole swarm being stopped).
+            want = self.cfg.replicas if self._mirrors_up() else 1
             have = len(self.node.providers(ckpt.sha256) | {self.node.peer_id})
             if have >= want:
                 if want > 1:
@@ -252,7 +253,7 @@ class SwarmTrainer:
             if not said:
                 console.log(f"{job}: waiting until step {ckpt.step} is held by {want} peers before releasing")
                 said = True
-            time.sleep(0.25)
+            time.sleep(0.5)
 
     def mirror(self, snap: claims.Snapshot) -> None:
         mirror_checkpoints(self.node, self.blobs, snap, self.work / "mirror", publish=True)

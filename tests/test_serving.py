@@ -72,7 +72,7 @@ def _pixels(path):
 
 
 def test_no_server_for_any_expert_is_one_clear_line(swarm):
-    result = swarm.client(swarm.tmp / "none.png", "red apple", check=False, timeout=120)
+    result = swarm.client(swarm.tmp / "none.png", "red apple", "--server-timeout", "2", check=False, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: no server is up for any expert"), result.stderr[-500:]

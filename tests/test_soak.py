@@ -14,6 +14,7 @@ def test_churn_loses_no_image_no_published_step_and_leaves_nothing(small_run, tm
     assert len(report.kills) >= 3, text
     assert report.requested >= 2 and report.completed == report.requested, text
     assert report.left_behind == [], text
+    assert report.crashes == [], text
     for k in report.kills:
         assert k.signal != "SIGTERM" or (k.stop_s is not None and k.stop_s < 10), text
         if k.job and k.resumed is not None:  # the job went on from the checkpoint published before the kill

@@ -64,6 +64,12 @@ def _stop(proc, how: str) -> float:
     return time.monotonic() - t0
 
 
+def _serve_states(observer, run, expert: int) -> dict[str, str]:
+    """Server peer → its announced state, for ``expert`` in ``run``."""
+    records = observer.read(serve_key(expert), ServeRecord).values()
+    return {r.peer: r.state for r in records if r.run == run.manifest_sha256}
+
+
 def _assert_clean_stop(proc, log, helpers, took: float) -> str:
     text = log.read_text()
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{text[-2000:]}"
@@ -102,9 +108,26 @@ def test_server_says_offline_on_sigterm(swarm):
     proc, log, helpers = _start(swarm, "server", ["--role", "server", "--expert", "1"], "serving expert")
     text = _assert_clean_stop(proc, log, helpers, _stop(proc, "sigterm"))
     assert "server stopped" in text
-    records = observer.read(serve_key(1), ServeRecord).values()
-    states = {r.peer: r.state for r in records if r.run == run.manifest_sha256}
+    states = _serve_states(observer, run, 1)
     assert "offline" in states.values() and "online" not in states.values(), states
+
+
+def test_server_stops_cleanly_when_every_process_of_it_gets_sigterm(swarm):
+    """What ``pkill -f node.py`` or a service manager signalling a whole unit does. p2pd dies at
+    once, so the OFFLINE record may not get out; the node must still exit 0 in time, leave
+    nothing behind, and drop out of clients' view when its record expires."""
+    _, _, observer, _, _ = swarm
+    run = observer.run()
+    proc, log, helpers = _start(swarm, "server-all", ["--role", "server", "--expert", "0"], "serving expert")
+    t0 = time.monotonic()
+    for pid in [proc.pid, *helpers]:
+        os.kill(pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    text = _assert_clean_stop(proc, log, helpers, time.monotonic() - t0)
+    peer = text.split("server ", 1)[1].split()[0]
+    while _serve_states(observer, run, 0).get(peer) == "online" and time.monotonic() - t0 < SERVE_PERIOD_S + 2:
+        time.sleep(0.5)
+    assert _serve_states(observer, run, 0).get(peer) != "online", "the stopped server is still listed online"
 
 
 def test_live_status_stops_on_ctrl_c(swarm):
