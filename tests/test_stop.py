@@ -141,8 +141,9 @@ def test_live_status_stops_on_ctrl_c(swarm):
         (["--role", "bootstrap"], "is up"),
         (["--role", "trainer", "--expert", "1"], ": resumed from step"),
         (["--role", "server", "--expert", "0"], "serving expert"),
+        (["--role", "status"], "expert_0"),
     ],
-    ids=["bootstrap", "trainer", "server"],
+    ids=["bootstrap", "trainer", "server", "status"],
 )
 def test_sigkilled_node_takes_its_dht_process_and_p2pd_with_it(swarm, role_args, ready):
     proc, log, helpers = _start(swarm, f"killed-{role_args[1]}", role_args, ready)
