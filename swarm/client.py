@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +38,21 @@ class RemoteConfig:
     timeout_s: float = 30.0  # one request, queueing at the server included
     connect_timeout_s: float = 5.0
     ban_s: float = 60.0  # a failed server is not asked again for this long
+    rediscover_s: float = 0.0  # with every server of an expert failed: look again in the DHT this long
 
 
 class RemotePool:
     """Live sessions to the servers of every remote expert, with bans and failover."""
 
-    def __init__(self, p2p_service, servers: dict[int, list[ServeRecord]], cfg: RemoteConfig | None = None) -> None:
+    def __init__(
+        self,
+        p2p_service,
+        servers: dict[int, list[ServeRecord]],
+        cfg: RemoteConfig | None = None,
+        discover: Callable[[int], list[ServeRecord]] | None = None,
+    ) -> None:
         self.service, self.cfg = p2p_service, cfg or RemoteConfig()
+        self.discover = discover  # expert → its servers online now (re-read from the DHT)
         self.servers = {k: list(v) for k, v in servers.items() if v}
         self.sessions: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
         self.banned: dict[str, float] = {}
@@ -83,7 +92,34 @@ class RemotePool:
             self.latency.append((time.perf_counter() - t0, timing))
             self.last[k] = rec.peer
             return v
+        v = self._rediscover(k, req, x.shape)
+        if v is not None:
+            return v
         raise ExpertUnavailable(k, f"no live server left ({reason})")
+
+    def _rediscover(self, k: int, req: DenoiseRequest, shape) -> torch.Tensor | None:
+        """Every known server of expert ``k`` failed: in a churning swarm one is often restarting
+        (with the same peer id) or another has just come up. Look again in the DHT and try what is
+        listed, bans aside (a dial to a dead server is refused at once), until ``rediscover_s``."""
+        if self.discover is None or self.cfg.rediscover_s <= 0:
+            return None
+        deadline = time.monotonic() + self.cfg.rediscover_s
+        self.events.append(f"expert {k}: every server failed; looking for one for up to {self.cfg.rediscover_s:.0f}s")
+        while time.monotonic() < deadline:
+            for rec in self.discover(k):
+                req.ckpt = rec.ckpt
+                try:
+                    v, timing = self.service.call(self._request(rec.peer, req, shape), timeout=self.cfg.timeout_s + 5)
+                except Exception:  # not back yet
+                    self._drop(rec.peer)
+                    continue
+                self.banned.pop(rec.peer, None)
+                self.servers[k] = [rec, *(r for r in self.servers[k] if r.peer != rec.peer)]
+                self.last[k] = rec.peer
+                self.events.append(f"expert {k}: server {rec.peer[:12]}… found again")
+                return v
+            time.sleep(2.0)
+        return None
 
     async def _request(self, peer: str, req: DenoiseRequest, shape) -> tuple[torch.Tensor, dict]:
         if peer not in self.sessions:
@@ -104,7 +140,10 @@ class RemotePool:
     def _drop(self, peer: str) -> None:
         session = self.sessions.pop(peer, None)
         if session is not None:
-            self.service.call(_close(session[1]), timeout=5)
+            try:
+                self.service.call(_close(session[1]), timeout=5)
+            except Exception:  # the stream is gone with its server
+                pass
 
     def close(self) -> None:
         for peer in list(self.sessions):
@@ -180,7 +219,8 @@ def swarm_ensemble(
         encoders.add(ck.meta["text_encoder"])
         p = ck.meta["preset"]
         shapes.add((p["channels"], p["sample_size"], p["sample_size"]))
-    pool = RemotePool(blobs, servers, cfg) if servers else None
+    cfg = cfg or RemoteConfig(rediscover_s=server_wait_s)
+    pool = RemotePool(blobs, servers, cfg, discover=lambda k: node.servers(run, [k]).get(k, [])) if servers else None
     for k, recs in servers.items():
         experts[k] = RemoteExpert(pool, k)
         objectives[k], served_by[k] = recs[0].objective, f"{len(recs)} server(s)"

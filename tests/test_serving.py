@@ -36,12 +36,12 @@ class Swarm:
         self.servers[name] = (proc, log, peer)
         return peer
 
-    def background_client(self, name: str, prompts: list[str], steps: int):
+    def background_client(self, name: str, prompts: list[str], steps: int, *extra: str):
         """A client generating with the full ensemble in the background; returns (process, png, log)."""
         out, log = self.tmp / f"{name}.png", self.tmp / f"{name}.log"
         proc = spawn(
             ["--role", "client", *prompts, "--workdir", str(self.tmp / "client"), "--initial-peers", *self.peers]
-            + ["--host-maddrs", LOOPBACK, "--steps", str(steps), "--mode", "full", "--output", str(out)],
+            + ["--host-maddrs", LOOPBACK, "--steps", str(steps), "--mode", "full", "--output", str(out), *extra],
             log,
         )
         return proc, out, log
@@ -216,7 +216,8 @@ def test_killed_server_without_a_replica_reroutes_and_the_image_completes(swarm)
     for name, expert in (("s0b", "0"), ("s1", "1")):
         if name not in swarm.servers or swarm.servers[name][0].poll() is not None:
             swarm.server(name, expert)
-    client, out, log = swarm.background_client("reroute", ["red apple"], 400)
+    # A short wait for expert 1's server to come back before its step is rerouted (default 30 s).
+    client, out, log = swarm.background_client("reroute", ["red apple"], 400, "--server-timeout", "3")
     try:
         _kill_when_connected(swarm, ["s1"])
         assert client.wait(timeout=300) == 0, log.read_text()[-3000:]
@@ -287,3 +288,22 @@ def test_follow_loads_a_newer_checkpoint_without_dropping_a_generation_in_flight
     # Nothing in flight was dropped: expert 1 served every step from sf, no failover, no reroute.
     assert not routing["failovers"] and not routing["reroutes"]
     assert all(w.get("1") == follower for w in routing["where"])
+
+
+def test_a_restarted_server_is_found_again_mid_generation(swarm):
+    """The only server of expert 1 dies mid-generation and comes back (same identity): the client
+    waits for it, and the generation finishes with expert 1 instead of rerouting its steps."""
+    for name, expert in (("s0b", "0"), ("s1", "1")):
+        if name not in swarm.servers or swarm.servers[name][0].poll() is not None:
+            swarm.server(name, expert)
+    client, out, log = swarm.background_client("restart", ["red apple"], 400, "--server-timeout", "120")
+    try:
+        _kill_when_connected(swarm, ["s1"])
+        swarm.server("s1", "1")  # restarted with the same workdir, so the same peer id
+        assert client.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        kill_tree(client)
+    routing = json.loads(out.with_suffix(".json").read_text())
+    assert not routing["reroutes"], routing["reroutes"]
+    assert any("found again" in e for e in routing["failovers"]), routing["failovers"]
+    assert all("1" in w for w in routing["where"])  # expert 1 served every step
