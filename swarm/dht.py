@@ -166,9 +166,12 @@ class SwarmNode:
         runs = self.read(run_key(), RunRecord)
         return max(runs.values(), key=lambda r: r.manifest_sha256) if runs else None
 
-    def snapshot(self, run: RunRecord) -> Snapshot:
-        jobs = run.jobs()
-        ckpts = {j: self.read(ckpt_key(j), CheckpointRecord) for j in jobs}
+    def snapshot(self, run: RunRecord, jobs: list[str] | None = None, checkpoints: bool = True) -> Snapshot:
+        """Claims and (unless ``checkpoints`` is off) checkpoint records with their live providers,
+        of ``jobs`` (default: every job of the run). Reading only what a decision needs keeps the
+        frequent ones (a claim renewal, a settle re-read) to one DHT read."""
+        jobs = run.jobs() if jobs is None else jobs
+        ckpts = {j: self.read(ckpt_key(j), CheckpointRecord) for j in jobs} if checkpoints else {}
         hashes = {r.sha256 for recs in ckpts.values() for r in recs.values() if r.run == run.manifest_sha256}
         return Snapshot(
             run=run,

@@ -90,7 +90,7 @@ def fetch_published(node: SwarmNode, blobs: BlobService, run, folder: Path, jobs
     reused if already there). The router is required; an expert that cannot be had is left out."""
     from swarm.dht import SwarmError
 
-    got = mirror_checkpoints(node, blobs, node.snapshot(run), folder, jobs)
+    got = mirror_checkpoints(node, blobs, node.snapshot(run, jobs), folder, jobs)
     if "router" in jobs and not isinstance(got.get("router"), Checkpoint):
         raise SwarmError(f"the router's checkpoint could not be had: {got.get('router') or 'none is published yet'}")
     return {job: ck for job, ck in got.items() if isinstance(ck, Checkpoint)}

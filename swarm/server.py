@@ -136,8 +136,8 @@ class ExpertServer:
 
     def _load_latest(self, initial: bool = False) -> None:
         """Fetch and load the newest published checkpoint of each served expert, if it is new."""
-        snap = self.node.snapshot(self.run_rec)
         jobs = [f"expert_{k}" for k in self.cfg.experts]
+        snap = self.node.snapshot(self.run_rec, jobs)
         if initial:
             missing = [j for j in jobs if claims.latest_checkpoint(snap, j) is None]
             if missing:

@@ -82,7 +82,9 @@ class ClaimKeeper(threading.Thread):
         while not self._halt.wait(self.cfg.heartbeat_s * random.uniform(0.8, 1.0)):  # jitter
             try:
                 self.node.store(claim_key(self.job), self.claim, self.cfg.claim_ttl_s)
-                if not claims.still_wins(self.node.snapshot(self.run_rec), self.job, self.node.owner):
+                if not claims.still_wins(
+                    self.node.snapshot(self.run_rec, [self.job], checkpoints=False), self.job, self.node.owner
+                ):
                     console.log(f"{self.job}: another node now wins this job; stopping")
                     self.lost.set()
                     return
@@ -299,7 +301,7 @@ class SwarmTrainer:
                 root = self.work / "checkpoints" / job
                 try:
                     self.fetch_shards(manifest, clusters)
-                    self._resume_point(job, self.node.snapshot(run), root)
+                    self._resume_point(job, self.node.snapshot(run, [job]), root)
                 except (BlobError, CheckpointError) as e:
                     # Training from scratch would throw the published progress away: back off instead.
                     console.log(f"{job}: cannot start ({e}); releasing it and retrying later")
@@ -321,7 +323,7 @@ class SwarmTrainer:
                         step=st, loss=float(loss), samples_per_s=float(rate)
                     ),
                 )
-                rec = claims.latest_checkpoint(self.node.snapshot(run), job)
+                rec = claims.latest_checkpoint(self.node.snapshot(run, [job]), job)
                 if rec is None or rec.step < last.step:  # resumed at its target: nothing new was saved
                     self._publish(job, run, last)
                 self.await_replicas(job, last)
@@ -357,7 +359,7 @@ def try_claim(
     claim = mine or ClaimRecord(run.manifest_sha256, node.peer_id, float(get_dht_time()))
     node.store(claim_key(job), claim, ttl_s)
     (stop or threading.Event()).wait(settle_s)
-    if claims.still_wins(node.snapshot(run), job, node.owner):
+    if claims.still_wins(node.snapshot(run, [job], checkpoints=False), job, node.owner):
         return job, claim
     node.withdraw_claim(job, claim)
     return None
