@@ -200,7 +200,7 @@ class Soak:
             if rc == 0 and out.exists():
                 self.report.completed += 1
             else:
-                self.report.failures.append(f"image {i}: exit {rc}: {client.tail(3)}")
+                self.report.failures.append(f"image {i}: exit {rc}: {client.tail(1)[-300:]}")
             i += 1
 
     # ---------------------------------------------------------------- churn
@@ -330,6 +330,14 @@ def markdown(r: SoakReport, machine: str) -> str:
             f"| {k.t:g} | {k.node} | {k.signal} | {k.job} | {k.step} | {k.published} | "
             f"{resumed} | {lost} | {published_lost} | {takeover} |"
         )
+    lines += [
+        "",
+        "Step reached: the trainer's presence record, renewed every 50 steps, so a lower bound; steps it had "
+        f"trained since its last checkpoint are at most `--ckpt-every` ({SoakConfig.ckpt_every}) by construction. "
+        "Published steps lost: the last checkpoint published before the kill minus the step the job resumed "
+        "from (exact). Takeover: from the kill until a trainer (another one, or the restarted one) resumed the "
+        "job.",
+    ]
     if r.rss_mb:
         lines += ["", "| long-lived node | RSS after start-up (MB) | RSS at end (MB) | growth |", "|---|---|---|---|"]
         for name, (a, b) in r.rss_mb.items():

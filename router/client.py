@@ -117,6 +117,8 @@ def draw(ens: ClientEnsemble, cfg: ClientConfig) -> Path:
                 prompts, ens.router, ens.experts, ens.encoder, ens.space, ens.shape, sampler, progress=progress
             )
         except ExpertUnavailable as e:
+            for event in ens.failovers:  # what happened before, so the one error line can be explained
+                print(f"failover: {event}", file=sys.stderr)
             raise RuntimeError(f"no expert can serve any more ({e.reason}); stopping") from None
     dt = time.time() - t0
     out = output_path(cfg)
