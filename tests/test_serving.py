@@ -296,6 +296,10 @@ def test_a_restarted_server_is_found_again_mid_generation(swarm):
     for name, expert in (("s0b", "0"), ("s1", "1")):
         if name not in swarm.servers or swarm.servers[name][0].poll() is not None:
             swarm.server(name, expert)
+    if "sf" in swarm.servers:  # expert 1's other server, from the test before: s1 must be its only one
+        kill_tree(swarm.servers["sf"][0])
+    run, s1 = swarm.observer.run(), swarm.servers["s1"][2]
+    wait_for(lambda: [r.peer for r in swarm.observer.servers(run, [1]).get(1, [])] == [s1], 60, "s1 alone")
     client, out, log = swarm.background_client("restart", ["red apple"], 400, "--server-timeout", "120")
     try:
         _kill_when_connected(swarm, ["s1"])
