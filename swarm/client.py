@@ -79,23 +79,30 @@ class RemotePool:
         req = DenoiseRequest(next(self._ids), k, "", x, t, float(t_next), states, mask, float(guidance))
         reason = "no server"
         for rec in self._candidates(k):
-            req.ckpt = rec.ckpt
-            t0 = time.perf_counter()
             try:
-                v, timing = self.service.call(self._request(rec.peer, req, x.shape), timeout=self.cfg.timeout_s + 5)
+                return self._ask(k, rec, req, x.shape)
             except Exception as e:  # any failure of one server: ban it, try the next replica
                 reason = str(e) or type(e).__name__
                 self.banned[rec.peer] = time.monotonic() + self.cfg.ban_s
-                self._drop(rec.peer)
                 self.events.append(f"expert {k}: server {rec.peer[:12]}… failed ({reason}); banned for a while")
-                continue
-            self.latency.append((time.perf_counter() - t0, timing))
-            self.last[k] = rec.peer
-            return v
         v = self._rediscover(k, req, x.shape)
         if v is not None:
             return v
         raise ExpertUnavailable(k, f"no live server left ({reason})")
+
+    def _ask(self, k: int, rec: ServeRecord, req: DenoiseRequest, shape) -> torch.Tensor:
+        """One request to one server of expert ``k``; on any failure its session is dropped and
+        the error raised."""
+        req.ckpt = rec.ckpt
+        t0 = time.perf_counter()
+        try:
+            v, timing = self.service.call(self._request(rec.peer, req, shape), timeout=self.cfg.timeout_s + 5)
+        except Exception:
+            self._drop(rec.peer)
+            raise
+        self.latency.append((time.perf_counter() - t0, timing))
+        self.last[k] = rec.peer
+        return v
 
     def _rediscover(self, k: int, req: DenoiseRequest, shape) -> torch.Tensor | None:
         """Every known server of expert ``k`` failed: in a churning swarm one is often restarting
@@ -107,15 +114,12 @@ class RemotePool:
         self.events.append(f"expert {k}: every server failed; looking for one for up to {self.cfg.rediscover_s:.0f}s")
         while time.monotonic() < deadline:
             for rec in self.discover(k):
-                req.ckpt = rec.ckpt
                 try:
-                    v, timing = self.service.call(self._request(rec.peer, req, shape), timeout=self.cfg.timeout_s + 5)
+                    v = self._ask(k, rec, req, shape)
                 except Exception:  # not back yet
-                    self._drop(rec.peer)
                     continue
                 self.banned.pop(rec.peer, None)
                 self.servers[k] = [rec, *(r for r in self.servers[k] if r.peer != rec.peer)]
-                self.last[k] = rec.peer
                 self.events.append(f"expert {k}: server {rec.peer[:12]}… found again")
                 return v
             time.sleep(2.0)

@@ -22,6 +22,7 @@ child they fall back to the default action.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -32,6 +33,7 @@ from pathlib import Path
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PARENT_POLL_S = 0.5  # how often a helper checks that its node is still there
 HELPER_GRACE_S = 8.0  # a helper signalled directly outlives the signal this long, for its node
+_ENDING = threading.Event()  # in a helper: its group is already being ended
 
 
 def _pid_aware(handler: Callable[[int], None]) -> Callable:
@@ -89,22 +91,22 @@ def _end_group_after_grace(_sig: int, _frame) -> None:
     service manager stopping the whole control group) while the node still writes its last
     records through us; or from the node (hivemind's terminate() once its shutdown stalled). Either
     way: give the node HELPER_GRACE_S, then end the group; sooner if the node is gone."""
-    if getattr(_end_group_after_grace, "armed", False):
-        return
-    _end_group_after_grace.armed = True
-    threading.Timer(HELPER_GRACE_S, _end_group_from_thread).start()
+    if not _ENDING.is_set():
+        _ENDING.set()
+        threading.Timer(HELPER_GRACE_S, _end_group_from_thread).start()
 
 
 def _end_group_from_thread() -> None:
     for pid in descendants(os.getpid()):
-        os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # p2pd may be ending already
+            os.kill(pid, signal.SIGTERM)
     time.sleep(1.0)
     os.killpg(0, signal.SIGKILL)
 
 
 def detach_and_watch(parent: int) -> None:
-    """First thing in a helper process: its own process group, default SIGTERM, and a thread that
-    ends the group when ``parent`` is gone."""
+    """First thing in a helper process: its own process group, SIGTERM that ends the group after
+    a grace period, SIGINT ignored, and a thread that ends the group when ``parent`` is gone."""
     os.setpgid(0, 0)
     # SIGTERM ends the whole group, p2pd too (the default action would leave it running), after
     # a grace period for the node's last writes.

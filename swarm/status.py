@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 
 from hivemind.utils import get_dht_time
 from rich.console import Console, Group
@@ -160,20 +161,19 @@ def run_status(
         return
     console = Console()
     data = collect(node)
-    if not console.is_terminal:  # a log file or a pipe: a snapshot when something changed, at most
-        console.print(render(data))  # every LOG_EVERY_S, so a log stays readable
-        printed, shown = time.monotonic(), data
+    # In a terminal a live view; in a log file or a pipe a snapshot when something changed, at
+    # most every LOG_EVERY_S, so the log stays readable.
+    live = Live(render(data), console=console, refresh_per_second=2, screen=False) if console.is_terminal else None
+    if live is None:
+        console.print(render(data))
+    printed, shown = time.monotonic(), data
+    with live or nullcontext():
         while not (until_done and data["complete"]):
             if stop.wait(interval) if stop is not None else time.sleep(interval):
                 break
             data = collect(node)
-            if data != shown and (time.monotonic() - printed > LOG_EVERY_S or data["complete"]):
+            if live is not None:
+                live.update(render(data))
+            elif data != shown and (time.monotonic() - printed > LOG_EVERY_S or data["complete"]):
                 console.print(render(data))
                 printed, shown = time.monotonic(), data
-        return
-    with Live(render(data), console=console, refresh_per_second=2, screen=False) as live:
-        while not (until_done and data["complete"]):
-            if stop.wait(interval) if stop is not None else time.sleep(interval):
-                break
-            data = collect(node)
-            live.update(render(data))
