@@ -72,6 +72,13 @@ def _swarm(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"], help="addresses to listen on")
     g.add_argument("--announce-maddrs", nargs="*", default=[], help="addresses to tell other peers")
     g.add_argument("--join-timeout", type=float, default=30.0, help="seconds to reach the initial peers")
+    if p.prog.endswith(("trainer", "server", "client", "status")):
+        g.add_argument(
+            "--run",
+            default=os.environ.get("DIFFSWARM_RUN", ""),
+            metavar="NAME@FINGERPRINT",
+            help="the run to follow, as the preparer prints it (env DIFFSWARM_RUN); none: the only run listed",
+        )
 
 
 def _text_encoder(p: argparse.ArgumentParser) -> None:
@@ -124,6 +131,18 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--router-steps", type=int, default=0, help="the router is done at this step (0: never)")
         g.add_argument(
             "--publish-local", action="store_true", help="also publish checkpoints trained here (--ckpt-dir)"
+        )
+        g.add_argument("--run", default="default", help="the run's name; its owner is this node's key")
+        g.add_argument(
+            "--allow",
+            metavar="FILE",
+            help="admit only the trainer key fingerprints listed in FILE (re-read while serving; 'open' admits all)",
+        )
+        g.add_argument(
+            "--claim-grace",
+            type=float,
+            default=1200.0,
+            help="seconds a claim may go without a verified checkpoint before it expires for everyone",
         )
         _swarm(p)
     elif role == "trainer":
@@ -321,6 +340,8 @@ def _swarm_node(args: argparse.Namespace, say_join: bool = True):
             host_maddrs=args.host_maddrs,
             announce_maddrs=args.announce_maddrs,
             join_timeout=args.join_timeout,
+            run=getattr(args, "run", "") if args.role != "prepare" else "",
+            own_run=args.run if args.role == "prepare" else "",
         )
     )
     if say_join and not args.initial_peers:
@@ -362,18 +383,35 @@ def run_prepare(args: argparse.Namespace) -> None:
         limit=args.limit,
         seed=args.seed,
     )
+    if args.serve:
+        from swarm.preparer import read_admission
+        from swarm.records import check_run_name
+
+        if args.claim_grace <= 0:
+            raise UsageError("--claim-grace takes seconds > 0")
+        check_run_name(args.run)
+        if args.allow:
+            read_admission(Path(args.allow))  # a bad allowlist fails now, not after preparing
     digest = prepare_and_report(cfg)
     if not args.serve:
         return
-    from swarm.preparer import serve_run
+    from swarm.preparer import ServeRunConfig, serve_run
 
     stop = stop_on_signals(args.role)
     node = _swarm_node(args, say_join=False)
-    print(f"serving run {digest[:12]} as {node.peer_id}; trainers join with:", flush=True)
-    print(f"  {node.initial_peers_line()}", flush=True)
+    print(f"serving run {node.ref} ({digest[:12]}) as {node.peer_id}; trainers join with:", flush=True)
+    print(f"  --run {node.ref} {node.initial_peers_line()}", flush=True)
     try:
-        published = ckpt_dir if args.publish_local else None
-        serve_run(node, data_dir, stop, args.expert_steps, args.router_steps, ckpt_dir=published)
+        serve_cfg = ServeRunConfig(
+            expert_steps=args.expert_steps,
+            router_steps=args.router_steps,
+            ckpt_dir=ckpt_dir if args.publish_local else None,
+            allow=Path(args.allow) if args.allow else None,
+            grace_s=args.claim_grace,
+            text_encoder=args.text_encoder,
+            vae=args.vae,
+        )
+        serve_run(node, data_dir, stop, serve_cfg)
     finally:
         node.shutdown()
 
@@ -435,6 +473,7 @@ def run_trainer(args: argparse.Namespace) -> None:
         raise UsageError("--replicas takes a count >= 1 (this node's own copy counts)")
     stop = stop_on_signals(args.role)
     node = _swarm_node(args)
+    print(f"this trainer's key: {node.fingerprint} (an allowlist run admits it by this)", flush=True)
     print(f"trainer {node.peer_id} joined the swarm", flush=True)
     trainer = SwarmTrainer(node, cfg, stop)
     try:

@@ -22,6 +22,7 @@ from hivemind.p2p import PeerID
 
 from data.checkpoint import META_NAME, Checkpoint, verify_checkpoint
 from data.manifest import sha256_file
+from swarm.bans import Bans
 
 PROTOCOL = "diffswarm-blob-v1"
 CHUNK = 1 << 20
@@ -31,6 +32,10 @@ MAX_BLOB = 64 << 30  # refuse absurd sizes a peer might announce
 
 class BlobError(RuntimeError):
     """No provider could deliver a blob that matches its sha256."""
+
+
+class _BadProvider(BlobError):
+    """A provider sent bytes that are not the blob it announced: it gets banned."""
 
 
 class BlobStore:
@@ -73,8 +78,11 @@ class BlobService:
     node stays synchronous.
     """
 
-    def __init__(self, dht, store: BlobStore, timeout: float = 600.0, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self, dht, store: BlobStore, timeout: float = 600.0, connect_timeout: float = 5.0, bans: Bans | None = None
+    ) -> None:
         self.store, self.timeout, self.connect_timeout = store, timeout, connect_timeout
+        self.bans = bans or Bans()  # a provider that sends a wrong blob is skipped for a while
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="blob-service", daemon=True)
         self._thread.start()
@@ -128,7 +136,7 @@ class BlobService:
             if status != OK:
                 raise BlobError(f"peer {peer[:12]}… does not have blob {digest[:12]}")
             if size > MAX_BLOB:
-                raise BlobError(f"peer {peer[:12]}… announced an absurd size {size} for {digest[:12]}")
+                raise _BadProvider(f"peer {peer[:12]}… announced an absurd size {size} for {digest[:12]}")
             h = hashlib.sha256()
             tmp = dest.with_name(dest.name + ".part")
             with open(tmp, "wb") as f:
@@ -142,7 +150,7 @@ class BlobService:
                     left -= len(chunk)
             if h.hexdigest() != digest:
                 tmp.unlink(missing_ok=True)
-                raise BlobError(f"blob from peer {peer[:12]}… does not match sha256 {digest[:12]}; refused")
+                raise _BadProvider(f"blob from peer {peer[:12]}… does not match sha256 {digest[:12]}; refused")
             tmp.rename(dest)
         finally:
             writer.close()
@@ -157,10 +165,16 @@ class BlobService:
             return dest
         errors = []
         for peer in providers:
+            if self.bans.banned(peer):
+                errors.append(f"peer {peer[:12]}… is banned here")
+                continue
             try:
                 self._run(asyncio.wait_for(self._fetch_one(peer, digest, dest), self.timeout))
                 self.store.add_file(dest, digest)
                 return dest
+            except _BadProvider as e:
+                self.bans.ban(peer, str(e))
+                errors.append(str(e))
             except Exception as e:  # any failure of one provider means: try the next one
                 errors.append(str(e) or repr(e))
         raise BlobError(f"could not fetch {digest[:12]} from {len(providers)} provider(s): " + "; ".join(errors[-3:]))

@@ -5,6 +5,17 @@ what they read: among the live claims of a job for this run, the winner is the o
 smallest ``(t0, owner key)``. A node claims a free job, waits a settle time, re-reads, and
 withdraws if it does not win; an owner re-checks at each renewal and stops once it no longer
 wins. Expired claims vanish from the DHT by themselves, which frees the job for idle trainers.
+
+Peers are strangers, so what a decision rests on is checked here too, the same way by everyone:
+- admission: in an ``allowlist`` run, claims and checkpoints of keys the owner did not list are
+  ignored (the run owner is always admitted);
+- plausible claims: a claim's t0 must lie within the run's lifetime (not before it started, not
+  after now plus a clock slack), so nobody wins a job forever with t0 = 0;
+- progress: a claim whose owner has shown no verified checkpoint for the run's grace period
+  (counted from its t0) has expired for everyone, so a squatter that never trains loses the job;
+- verified checkpoints: a checkpoint counts (for resume, mirrors, servers, "done") only once a
+  verifier this node trusts (the run owner, this node itself, and in an allowlist run the listed
+  trainers) has accepted it, and never once one of them refused it.
 """
 
 from __future__ import annotations
@@ -12,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from swarm.records import CheckpointRecord, ClaimRecord, RunRecord
+from swarm.records import CLOCK_SLACK_S, CheckpointRecord, ClaimRecord, RunRecord, Verdict, VerdictsRecord, fingerprint
 
 
 @dataclass
@@ -24,10 +35,94 @@ class Snapshot:
     ckpts: dict[str, dict[bytes, CheckpointRecord]] = field(default_factory=dict)  # job → owner → record
     # checkpoint sha256 → peers whose provider record is live (None: not read, every one counts)
     providers: dict[str, set[str]] | None = None
+    # job → verifier key → its verdicts (None: not read, every checkpoint counts as verified)
+    verdicts: dict[str, dict[bytes, VerdictsRecord]] | None = None
+    now: float = 0.0  # DHT time of the reading (0: claim times and progress are not checked)
+    owner: str = ""  # fingerprint of the run's owner ("": none known)
+    me: str = ""  # fingerprint of the node that read it: its own verdicts count for it
+    banned: frozenset[str] = frozenset()  # fingerprints this node has banned locally
+
+    def admitted(self, key: bytes) -> bool:
+        """Records of this key count: it is not banned here, and the run admits it."""
+        fp = fingerprint(key)
+        if fp in self.banned:
+            return False
+        return self.run.admission == "open" or fp == self.owner or fp in self.run.allowed
 
     def live_claims(self, job: str) -> dict[bytes, ClaimRecord]:
-        """Claims of ``job`` for this run (records of other runs are ignored)."""
-        return {o: c for o, c in self.claims.get(job, {}).items() if c.active and c.run == self.run.manifest_sha256}
+        """Claims of ``job`` that count: this run's, active, admitted, plausible and progressing."""
+        return {
+            o: c
+            for o, c in self.claims.get(job, {}).items()
+            if c.active
+            and c.run == self.run.manifest_sha256
+            and self.admitted(o)
+            and plausible(self, c)
+            and not stale(self, job, o, c)
+        }
+
+
+def plausible(snap: Snapshot, claim: ClaimRecord) -> bool:
+    """A claim's t0 lies within the run's lifetime: not before it started, not in the future."""
+    if claim.t0 < snap.run.started - CLOCK_SLACK_S:
+        return False
+    return snap.now == 0.0 or claim.t0 <= snap.now + CLOCK_SLACK_S
+
+
+def trusted(snap: Snapshot) -> set[str]:
+    """Verifiers whose verdicts count for this node."""
+    out = {snap.owner, snap.me} - {""}
+    if snap.run.admission == "allowlist":
+        out |= set(snap.run.allowed)
+    return out - snap.banned
+
+
+def verdicts(snap: Snapshot, job: str) -> list[Verdict]:
+    """The trusted verifiers' verdicts on ``job``'s checkpoints in this run."""
+    if not snap.verdicts:
+        return []
+    ok = trusted(snap)
+    return [
+        v
+        for key, rec in snap.verdicts.get(job, {}).items()
+        if rec.run == snap.run.manifest_sha256 and fingerprint(key) in ok
+        for v in rec.entries
+    ]
+
+
+def verdict(snap: Snapshot, job: str, rec: CheckpointRecord) -> bool | None:
+    """True: accepted; False: refused; None: not verified yet. A verdict is on (hash, step): a
+    record that claims another step for a known hash is judged anew. One trusted refusal is
+    enough to refuse."""
+    if snap.verdicts is None:
+        return True
+    mine = [v for v in verdicts(snap, job) if v.sha256 == rec.sha256 and v.step == rec.step]
+    if any(not v.ok for v in mine):
+        return False
+    return True if mine else None
+
+
+def refused(snap: Snapshot, job: str) -> list[Verdict]:
+    """The trusted refusals of ``job``'s checkpoints, newest first (the dashboard shows why)."""
+    return sorted((v for v in verdicts(snap, job) if not v.ok), key=lambda v: -v.t)
+
+
+def last_accepted(snap: Snapshot, job: str) -> Verdict | None:
+    """The most advanced checkpoint of ``job`` a trusted verifier accepted (what a new
+    checkpoint's step rate and loss are measured against)."""
+    good = [v for v in verdicts(snap, job) if v.ok]
+    return max(good, key=lambda v: (v.step, v.t)) if good else None
+
+
+def stale(snap: Snapshot, job: str, key: bytes, claim: ClaimRecord) -> bool:
+    """The claim's owner has shown no verified checkpoint of ``job`` within the run's grace
+    period, counted from its t0. A peer record's step is the owner's own word, so only checkpoints
+    a trusted verifier accepted count as progress."""
+    if snap.now == 0.0 or snap.verdicts is None:
+        return False
+    fp = fingerprint(key)
+    progress = max([claim.t0, *(v.t for v in verdicts(snap, job) if v.ok and v.owner == fp)])
+    return snap.now - progress > snap.run.grace_s
 
 
 def winner(snapshot: Snapshot, job: str) -> bytes | None:
@@ -48,16 +143,33 @@ def available(snapshot: Snapshot, rec: CheckpointRecord) -> bool:
     return snapshot.providers is None or bool(snapshot.providers.get(rec.sha256))
 
 
-def latest_checkpoint(snapshot: Snapshot, job: str) -> CheckpointRecord | None:
-    """The most advanced checkpoint of ``job`` in this run that a live peer provides (ties: by
-    hash, for determinism). Replicas publish records too, so when the owner's newest is lost with
-    it, the newest one a mirror still holds is the latest."""
-    recs = [
-        r
-        for r in snapshot.ckpts.get(job, {}).values()
-        if r.run == snapshot.run.manifest_sha256 and available(snapshot, r)
+def candidates(snapshot: Snapshot, job: str) -> list[tuple[bytes, CheckpointRecord]]:
+    """Checkpoint records of ``job`` in this run from admitted keys that a live peer provides."""
+    return [
+        (o, r)
+        for o, r in snapshot.ckpts.get(job, {}).items()
+        if r.run == snapshot.run.manifest_sha256 and snapshot.admitted(o) and available(snapshot, r)
     ]
+
+
+def latest_checkpoint(snapshot: Snapshot, job: str) -> CheckpointRecord | None:
+    """The most advanced verified checkpoint of ``job`` in this run that a live peer provides
+    (ties: by hash, for determinism). Replicas publish records too, so when the owner's newest is
+    lost with it, the newest one a mirror still holds is the latest."""
+    recs = [r for _, r in candidates(snapshot, job) if verdict(snapshot, job, r)]
     return max(recs, key=lambda r: (r.step, r.sha256)) if recs else None
+
+
+def pending(snapshot: Snapshot, job: str) -> list[tuple[bytes, CheckpointRecord]]:
+    """Records of ``job`` ahead of its latest verified checkpoint that no trusted verifier has
+    judged yet, most advanced first: what a verifier looks at next."""
+    best = latest_checkpoint(snapshot, job)
+    out = [
+        (o, r)
+        for o, r in candidates(snapshot, job)
+        if verdict(snapshot, job, r) is None and (best is None or r.step > best.step)
+    ]
+    return sorted(out, key=lambda item: (-item[1].step, item[1].sha256))
 
 
 def done(snapshot: Snapshot, job: str) -> bool:

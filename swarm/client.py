@@ -250,7 +250,7 @@ def swarm_ensemble(
 def run_swarm_client(node: SwarmNode, cfg: ClientConfig) -> Path:
     """Draw ``cfg.prompts`` with the swarm's router and experts: the ones in ``cfg.local_experts``
     run here, every other one on its servers. Returns the PNG's path."""
-    blobs = BlobService(node.dht, BlobStore())
+    blobs = BlobService(node.dht, BlobStore(), bans=node.bans)
     pool = None
     try:
         ens, pool = swarm_ensemble(

@@ -3,6 +3,11 @@ plus typed reads and writes of the records in :mod:`swarm.records`.
 
 With no initial peers a node starts a new swarm and prints the exact ``--initial-peers`` line
 for others. Unreachable initial peers end in a clear error within ``join_timeout`` seconds.
+
+A node follows one run (``NAME@FINGERPRINT``, :class:`swarm.records.RunRef`): every key it reads or
+writes lives in that run's namespace, and the run record counts only when the key named by the
+fingerprint signed it. A node given no run follows the only one the swarm lists, and refuses to
+guess when there are several.
 """
 
 from __future__ import annotations
@@ -17,24 +22,36 @@ from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
+from swarm.bans import Bans
 from swarm.claims import Snapshot
 from swarm.identity import identity_paths, load_or_create_rsa_key
 from swarm.lifeline import detach_and_watch
 from swarm.records import (
     CLAIM_TTL_S,
+    MAX_VERDICTS,
+    VERDICT_TTL_S,
     CheckpointRecord,
     ClaimRecord,
     ProviderRecord,
+    RunDirRecord,
     RunRecord,
+    RunRef,
     ServeRecord,
+    Verdict,
+    VerdictsRecord,
     blob_key,
+    check_run_name,
     ckpt_key,
     claim_key,
     decode,
     encode,
+    fingerprint,
+    in_run,
     run_key,
+    runs_key,
     serve_key,
     validators,
+    verdicts_key,
 )
 
 
@@ -50,6 +67,8 @@ class SwarmConfig:
     announce_maddrs: list[str] = field(default_factory=list)
     join_timeout: float = 30.0  # seconds to reach the initial peers before giving up
     op_timeout: float = 60.0  # one DHT read or write; a DHT process that is gone fails at once
+    run: str = ""  # NAME@FINGERPRINT of the run to follow ("": the only one the swarm lists)
+    own_run: str = ""  # the name of a run this node owns (the preparer): it follows NAME@<its own key>
 
 
 class OwnedDHT(DHT):
@@ -72,12 +91,18 @@ class SwarmNode:
         p2p_key, rsa_path = identity_paths(cfg.identity_dir)
         self.rsa = RSASignatureValidator(load_or_create_rsa_key(rsa_path))
         self.owner: bytes = self.rsa.local_public_key
+        self.fingerprint = fingerprint(self.owner)
+        self.ref: RunRef | None = RunRef.parse(cfg.run) if cfg.run else None
+        if cfg.own_run:
+            self.ref = RunRef(check_run_name(cfg.own_run), self.fingerprint)
+        self.bans = Bans()
+        self._verdicts: dict[str, list[Verdict]] = {}  # job → this node's own recent verdicts
         kwargs = dict(
             initial_peers=cfg.initial_peers or None,
             start=True,
             host_maddrs=cfg.host_maddrs,
             identity_path=str(p2p_key),
-            record_validators=validators(self.rsa),
+            record_validators=validators(self.rsa, self.ref),
             await_ready=True,
         )
         if cfg.announce_maddrs:
@@ -122,6 +147,19 @@ class SwarmNode:
                 if time.monotonic() > deadline:
                     raise SwarmError(f"the DHT did not answer within {self.op_timeout:.0f}s") from None
 
+    def _key(self, key: str) -> str:
+        """``key`` inside the followed run's namespace (global keys as they are)."""
+        if key == runs_key() or key.startswith("diffswarm_blob_"):
+            return key
+        if self.ref is None:
+            raise SwarmError("this node follows no run yet")
+        return in_run(key, self.ref)
+
+    def follow(self, ref: RunRef) -> None:
+        if self.ref is not None and self.ref != ref:
+            raise SwarmError(f"this node follows run {self.ref}, not {ref}")
+        self.ref = ref
+
     # ---------------------------------------------------------------- writes
     def store(self, key: str, record, ttl: float) -> bool:
         """Write ``record`` under our owner subkey; False if the swarm refused it.
@@ -129,6 +167,7 @@ class SwarmNode:
         The DHT keeps whichever record expires last, so a write never expires before the
         previous one this node made under the same key.
         """
+        key = self._key(key)
         with self._lock:
             expiration = max(get_dht_time() + ttl, self._expiry.get(key, 0.0) + 1e-3)
             pending = self.dht.store(key, encode(record), expiration, subkey=self.owner, return_future=True)
@@ -146,25 +185,66 @@ class SwarmNode:
     # ---------------------------------------------------------------- reads
     def get(self, key: str):
         """hivemind's latest value under ``key`` (subkey → ValueWithExpiration), or None."""
+        key = self._key(key)
         with self._lock:
             return self._wait(self.dht.get(key, latest=True, return_future=True))
 
     def read(self, key: str, cls) -> dict[bytes, object]:
-        """Live, well-formed records under ``key`` by owner (malformed ones are dropped)."""
+        """Live, well-formed, signed records under ``key`` by owner. A malformed record gets its
+        signer banned here for a while; records of banned signers are dropped."""
         found = self.get(key)
         if found is None or not isinstance(found.value, dict):
             return {}
         out = {}
         for owner, item in found.value.items():
+            # Only subkeys that name a key are signed (hivemind checks the signature of those).
+            if not isinstance(owner, bytes) or not owner.startswith(b"[owner:"):
+                continue
+            fp = fingerprint(owner)
+            if self.bans.banned(fp):
+                continue
             rec = decode(cls, getattr(item, "value", None))
-            if rec is not None and isinstance(owner, bytes):
-                out[owner] = rec
+            if rec is None:
+                self.bans.ban(fp, f"malformed {key.rsplit('_', 2)[-1] if '_' in key else key} record")
+                continue
+            out[owner] = rec
         return out
 
+    def runs(self) -> dict[RunRef, RunDirRecord]:
+        """The runs this DHT lists, by reference."""
+        return {RunRef(r.name, fingerprint(o)): r for o, r in self.read(runs_key(), RunDirRecord).items()}
+
     def run(self) -> RunRecord | None:
-        """The run this swarm trains: the newest well-formed run record, if any."""
-        runs = self.read(run_key(), RunRecord)
-        return max(runs.values(), key=lambda r: r.manifest_sha256) if runs else None
+        """The run this node follows, as its owner published it; ``None`` while there is none.
+        With no run given, the only run the swarm lists is followed; with several, this refuses
+        to guess."""
+        if self.ref is None:
+            listed = self.runs()
+            if not listed:
+                return None
+            if len(listed) > 1:
+                raise SwarmError(
+                    f"this swarm lists {len(listed)} runs; follow one with --run: "
+                    + ", ".join(f"{ref} ({r.manifest_sha256[:12]})" for ref, r in sorted(listed.items(), key=str))
+                )
+            self.follow(next(iter(listed)))
+        owned = [
+            r
+            for o, r in self.read(run_key(), RunRecord).items()
+            if fingerprint(o) == self.ref.owner and r.name == self.ref.name
+        ]
+        return owned[0] if owned else None
+
+    def publish_verdict(self, job: str, run: RunRecord, verdict: Verdict) -> None:
+        """Add ``verdict`` to this node's signed verdicts on ``job`` (it keeps the newest
+        accepted and refused ones apart, so a flood of refusals cannot push out the progress)."""
+        with self._lock:
+            old = [v for v in self._verdicts.get(job, []) if v.sha256 != verdict.sha256]
+            good = [v for v in old if v.ok][-(MAX_VERDICTS - 1) :]
+            bad = [v for v in old if not v.ok][-(MAX_VERDICTS - 1) :]
+            self._verdicts[job] = good + bad + [verdict]
+            entries = list(self._verdicts[job])
+        self.store(verdicts_key(job), VerdictsRecord(run.manifest_sha256, entries), VERDICT_TTL_S)
 
     def snapshot(self, run: RunRecord, jobs: list[str] | None = None, checkpoints: bool = True) -> Snapshot:
         """Claims and (unless ``checkpoints`` is off) checkpoint records with their live providers,
@@ -173,16 +253,27 @@ class SwarmNode:
         jobs = run.jobs() if jobs is None else jobs
         ckpts = {j: self.read(ckpt_key(j), CheckpointRecord) for j in jobs} if checkpoints else {}
         hashes = {r.sha256 for recs in ckpts.values() for r in recs.values() if r.run == run.manifest_sha256}
+        verdicts = {j: self.read(verdicts_key(j), VerdictsRecord) for j in jobs}
+        with self._lock:  # this node's own verdicts count at once, before the DHT returns them
+            for j in jobs:
+                if self._verdicts.get(j):
+                    verdicts[j][self.owner] = VerdictsRecord(run.manifest_sha256, list(self._verdicts[j]))
         return Snapshot(
             run=run,
             claims={j: self.read(claim_key(j), ClaimRecord) for j in jobs},
             ckpts=ckpts,
             providers={h: self.providers(h) for h in hashes},
+            verdicts=verdicts,
+            now=get_dht_time(),
+            owner=self.ref.owner if self.ref else "",
+            me=self.fingerprint,
+            banned=frozenset(w for w in self.bans.active() if len(w) == 32),
         )
 
     def providers(self, sha256: str) -> set[str]:
-        """Peers (this one included) whose provider record for the blob ``sha256`` is live."""
-        return {r.peer for r in self.read(blob_key(sha256), ProviderRecord).values()}
+        """Peers (this one included) whose provider record for the blob ``sha256`` is live and
+        who are not banned here."""
+        return {r.peer for r in self.read(blob_key(sha256), ProviderRecord).values() if not self.bans.banned(r.peer)}
 
     def servers(self, run: RunRecord, experts: list[int], online_only: bool = True) -> dict[int, list[ServeRecord]]:
         """Serve records of this run per expert (only those online, unless ``online_only`` is off)."""

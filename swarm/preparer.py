@@ -1,13 +1,23 @@
-"""The preparer's swarm role (``--role prepare --serve``): publish the run record and provide the
-run's manifest and shards by sha256, publish checkpoints trained here when they are ahead of the
-swarm's, and mirror every job's latest checkpoint, until stopped."""
+"""The preparer's swarm role (``--role prepare --serve``): the run's owner. It publishes the run
+record (signed by its key, which names the run), lists the run in the swarm's directory, provides
+the run's manifest and shards by sha256, verifies every published checkpoint (it is the verifier
+everyone trusts), publishes checkpoints trained here when they are ahead of the swarm's, and
+mirrors every job's latest verified checkpoint, until stopped.
+
+Admission is the owner's to set while the run lives: with ``--allow FILE`` the run admits only
+the trainer keys (fingerprints) listed in FILE, re-read every round; a FILE that says ``open``
+admits anyone again."""
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from hivemind.utils import get_dht_time
 from rich.console import Console
 
 from data.checkpoint import CheckpointError, latest_checkpoint
@@ -16,23 +26,77 @@ from swarm import claims
 from swarm.blobs import BlobService, BlobStore, announce
 from swarm.dht import SwarmNode
 from swarm.mirror import mirror_checkpoints, publish_checkpoint
-from swarm.records import PROVIDER_TTL_S, RUN_TTL_S, PeerRecord, RunRecord, peers_key, run_key
+from swarm.records import (
+    CLAIM_GRACE_S,
+    MAX_ALLOWED,
+    PROVIDER_TTL_S,
+    RUN_TTL_S,
+    PeerRecord,
+    RunDirRecord,
+    RunRecord,
+    peers_key,
+    run_key,
+    runs_key,
+)
+from swarm.verify import Verifier, VerifyConfig
 
 console = Console(stderr=True, markup=False)  # logged errors hold multiaddrs like [/ip4/...]
 
 
-def serve_run(
-    node: SwarmNode,
-    data_dir: Path,
-    stop: threading.Event,
-    expert_steps: int = 0,
-    router_steps: int = 0,
-    period_s: float = 2.0,  # mirror rounds: a stopping trainer waits for one
-    ckpt_dir: Path | None = None,
-) -> None:
-    """The preparer's side: publish the run record (with the run's step targets, 0 = none) and
-    provide the manifest and shards; publish checkpoints trained here (``ckpt_dir``, e.g. with
-    ``--local``) when they are ahead of the swarm's; mirror every job's latest; until stopped."""
+class AdmissionError(ValueError):
+    """An allowlist file that cannot be read as one."""
+
+
+def read_admission(path: Path) -> tuple[str, list[str]]:
+    """("open", []) or ("allowlist", fingerprints) from an allowlist file: one trainer key
+    fingerprint per line (``#`` starts a comment), or the single word ``open``."""
+    try:
+        words = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
+    except OSError as e:
+        raise AdmissionError(f"cannot read the allowlist {path}: {e.strerror}") from None
+    words = [w for w in words if w]
+    if words == ["open"]:
+        return "open", []
+    bad = [w for w in words if not re.fullmatch(r"[0-9a-f]{32}", w)]
+    if bad:
+        raise AdmissionError(f"{path}: {bad[0]!r} is not a key fingerprint (32 hex digits) nor 'open'")
+    if len(words) > MAX_ALLOWED:
+        raise AdmissionError(f"{path} lists {len(words)} keys; at most {MAX_ALLOWED}")
+    return "allowlist", sorted(set(words))
+
+
+@dataclass
+class ServeRunConfig:
+    expert_steps: int = 0  # an expert job is done at this step (0: never)
+    router_steps: int = 0
+    period_s: float = 2.0  # verify and mirror rounds: a stopping trainer waits for one
+    ckpt_dir: Path | None = None  # publish checkpoints trained here when ahead of the swarm's
+    allow: Path | None = None  # an allowlist file (None: anyone may train)
+    grace_s: float = CLAIM_GRACE_S  # a claim with no verified checkpoint for this long expires
+    text_encoder: str = "minilm"  # what the verifier measures held-out losses with
+    vae: str = ""
+
+
+def _started(data_dir: Path, name: str, digest: str) -> float:
+    """When this run was first published; kept beside the data so a restarted preparer keeps it
+    (claims made since stay plausible)."""
+    path = data_dir / "run_state.json"
+    try:
+        state = json.loads(path.read_text())
+        if state.get("name") == name and state.get("manifest_sha256") == digest:
+            return float(state["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    started = float(get_dht_time())
+    path.write_text(json.dumps({"name": name, "manifest_sha256": digest, "started": started}))
+    return started
+
+
+def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, cfg: ServeRunConfig | None = None) -> None:
+    """The preparer's side, until stopped: see the module's docstring."""
+    cfg = cfg or ServeRunConfig()
+    if node.ref is None or node.ref.owner != node.fingerprint:
+        raise ValueError("the preparer's node must own its run (SwarmConfig.own_run)")
     manifest, digest = load_manifest(data_dir)
     store = BlobStore()
     store.add_file(data_dir / "manifest.json", digest)
@@ -41,29 +105,46 @@ def serve_run(
             url = manifest.resolve(entry.url)
             if Path(url).is_file():
                 store.add_file(Path(url), entry.sha256)
-    blobs = BlobService(node.dht, store)
+    blobs = BlobService(node.dht, store, bans=node.bans)
+    admission, allowed = read_admission(cfg.allow) if cfg.allow else ("open", [])
     run = RunRecord(
         digest,
         manifest.num_clusters,
         [c.preset for c in manifest.clusters],
         [c.objective for c in manifest.clusters],
         (data_dir / "manifest.json").stat().st_size,
-        expert_steps,
-        router_steps,
+        cfg.expert_steps,
+        cfg.router_steps,
+        name=node.ref.name,
+        started=_started(data_dir, node.ref.name, digest),
+        admission=admission,
+        allowed=allowed,
+        grace_s=cfg.grace_s,
     )
+    mirror = data_dir.parent / "mirror"
+    verifier = Verifier(node, blobs, run, manifest, mirror, VerifyConfig(cfg.text_encoder, cfg.vae))
     last_announce = 0.0
     try:
         while True:
-            if time.monotonic() - last_announce > min(RUN_TTL_S, PROVIDER_TTL_S) / 3:
+            if cfg.allow is not None:
+                run = _admission(cfg.allow, run)
+            if time.monotonic() - last_announce > min(RUN_TTL_S, PROVIDER_TTL_S) / 3 or run != verifier.run:
                 node.store(run_key(), run, RUN_TTL_S)
+                node.store(runs_key(), RunDirRecord(run.name, digest), RUN_TTL_S)
                 # Trainers hold a job until a mirror has its last checkpoint; this says one is up.
-                node.store(peers_key(), PeerRecord(node.peer_id, "preparer", "mirroring"), PROVIDER_TTL_S)
+                presence = PeerRecord(node.peer_id, "preparer", "mirroring", bans=node.bans.lines())
+                node.store(peers_key(), presence, PROVIDER_TTL_S)
                 announce(node, store)
-                if ckpt_dir is not None:
-                    _publish_local(node, blobs.store, run, ckpt_dir)
+                if cfg.ckpt_dir is not None:
+                    _publish_local(node, blobs.store, run, cfg.ckpt_dir)
                 last_announce = time.monotonic()
-            mirror_checkpoints(node, blobs, node.snapshot(run), data_dir.parent / "mirror", publish=True)
-            if stop.wait(period_s):
+            verifier.run = run
+            snap = node.snapshot(run)
+            if verifier.verify_pending(snap):
+                snap = node.snapshot(run)
+                last_announce = 0.0  # refusals may have banned someone: show it
+            mirror_checkpoints(node, blobs, snap, mirror, publish=True)
+            if stop.wait(cfg.period_s):
                 break
     finally:
         try:
@@ -71,6 +152,18 @@ def serve_run(
         except Exception:  # shutting down; the record expires by itself
             pass
         blobs.shutdown()
+
+
+def _admission(path: Path, run: RunRecord) -> RunRecord:
+    """The run with the allowlist file's admission as it reads now (unchanged if unreadable)."""
+    try:
+        admission, allowed = read_admission(path)
+    except AdmissionError as e:
+        console.log(f"keeping the admission as it was: {e}")
+        return run
+    if (admission, allowed) != (run.admission, run.allowed):
+        console.log(f"admission is now {admission}" + (f": {len(allowed)} trainer key(s)" if allowed else ""))
+    return replace(run, admission=admission, allowed=allowed)
 
 
 def _publish_local(node: SwarmNode, store: BlobStore, run: RunRecord, ckpt_dir: Path) -> None:

@@ -35,6 +35,11 @@ class ProtocolError(ValueError):
     """A malformed frame or request; the message is sent back to the peer."""
 
 
+class RequestRefused(ProtocolError):
+    """A well-formed request this server cannot take (another expert, an older checkpoint, a
+    batch over its limit): an honest client meets these, so they are not held against it."""
+
+
 @dataclass
 class DenoiseRequest:
     id: int
@@ -135,15 +140,15 @@ def parse_request(header: dict, payload: bytes, expected: ExpectedInput) -> Deno
         raise ProtocolError("'id' must be an integer")
     expert = header.get("expert")
     if not isinstance(expert, int) or expert not in expected.experts:
-        raise ProtocolError(f"this server does not serve expert {expert!r} (it serves {sorted(expected.experts)})")
+        raise RequestRefused(f"this server does not serve expert {expert!r} (it serves {sorted(expected.experts)})")
     ckpt = header.get("ckpt")
     if ckpt not in expected.experts[expert]:
-        raise ProtocolError(
+        raise RequestRefused(
             f"expert {expert} is served from checkpoint {expected.current(expert)[:12]}, not {str(ckpt)[:12]}"
         )
     b, c, h, w = _shape(header, "x", 4)
     if b > expected.max_batch:
-        raise ProtocolError(f"batch of {b} images is over this server's limit of {expected.max_batch}")
+        raise RequestRefused(f"batch of {b} images is over this server's limit of {expected.max_batch}")
     if (c, h, w) != expected.shape:
         raise ProtocolError(f"x must be (B, {', '.join(map(str, expected.shape))}), got {(b, c, h, w)}")
     b2, length, dim = _shape(header, "states", 3)

@@ -1,21 +1,30 @@
 """Every DHT key of the swarm, its pydantic.v1 schema, its expiry, and typed encode/decode.
 
-Keys are ``diffswarm_<field>``. Records that a single node owns live under a subkey holding the
-owner's RSA public key (``[owner:...]``), so hivemind's ``RSASignatureValidator`` lets only that
-node write them; ``SchemaValidator`` rejects any value that does not match its schema. Values
-stay small (far below hivemind's 64 KiB limit): checkpoint bytes never go into the DHT.
+Several runs can share one DHT. A run is named and owned: ``NAME@FINGERPRINT``, where the
+fingerprint is a hash of the RSA key that published it (:func:`fingerprint`), and every key of the
+run lives in its own namespace, ``diffswarm_<NAME>_<FINGERPRINT>_<field>``. A follower accepts
+the run record only from the key the fingerprint names, so nobody else can redirect a run.
+Records that a single node owns live under a subkey holding the owner's RSA public key
+(``[owner:...]``), so hivemind's ``RSASignatureValidator`` lets only that node write them;
+``SchemaValidator`` rejects any value that does not match its schema. Values stay small (far
+below hivemind's 64 KiB limit): checkpoint bytes never go into the DHT.
 
-    run              owner → RunRecord          which run this swarm trains (manifest sha256, K, ...)
-    claim_<job>      owner → ClaimRecord        who trains a job; renewed every heartbeat
-    ckpt_<job>       owner → CheckpointRecord   latest checkpoint an owner published for a job
-    peers            owner → PeerRecord         who is up, doing what (step, loss, samples/s)
-    blob_<sha256>    owner → ProviderRecord     who can send a blob (manifest, shard, checkpoint)
-    serve_<job>      owner → ServeRecord        a server of an expert: state, load, checkpoint
+    runs                owner → RunDirRecord      (global) the runs on this DHT, one per owner key
+    blob_<sha256>       owner → ProviderRecord    (global) who can send a blob (manifest, shard, checkpoint)
+  per run:
+    run                 owner → RunRecord         the run: manifest sha256, K, targets, admission
+    claim_<job>         owner → ClaimRecord       who trains a job; renewed every heartbeat
+    ckpt_<job>          owner → CheckpointRecord  latest checkpoint an owner published for a job
+    verdicts_<job>      owner → VerdictRecord     a verifier's recent verdicts on a job's checkpoints
+    peers               owner → PeerRecord        who is up, doing what (step, loss, samples/s, bans)
+    serve_<job>         owner → ServeRecord       a server of an expert: state, load, checkpoint
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
+import re
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pydantic.v1 as pydantic
@@ -32,13 +41,32 @@ PROVIDER_TTL_S = 120.0  # a provider re-announces its blobs while it is up
 SERVE_PERIOD_S = 15.0  # a server's record lives this long, so a killed server leaves clients' view by then
 SERVE_ANNOUNCE_S = SERVE_PERIOD_S / 3  # and is renewed this often: two missed renewals are tolerated
 SERVE_TTL_S = SERVE_PERIOD_S
+VERDICT_TTL_S = CKPT_TTL_S  # verdicts live as long as the records they judge
+CLOCK_SLACK_S = 60.0  # how far a peer's clock may run ahead: a claim from the future is refused
+CLAIM_GRACE_S = 1200.0  # default: a claim with no verified checkpoint for this long has expired
+MAX_ALLOWED = 256  # trainer keys on an allowlist
+MAX_VERDICTS = 6  # accepted and refused verdicts a verifier keeps per job
 
 OwnerKey = BytesWithPublicKey  # a subkey that names its owner: only that key may sign it
 Sha256 = pydantic.constr(regex=r"^[0-9a-f]{64}$")
 PeerId = pydantic.constr(min_length=1, max_length=128)
 
 
+Fingerprint = pydantic.constr(regex=r"^[0-9a-f]{32}$")
+RunName = pydantic.constr(regex=r"^[A-Za-z0-9-]{1,32}$")
+
+
+class RunDirSchema(pydantic.BaseModel):
+    name: RunName
+    manifest_sha256: Sha256
+
+
 class RunSchema(pydantic.BaseModel):
+    name: RunName
+    started: pydantic.confloat(strict=True, ge=0)  # DHT time the run was first published
+    admission: pydantic.constr(regex=r"^(open|allowlist)$")
+    allowed: pydantic.conlist(Fingerprint, max_items=MAX_ALLOWED)  # trainer keys (allowlist)
+    grace_s: pydantic.confloat(strict=True, gt=0)  # a claim with no verified progress for this long expires
     manifest_sha256: Sha256
     num_clusters: pydantic.conint(strict=True, ge=2, le=MAX_EXPERTS)
     presets: pydantic.conlist(pydantic.constr(max_length=16), min_items=2, max_items=MAX_EXPERTS)
@@ -74,6 +102,22 @@ class PeerSchema(pydantic.BaseModel):
     step: pydantic.conint(strict=True, ge=0)
     loss: pydantic.confloat(strict=True)
     samples_per_s: pydantic.confloat(strict=True, ge=0)
+    bans: pydantic.conlist(pydantic.constr(max_length=160), max_items=16)  # this node's local bans
+
+
+class VerdictSchema(pydantic.BaseModel):
+    sha256: Sha256
+    step: pydantic.conint(strict=True, ge=0)
+    owner: Fingerprint  # who published the record that was judged
+    ok: pydantic.StrictBool
+    t: pydantic.confloat(strict=True, ge=0)  # DHT time of the verdict
+    loss: pydantic.confloat(strict=True)  # held-out loss the verifier measured (0 when not measured)
+    reason: pydantic.constr(max_length=160)
+
+
+class VerdictsSchema(pydantic.BaseModel):
+    run: Sha256
+    entries: pydantic.conlist(VerdictSchema, max_items=2 * MAX_VERDICTS)
 
 
 class ServeSchema(pydantic.BaseModel):
@@ -100,7 +144,7 @@ def job_names() -> list[str]:
     return [f"expert_{k}" for k in range(MAX_EXPERTS)] + ["router"]
 
 
-def _schema() -> type[pydantic.BaseModel]:
+def _run_schema() -> type[pydantic.BaseModel]:
     fields: dict[str, Any] = {
         "run": (dict[OwnerKey, RunSchema] | None, None),
         "peers": (dict[OwnerKey, PeerSchema] | None, None),
@@ -108,18 +152,73 @@ def _schema() -> type[pydantic.BaseModel]:
     for job in job_names():
         fields[f"claim_{job}"] = (dict[OwnerKey, ClaimSchema] | None, None)
         fields[f"ckpt_{job}"] = (dict[OwnerKey, CheckpointSchema] | None, None)
+        fields[f"verdicts_{job}"] = (dict[OwnerKey, VerdictsSchema] | None, None)
         if job != "router":
             fields[f"serve_{job}"] = (dict[OwnerKey, ServeSchema] | None, None)
-    return pydantic.create_model("DiffswarmSchema", **fields)
+    return pydantic.create_model("DiffswarmRunSchema", **fields)
 
 
-def validators(rsa: RSASignatureValidator) -> list:
-    """The validators every node runs. Blob-provider keys are per hash, so not in the schema:
-    they are still owner-signed, and their values are parsed with :class:`ProviderSchema` on read."""
-    return [SchemaValidator(_schema(), allow_extra_keys=True, prefix=PREFIX), rsa]
+def _global_schema() -> type[pydantic.BaseModel]:
+    return pydantic.create_model("DiffswarmSchema", runs=(dict[OwnerKey, RunDirSchema] | None, None))
+
+
+def validators(rsa: RSASignatureValidator, ref: RunRef | None = None) -> list:
+    """The validators every node runs: the global keys' schema, the schema of the run this node
+    follows when it knows it at start (records of other runs are parsed when read), and the
+    signatures. Blob-provider keys are per hash, so not in a schema: they are still owner-signed,
+    and their values are parsed with :class:`ProviderSchema` on read."""
+    out = [SchemaValidator(_global_schema(), allow_extra_keys=True, prefix=PREFIX)]
+    if ref is not None:
+        out.append(SchemaValidator(_run_schema(), allow_extra_keys=True, prefix=ref.namespace))
+    return [*out, rsa]
+
+
+# ---------------------------------------------------------------- runs
+def fingerprint(owner: bytes) -> str:
+    """A short, collision-safe name for an owner key (128 bits of its sha256)."""
+    return hashlib.sha256(owner).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Which run a node follows: its name and its owner's fingerprint (``NAME@FINGERPRINT``)."""
+
+    name: str
+    owner: str  # fingerprint of the key that publishes the run record
+
+    @classmethod
+    def parse(cls, text: str) -> RunRef:
+        m = re.fullmatch(r"([A-Za-z0-9-]{1,32})@([0-9a-f]{32})", text.strip())
+        if m is None:
+            raise ValueError(f"--run takes NAME@FINGERPRINT as the preparer prints it; got {text!r}")
+        return cls(m.group(1), m.group(2))
+
+    @property
+    def namespace(self) -> str:
+        return f"{PREFIX}_{self.name}_{self.owner}"
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.owner}"
+
+
+def check_run_name(name: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9-]{1,32}", name) is None:
+        raise ValueError(f"a run name has 1-32 letters, digits or '-'; got {name!r}")
+    return name
+
+
+def in_run(key: str, ref: RunRef) -> str:
+    """The DHT key of ``key`` inside run ``ref``'s namespace (global keys stay as they are)."""
+    if key == runs_key() or key.startswith(f"{PREFIX}_blob_"):
+        return key
+    return f"{ref.namespace}_{key[len(PREFIX) + 1 :]}"
 
 
 # ---------------------------------------------------------------- keys
+def runs_key() -> str:
+    return f"{PREFIX}_runs"
+
+
 def run_key() -> str:
     return f"{PREFIX}_run"
 
@@ -134,6 +233,10 @@ def claim_key(job: str) -> str:
 
 def ckpt_key(job: str) -> str:
     return f"{PREFIX}_ckpt_{_check_job(job)}"
+
+
+def verdicts_key(job: str) -> str:
+    return f"{PREFIX}_verdicts_{_check_job(job)}"
 
 
 def serve_key(expert: int) -> str:
@@ -158,6 +261,12 @@ def expert_job(k: int) -> str:
 
 # ---------------------------------------------------------------- typed records
 @dataclass(frozen=True)
+class RunDirRecord:
+    name: str
+    manifest_sha256: str
+
+
+@dataclass(frozen=True)
 class RunRecord:
     manifest_sha256: str
     num_clusters: int
@@ -166,6 +275,11 @@ class RunRecord:
     manifest_size: int
     expert_steps: int = 0  # the run's training target per expert (0: train as long as peers do)
     router_steps: int = 0
+    name: str = "default"
+    started: float = 0.0
+    admission: str = "open"  # "open": anyone may train; "allowlist": only the keys in ``allowed``
+    allowed: list[str] = field(default_factory=list)
+    grace_s: float = CLAIM_GRACE_S
 
     def jobs(self) -> list[str]:
         return [expert_job(k) for k in range(self.num_clusters)] + ["router"]
@@ -204,6 +318,24 @@ class PeerRecord:
     step: int = 0
     loss: float = 0.0
     samples_per_s: float = 0.0
+    bans: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    sha256: str
+    step: int
+    owner: str
+    ok: bool
+    t: float
+    loss: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class VerdictsRecord:
+    run: str
+    entries: list[Verdict]
 
 
 @dataclass(frozen=True)
@@ -229,7 +361,9 @@ class ProviderRecord:
 
 
 _SCHEMAS = {
+    RunDirRecord: RunDirSchema,
     RunRecord: RunSchema,
+    VerdictsRecord: VerdictsSchema,
     ClaimRecord: ClaimSchema,
     CheckpointRecord: CheckpointSchema,
     ProviderRecord: ProviderSchema,
@@ -253,4 +387,6 @@ def decode(cls, value: Any):
         parsed = _SCHEMAS[cls].parse_obj(value)
     except pydantic.ValidationError:
         return None
+    if cls is VerdictsRecord:
+        return VerdictsRecord(parsed.run, [Verdict(**e.dict()) for e in parsed.entries])
     return cls(**parsed.dict())

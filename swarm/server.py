@@ -34,11 +34,21 @@ from rich.console import Console
 from data.checkpoint import Checkpoint
 from router.sampling import LocalExpert
 from swarm import claims
-from swarm.blobs import BlobService, BlobStore, announce
+from swarm.blobs import BlobError, BlobService, BlobStore, announce
 from swarm.dht import SwarmError, SwarmNode
 from swarm.mirror import mirror_checkpoints
-from swarm.protocol import PROTOCOL, ExpectedInput, ProtocolError, encode_reply, parse_request, read_frame
+from swarm.protocol import (
+    PROTOCOL,
+    ExpectedInput,
+    ProtocolError,
+    RequestRefused,
+    encode_reply,
+    parse_request,
+    read_frame,
+)
 from swarm.records import PROVIDER_TTL_S, SERVE_ANNOUNCE_S, SERVE_TTL_S, RunRecord, ServeRecord, serve_key
+from swarm.rundata import fetch_manifest, fetch_shards
+from swarm.verify import Verifier
 
 console = Console(stderr=True, markup=False)
 
@@ -82,8 +92,9 @@ class ExpertServer:
     def __init__(self, node: SwarmNode, cfg: ServerConfig, stop: threading.Event | None = None) -> None:
         self.node, self.cfg = node, cfg
         self.stop = stop or threading.Event()
-        self.blobs = BlobService(node.dht, BlobStore())
+        self.blobs = BlobService(node.dht, BlobStore(), bans=node.bans)
         self.served: dict[int, list[Served]] = {}  # newest first
+        self._verify: Verifier | None = None
         self._lock = threading.Lock()
         self.queue: queue.Queue[_Job] = queue.Queue(maxsize=cfg.max_queue)
         self.answered = 0
@@ -138,6 +149,9 @@ class ExpertServer:
         """Fetch and load the newest published checkpoint of each served expert, if it is new."""
         jobs = [f"expert_{k}" for k in self.cfg.experts]
         snap = self.node.snapshot(self.run_rec, jobs)
+        if any(claims.pending(snap, j) for j in jobs) and (verifier := self._verifier()) is not None:
+            if verifier.verify_pending(snap, jobs):  # what no trusted verifier judged yet: judge it here
+                snap = self.node.snapshot(self.run_rec, jobs)
         if initial:
             missing = [j for j in jobs if claims.latest_checkpoint(snap, j) is None]
             if missing:
@@ -167,6 +181,26 @@ class ExpertServer:
                 self.served[k] = [served, *old[:1]]  # the new one, and the previous while in use
             console.log(f"expert {k}: serving step {ck.step} ({ck.sha256[:12]})")
 
+    def _verifier(self) -> Verifier | None:
+        """This server's verifier, built on first need: the run's manifest and the held-out shards
+        of the served experts are fetched for it. ``None`` (others' verdicts count) if they cannot be."""
+        if self._verify is None:
+            work = Path(self.cfg.work_dir)
+            try:
+                manifest, _ = fetch_manifest(self.node, self.blobs, work, self.run_rec)
+            except (BlobError, ValueError, OSError) as e:
+                console.log(f"cannot verify checkpoints here ({e}); relying on the run's verifiers")
+                return None
+            self._verify = Verifier(
+                self.node,
+                self.blobs,
+                self.run_rec,
+                manifest,
+                work,
+                ensure_data=lambda clusters: fetch_shards(self.node, self.blobs, manifest, clusters, holdout_only=True),
+            )
+        return self._verify
+
     def expected(self) -> ExpectedInput:
         with self._lock:
             now = time.monotonic()
@@ -186,13 +220,19 @@ class ExpertServer:
     async def _serve(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
         expected = self.expected()
-        console.log(f"session from {str(getattr(info, 'peer_id', '?'))[:16]}…")
+        peer = str(getattr(info, "peer_id", ""))
+        console.log(f"session from {peer[:16]}…")
         try:
+            if self.node.bans.banned(peer):
+                writer.write(encode_reply(-1, error="this server has banned your peer id for a while"))
+                await writer.drain()
+                return
             while True:
                 try:
                     header, payload = await read_frame(reader, expected.max_payload())
                     received = time.perf_counter()
-                except ProtocolError as e:  # framing is lost: answer once and close the stream
+                except ProtocolError as e:  # framing is lost: answer once, ban, close the stream
+                    self.node.bans.ban(peer, f"malformed request: {e}")
                     writer.write(encode_reply(-1, error=str(e)))
                     await writer.drain()
                     return
@@ -200,10 +240,15 @@ class ExpertServer:
                 try:
                     expected = self.expected()
                     req = parse_request(header, payload, expected)
-                except ProtocolError as e:
+                except RequestRefused as e:  # well-formed, just not for this server now
                     writer.write(encode_reply(req_id, error=str(e)))
                     await writer.drain()
                     continue
+                except ProtocolError as e:  # malformed: no honest client sends it
+                    self.node.bans.ban(peer, f"malformed request: {e}")
+                    writer.write(encode_reply(req_id, error=str(e)))
+                    await writer.drain()
+                    return
                 job = _Job(req, loop.create_future(), time.monotonic() + self.cfg.request_timeout_s)
                 try:
                     self.queue.put_nowait(job)

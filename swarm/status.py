@@ -1,9 +1,10 @@
 """``--role status``: what the swarm is doing, as a live rich dashboard or one JSON snapshot.
 
-For each job of the run: its owner, step, loss and samples/s (from the owner's presence record),
-and its latest published checkpoint (step, hash prefix, age, providers); then the expert servers
-(state, requests/s, queue, the checkpoint they serve) and every peer that is up, idle trainers
-included.
+For the run it follows (name@owner, admission): for each job its owner, step, loss and samples/s
+(from the owner's presence record), its latest verified checkpoint (step, hash prefix, age,
+providers), how many newer ones wait for a verdict, and the refused ones with the reason; then the
+expert servers (state, requests/s, queue, the checkpoint they serve), every peer that is up, idle
+trainers included, and the local bans: this node's and those each peer reports.
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ def collect(node: SwarmNode) -> dict:
         "peers": sorted(
             ({**p.__dict__} for p in peers.values() if p.state != "offline"), key=lambda p: (p["state"], p["peer"])
         ),
+        "bans": node.bans.lines(),
     }
     if run is None:
         return out
     out["run"] = {
+        "ref": str(node.ref),
+        "admission": run.admission,
+        "allowed": len(run.allowed),
         "manifest_sha256": run.manifest_sha256,
         "num_clusters": run.num_clusters,
         "objectives": run.objectives,
@@ -73,6 +78,13 @@ def collect(node: SwarmNode) -> dict:
                 "step": presence.step if presence and presence.job == job else (ck.step if ck else 0),
                 "loss": presence.loss if presence and presence.job == job else (ck.loss if ck else None),
                 "samples_per_s": presence.samples_per_s if presence and presence.job == job else 0.0,
+                "pending": len(
+                    {r.sha256 for _, r in claims.candidates(snap, job) if claims.verdict(snap, job, r) is None}
+                ),
+                "refused": [
+                    {"step": v.step, "sha256": v.sha256, "owner": v.owner, "reason": v.reason}
+                    for v in claims.refused(snap, job)
+                ],
                 "checkpoint": None
                 if ck is None
                 else {
@@ -105,9 +117,14 @@ def render(data: dict) -> Group:
         return Group("[yellow]no run published yet[/] (python node.py --role prepare --serve ...)")
     run = data["run"]
     state = " · [green]complete[/]" if data["complete"] else ""
-    jobs = Table(title=f"run {run['manifest_sha256'][:12]} · {run['num_clusters']} experts + router{state}")
-    for col in ("job", "owner", "step", "loss", "samples/s", "checkpoint", "age", "providers"):
-        jobs.add_column(col, justify="right" if col in ("step", "loss", "samples/s", "age", "providers") else "left")
+    admission = "open" if run["admission"] == "open" else f"allowlist of {run['allowed']}"
+    jobs = Table(
+        title=f"run {run['ref']} ({run['manifest_sha256'][:12]}) · {run['num_clusters']} experts + router"
+        f" · {admission}{state}"
+    )
+    numbers = ("step", "loss", "samples/s", "age", "providers", "pending")
+    for col in ("job", "owner", "step", "loss", "samples/s", "checkpoint", "age", "providers", "pending"):
+        jobs.add_column(col, justify="right" if col in numbers else "left")
     for j in data["jobs"]:
         ck = j["checkpoint"]
         jobs.add_row(
@@ -119,8 +136,17 @@ def render(data: dict) -> Group:
             f"{ck['step']} · {ck['sha256'][:12]}" if ck else "-",
             "-" if not ck or ck["age_s"] is None else f"{ck['age_s']:.0f}s",
             str(len(ck["providers"])) if ck else "0",
+            str(j["pending"]),
         )
     tables = [jobs]
+    refusals = [(j["job"], v) for j in data["jobs"] for v in j["refused"]]
+    if refusals:
+        refused = Table(title=f"{len(refusals)} checkpoints refused")
+        for col in ("job", "step", "checkpoint", "signer", "why"):
+            refused.add_column(col)
+        for job, v in refusals:
+            refused.add_row(job, str(v["step"]), v["sha256"][:12], v["owner"][:12], v["reason"])
+        tables.append(refused)
     if data["servers"]:
         online = sum(1 for r in data["servers"] if r["state"] == "online")
         servers = Table(title=f"expert servers: {online} online")
@@ -141,7 +167,16 @@ def render(data: dict) -> Group:
         peers.add_column(col)
     for p in data["peers"]:
         peers.add_row(p["peer"][:16], p["role"], p["state"], p["job"] or "-")
-    return Group(*tables, peers)
+    tables.append(peers)
+    bans = [("this node", b) for b in data["bans"]] + [(p["peer"][:16], b) for p in data["peers"] for b in p["bans"]]
+    if bans:
+        banned = Table(title=f"{len(bans)} local bans")
+        for col in ("banned by", "who: why"):
+            banned.add_column(col)
+        for by, line in bans:
+            banned.add_row(by, line)
+        tables.append(banned)
+    return Group(*tables)
 
 
 LOG_EVERY_S = 30.0  # without a terminal

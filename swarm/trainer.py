@@ -6,8 +6,8 @@ publish checkpoints that any node can fetch and resume from.
         lost? withdraw and try again.  won? fetch the job's shards and its latest published
         checkpoint, then train; a heartbeat renews the claim and stops training the moment
         this node no longer wins; every checkpoint is published with this node as provider.
-    nothing free? mirror the latest checkpoint of every job (so a job outlives its owner) and
-    wait for a claim to expire.
+    nothing free? verify the checkpoints others published, mirror the latest verified checkpoint
+    of every job (so a job outlives its owner) and wait for a claim to expire.
 
 A clean shutdown (SIGINT/SIGTERM) saves a checkpoint and withdraws the claim at once.
 """
@@ -25,7 +25,7 @@ from hivemind.utils import get_dht_time
 from rich.console import Console
 
 from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
-from data.manifest import Manifest, load_manifest, sha256_file
+from data.manifest import Manifest
 from swarm import claims
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
 from swarm.dht import SwarmNode
@@ -39,6 +39,8 @@ from swarm.records import (
     claim_key,
     peers_key,
 )
+from swarm.rundata import fetch_manifest, fetch_shards
+from swarm.verify import Verifier, VerifyConfig
 from training.jobs import build_job
 from training.loop import TrainConfig, train
 
@@ -82,6 +84,7 @@ class ClaimKeeper(threading.Thread):
         while not self._halt.wait(self.cfg.heartbeat_s * random.uniform(0.8, 1.0)):  # jitter
             try:
                 self.node.store(claim_key(self.job), self.claim, self.cfg.claim_ttl_s)
+                self.run_rec = self.node.run() or self.run_rec  # the owner may change admission
                 if not claims.still_wins(
                     self.node.snapshot(self.run_rec, [self.job], checkpoints=False), self.job, self.node.owner
                 ):
@@ -101,9 +104,11 @@ class SwarmTrainer:
         self.node, self.cfg = node, cfg
         self.stop = stop or threading.Event()
         self.store = BlobStore()
-        self.blobs = BlobService(node.dht, self.store)
+        self.blobs = BlobService(node.dht, self.store, bans=node.bans)
         self.work = Path(cfg.work_dir)
         self.presence = PeerRecord(node.peer_id, "trainer", "joining")
+        self.verifier: Verifier | None = None  # built once the run and its manifest are known
+        self._waiting_admission = False
         self._announcer = threading.Thread(target=self._announce_loop, name="provider", daemon=True)
         self._announcer.start()
         self._presence = threading.Thread(target=self._presence_loop, name="presence", daemon=True)
@@ -121,7 +126,9 @@ class SwarmTrainer:
         """Tell the swarm (and its status dashboard) every heartbeat what this node is doing."""
         while True:
             try:
-                self.node.store(peers_key(), self.presence, self.cfg.claim_ttl_s)
+                if self.node.ref is not None:  # known once the run is found
+                    self._set_presence(bans=self.node.bans.lines())
+                    self.node.store(peers_key(), self.presence, self.cfg.claim_ttl_s)
             except Exception as e:  # the next beat tries again
                 console.log(f"presence update failed: {e!r}")
             if self.stop.wait(self.cfg.heartbeat_s):
@@ -153,29 +160,10 @@ class SwarmTrainer:
         raise InterruptedError("stopped while waiting for a run")
 
     def fetch_manifest(self, run: RunRecord) -> tuple[Manifest, str]:
-        data = self.work / "data" / run.manifest_sha256[:12]
-        path = data / "manifest.json"
-        if not (path.is_file() and sha256_file(path) == run.manifest_sha256):
-            self.blobs.fetch(run.manifest_sha256, self._sources(run.manifest_sha256), path)
-        self.store.add_file(path, run.manifest_sha256)
-        manifest, digest = load_manifest(path)
-        if digest != run.manifest_sha256:
-            raise BlobError(f"manifest hash {digest[:12]} differs from the run's {run.manifest_sha256[:12]}")
-        return manifest, digest
+        return fetch_manifest(self.node, self.blobs, self.work, run)
 
     def fetch_shards(self, manifest: Manifest, clusters: list[int]) -> None:
-        """Fetch this job's shards by sha256 (remote URLs are streamed by webdataset instead)."""
-        for c in clusters:
-            for entry in manifest.clusters[c].shards + manifest.clusters[c].holdout:
-                url = manifest.resolve(entry.url)
-                if "://" in url or url.startswith("pipe:"):
-                    continue
-                dest = Path(url)
-                if not dest.resolve().is_relative_to(manifest.root.resolve()):
-                    raise BlobError(f"manifest shard path escapes its folder: {entry.url!r}")
-                if not (dest.is_file() and sha256_file(dest) == entry.sha256):
-                    self.blobs.fetch(entry.sha256, self._sources(entry.sha256), dest)
-                self.store.add_file(dest, entry.sha256)
+        fetch_shards(self.node, self.blobs, manifest, clusters)
 
     def _publish(self, job: str, run: RunRecord, ckpt: Checkpoint) -> None:
         publish_checkpoint(self.node, self.store, run, job, ckpt)
@@ -258,6 +246,9 @@ class SwarmTrainer:
             time.sleep(0.5)
 
     def mirror(self, snap: claims.Snapshot) -> None:
+        """Verify what others published, then hold the latest verified checkpoint of every job."""
+        if self.verifier is not None and self.verifier.verify_pending(snap):
+            snap = self.node.snapshot(snap.run)
         mirror_checkpoints(self.node, self.blobs, snap, self.work / "mirror", publish=True)
 
     # ---------------------------------------------------------------- the loop
@@ -270,11 +261,24 @@ class SwarmTrainer:
         """Train until the budget is spent or the node is stopped; returns the last checkpoint."""
         run = self.wait_for_run()
         manifest, digest = self.fetch_manifest(run)
-        console.log(f"joined run {digest[:12]}: {run.num_clusters} experts + router")
+        console.log(f"joined run {self.node.ref} ({digest[:12]}): {run.num_clusters} experts + router")
+        self.verifier = Verifier(
+            self.node,
+            self.blobs,
+            run,
+            manifest,
+            self.work / "mirror",
+            VerifyConfig(self.cfg.text_encoder, self.cfg.vae),
+            lambda clusters: fetch_shards(self.node, self.blobs, manifest, clusters, holdout_only=True),
+        )
         deadline = time.monotonic() + self.cfg.minutes * 60 if self.cfg.minutes else None
         last = None
         idle_said = None
         while not self.stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            run = self.node.run() or run  # admission may change while the run lives
+            self.verifier.run = run
+            if not self._admitted(run):
+                continue
             won = self.claim(run)
             if won is None:
                 snap = self.node.snapshot(run)
@@ -301,7 +305,10 @@ class SwarmTrainer:
                 root = self.work / "checkpoints" / job
                 try:
                     self.fetch_shards(manifest, clusters)
-                    self._resume_point(job, self.node.snapshot(run, [job]), root)
+                    snap = self.node.snapshot(run, [job])
+                    if self.verifier.verify_pending(snap, [job]):  # resume from the newest sound one
+                        snap = self.node.snapshot(run, [job])
+                    self._resume_point(job, snap, root)
                 except (BlobError, CheckpointError) as e:
                     # Training from scratch would throw the published progress away: back off instead.
                     console.log(f"{job}: cannot start ({e}); releasing it and retrying later")
@@ -310,7 +317,15 @@ class SwarmTrainer:
                 minutes_left = (deadline - time.monotonic()) / 60 if deadline else 0.0
                 steps = [n for n in (self.cfg.steps, run.target(job)) if n > 0]
                 minutes = max(minutes_left, 1e-3) if deadline else (0.0 if steps else self.cfg.chunk_minutes)
-                tcfg = replace(self.cfg.train, ckpt_root=str(root), steps=min(steps) if steps else 0, minutes=minutes)
+                # A claim lives only while verified checkpoints show progress: publish well within it.
+                every = min(self.cfg.train.ckpt_every_minutes, run.grace_s / 60 / 3)
+                tcfg = replace(
+                    self.cfg.train,
+                    ckpt_root=str(root),
+                    steps=min(steps) if steps else 0,
+                    minutes=minutes,
+                    ckpt_every_minutes=every,
+                )
                 train_job = build_job(
                     manifest, digest, job, tcfg, self.cfg.text_encoder, self.cfg.vae, self.cfg.router_preset
                 )
@@ -318,7 +333,7 @@ class SwarmTrainer:
                     train_job,
                     tcfg,
                     should_stop=lambda k=keeper: self.stop.is_set() or k.lost.is_set(),
-                    on_checkpoint=lambda ck, j=job: self._publish(j, run, ck),
+                    on_checkpoint=lambda ck, j=job, r=run: self._publish(j, r, ck),
                     on_log=lambda st, loss, rate: self._set_presence(
                         step=st, loss=float(loss), samples_per_s=float(rate)
                     ),
@@ -335,6 +350,24 @@ class SwarmTrainer:
             if self.cfg.steps and last is not None and last.step >= self.cfg.steps:
                 break
         return last
+
+    def _admitted(self, run: RunRecord) -> bool:
+        """In an allowlist run, wait (mirroring nothing, claiming nothing) until the owner lists
+        this node's key; every node ignores the claims of keys it does not list."""
+        if run.admission == "open" or self.node.fingerprint in run.allowed:
+            if self._waiting_admission:
+                console.log("this node's key is admitted now")
+                self._waiting_admission = False
+            return True
+        if not self._waiting_admission:
+            console.log(
+                f"run {self.node.ref} admits only the trainer keys its owner lists; this node's key is "
+                f"{self.node.fingerprint} (the owner adds it to the file given to --allow); waiting"
+            )
+            self._waiting_admission = True
+        self._set_presence(state="waiting", job="")
+        self.stop.wait(self.cfg.poll_s)
+        return False
 
     def shutdown(self) -> None:
         self.stop.set()

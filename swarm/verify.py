@@ -1,0 +1,232 @@
+"""Verifying published checkpoints before anyone resumes from, mirrors, serves or counts them.
+
+A checkpoint record is a stranger's claim. A verifier (the preparer, idle trainers, a trainer
+before it resumes, a server before it loads) judges the records of a job that are ahead of its
+latest verified checkpoint, most advanced first, and publishes a signed verdict:
+
+1. cheap, for every record (no byte fetched): its preset and objective are the run's; its step is
+   reachable from the last accepted checkpoint in the time since, at a rate no hardware reaches
+   for the preset (:data:`MAX_STEPS_PER_S`; the run owner's own records are exempt: it may publish
+   what it trained before);
+2. then for the most advanced record a live peer provides: its blobs are fetched and hash-checked,
+   its metadata is the job's (kind, cluster, objective, manifest, step), its weights fit the run's
+   network, and the worse of its sampling and training weights' held-out loss is no worse than the
+   last accepted checkpoint's (or the untrained network's) beyond :data:`LOSS_MARGIN`. That last
+   check refuses garbage weights that carry a valid hash.
+
+A refused checkpoint's signer is banned locally; its copy is deleted, so it is never provided.
+A checkpoint that could not be fetched gets no verdict (the provider may only be slow): it stays
+pending and is tried again next round.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hivemind.utils import get_dht_time
+from rich.console import Console
+
+from data.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
+from data.manifest import Manifest
+from swarm import claims
+from swarm.blobs import BlobError, BlobService
+from swarm.dht import SwarmNode
+from swarm.mirror import sources
+from swarm.records import CLOCK_SLACK_S, CheckpointRecord, RunRecord, Verdict, fingerprint
+from training.heldout import checkpoint_loss, heldout_loss
+from training.jobs import build_job
+from training.loop import TrainConfig
+
+console = Console(stderr=True, markup=False)
+
+# Steps per second no machine reaches with a preset (expert and router presets by name). Measured
+# on an H100 the tiny expert does ~30 steps/s at batch 64; the bounds leave a wide margin, so only
+# the impossible (a billion steps in an hour) is refused.
+MAX_STEPS_PER_S = {"tiny": 500.0, "small": 300.0, "B/2": 100.0, "XL/2": 30.0}
+LOSS_MARGIN = 0.25  # relative: a checkpoint may be this much worse than the last accepted one
+LOSS_SLACK = 0.01  # and this much in absolute terms (losses near zero)
+
+
+@dataclass
+class VerifyConfig:
+    text_encoder: str = "minilm"
+    vae: str = ""
+    batches: int = 2  # held-out batches the loss is measured on
+    batch_size: int = 32
+    seed: int = 0
+    margin: float = LOSS_MARGIN
+
+
+def expected_config(run: RunRecord, job: str) -> tuple[str, str]:
+    """(preset, objective) a record of ``job`` must carry in ``run``."""
+    if job == "router":
+        return "", "router"  # the router's preset is the trainer's choice
+    k = int(job.split("_")[1])
+    return run.presets[k], run.objectives[k]
+
+
+def cheap_refusal(snap: claims.Snapshot, job: str, key: bytes, rec: CheckpointRecord) -> str | None:
+    """Why ``rec`` is refused without fetching a byte, or ``None``. Pure: a function of the snapshot."""
+    preset, objective = expected_config(snap.run, job)
+    if rec.objective != objective or (preset and rec.preset != preset):
+        return f"config {rec.preset}/{rec.objective} is not the run's {preset or 'any'}/{objective}"
+    rate = MAX_STEPS_PER_S.get(rec.preset)
+    if rate is None:
+        return f"unknown preset {rec.preset!r}"
+    if fingerprint(key) == snap.owner or snap.now == 0.0:
+        return None
+    prev = claims.last_accepted(snap, job)
+    step0, t0 = (prev.step, prev.t) if prev else (0, snap.run.started)
+    reachable = rate * (max(0.0, snap.now - t0) + CLOCK_SLACK_S)
+    if rec.step - step0 > reachable:
+        gap = rec.step - step0
+        return f"step {rec.step} is {gap} steps past {step0} in {snap.now - t0:.0f}s: beyond {rate:.0f} steps/s"
+    return None
+
+
+def publisher(snap: claims.Snapshot, job: str, sha256: str) -> bytes:
+    """Whose record of ``sha256`` a verdict credits: the run owner's, else the job's claim
+    holder's, else any (replicas carry the same hash under mirrors' keys)."""
+    keys = [o for o, r in snap.ckpts.get(job, {}).items() if r.sha256 == sha256]
+    for want in (snap.owner, None):
+        for o in keys:
+            if (want and fingerprint(o) == want) or (want is None and o == claims.winner(snap, job)):
+                return o
+    return keys[0]
+
+
+class Verifier:
+    """Judges pending checkpoints of a run and publishes the verdicts under this node's key."""
+
+    def __init__(
+        self,
+        node: SwarmNode,
+        blobs: BlobService,
+        run: RunRecord,
+        manifest: Manifest,
+        folder: Path,
+        cfg: VerifyConfig | None = None,
+        ensure_data: Callable[[list[int]], None] | None = None,
+    ) -> None:
+        self.node, self.blobs, self.run, self.manifest = node, blobs, run, manifest
+        self.folder = folder  # fetched checkpoints land where the mirror keeps them
+        self.cfg = cfg or VerifyConfig()
+        self.ensure_data = ensure_data or (lambda clusters: None)
+        self._jobs: dict[tuple[str, str], tuple[object, float]] = {}  # (job, preset) → (job, untrained loss)
+        self._judged: dict[tuple[str, int], Verdict] = {}  # (sha256, step) → this node's verdict
+
+    def _job(self, job: str, preset: str):
+        """The job's network freshly built (seeded) and its untrained held-out loss, cached."""
+        if (job, preset) not in self._jobs:
+            self.ensure_data(list(range(self.run.num_clusters)) if job == "router" else [int(job.split("_")[1])])
+            torch.manual_seed(self.cfg.seed)
+            tcfg = TrainConfig(ckpt_root="", batch_size=self.cfg.batch_size, seed=self.cfg.seed)
+            built = build_job(
+                self.manifest,
+                self.run.manifest_sha256,
+                job,
+                tcfg,
+                self.cfg.text_encoder,
+                self.cfg.vae,
+                preset if job == "router" else "tiny",
+            )
+            self._jobs[(job, preset)] = (
+                built,
+                heldout_loss(built, self.cfg.batches, self.cfg.batch_size, self.cfg.seed),
+            )
+        return self._jobs[(job, preset)]
+
+    def _judge(
+        self, snap: claims.Snapshot, job: str, key: bytes, rec: CheckpointRecord, reason: str | None, loss: float = 0.0
+    ) -> Verdict:
+        verdict = Verdict(rec.sha256, rec.step, fingerprint(key), reason is None, get_dht_time(), loss, reason or "")
+        self._judged[(rec.sha256, rec.step)] = verdict
+        self.node.publish_verdict(job, snap.run, verdict)
+        if reason is None:
+            console.log(f"verified {job} step {rec.step} ({rec.sha256[:12]}): held-out loss {loss:.4f}")
+        else:
+            console.log(f"refused {job} step {rec.step} ({rec.sha256[:12]}): {reason}")
+            if fingerprint(key) not in (snap.owner, snap.me):
+                self.node.bans.ban(fingerprint(key), f"{job} checkpoint refused: {reason}")
+        return verdict
+
+    def _full(self, snap: claims.Snapshot, job: str, rec: CheckpointRecord) -> tuple[str | None, float] | None:
+        """(refusal or None, held-out loss) after fetching; ``None`` if it could not be fetched."""
+        dest = self.folder / job / f"step_{rec.step:08d}"
+        try:
+            try:
+                ckpt = verify_checkpoint(dest, expected_sha256=rec.sha256)
+            except CheckpointError:
+                ckpt = self.blobs.fetch_checkpoint(rec.sha256, sources(self.node, rec.sha256, rec.providers), dest)
+        except CheckpointError as e:  # its bytes arrived and do not add up
+            return f"unusable checkpoint: {e}", 0.0
+        except BlobError as e:
+            console.log(f"{job} step {rec.step}: not verified yet, could not fetch it ({e})")
+            return None
+        reason, loss = self._check(snap, job, rec, ckpt)
+        if reason is not None:
+            shutil.rmtree(ckpt.path, ignore_errors=True)  # never provided, never loaded
+        return reason, loss
+
+    def _check(
+        self, snap: claims.Snapshot, job: str, rec: CheckpointRecord, ckpt: Checkpoint
+    ) -> tuple[str | None, float]:
+        meta = ckpt.meta
+        want = {
+            "kind": "router" if job == "router" else "expert",
+            "manifest_sha256": snap.run.manifest_sha256,
+            "step": rec.step,
+        }
+        if job != "router":
+            want |= {"cluster": int(job.split("_")[1]), "objective": rec.objective}
+        for key, value in want.items():
+            if meta.get(key) != value:
+                return f"its metadata says {key}={meta.get(key)!r}, the record {value!r}", 0.0
+        try:
+            built, untrained = self._job(job, rec.preset)
+        except ValueError as e:  # e.g. a router preset this code does not know
+            return f"cannot build its network: {e}", 0.0
+        try:
+            loss = checkpoint_loss(built, ckpt, self.cfg.batches, self.cfg.batch_size, self.cfg.seed)
+        except CheckpointError as e:
+            return str(e), 0.0
+        prev = claims.last_accepted(snap, job)
+        bar = prev.loss if prev is not None and prev.loss > 0 else untrained
+        if not loss <= bar * (1 + self.cfg.margin) + LOSS_SLACK:  # NaN fails too
+            return f"held-out loss {loss:.4f} is worse than {bar:.4f} (+{self.cfg.margin:.0%})", loss
+        return None, loss
+
+    def verify_pending(self, snap: claims.Snapshot, jobs: list[str] | None = None) -> list[Verdict]:
+        """Judge what is pending in ``jobs`` (default: all): every record cheaply, and per job the
+        most advanced one that passes through the full check. Returns the new verdicts."""
+        out: list[Verdict] = []
+        for job in jobs or snap.run.jobs():
+            best = claims.latest_checkpoint(snap, job)
+            recs = [
+                (o, r)
+                for o, r in snap.ckpts.get(job, {}).items()
+                if r.run == snap.run.manifest_sha256
+                and snap.admitted(o)
+                and claims.verdict(snap, job, r) is None
+                and (best is None or r.step > best.step)
+            ]
+            full_done = False
+            for _, rec in sorted(recs, key=lambda item: (-item[1].step, item[1].sha256)):
+                if (rec.sha256, rec.step) in self._judged:  # judged here already (the DHT may lag)
+                    continue
+                key = publisher(snap, job, rec.sha256)
+                reason = cheap_refusal(snap, job, key, rec)
+                if reason is not None:
+                    out.append(self._judge(snap, job, key, rec, reason))
+                    continue
+                if full_done or not claims.available(snap, rec):
+                    continue
+                full_done = True
+                result = self._full(snap, job, rec)
+                if result is not None:
+                    out.append(self._judge(snap, job, key, rec, *result))
+        return out
