@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from hivemind.p2p import PeerID  # noqa: E402
+from hivemind.utils import get_dht_time  # noqa: E402
 
 from benchmarks.results import RESULTS, append_section, machine  # noqa: E402
 from data.checkpoint import save_checkpoint  # noqa: E402
@@ -46,7 +47,7 @@ from swarm.dht import SwarmConfig, SwarmNode  # noqa: E402
 from swarm.local import LOOPBACK, NodeProcess  # noqa: E402
 from swarm.mirror import publish_checkpoint  # noqa: E402
 from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame  # noqa: E402
-from swarm.records import RUN_TTL_S, RunRecord, run_key  # noqa: E402
+from swarm.records import RUN_TTL_S, RunDirRecord, RunRecord, Verdict, run_key, runs_key  # noqa: E402
 
 K = 4
 RUN = "5e" * 32  # a run id for the random-weight set
@@ -54,22 +55,31 @@ RUN = "5e" * 32  # a run id for the random-weight set
 
 def publish_random_set(tmp: Path, node: SwarmNode, store: BlobStore, text_dim: int) -> dict:
     preset = get_preset("tiny")
-    run = RunRecord(RUN, K, ["tiny"] * K, ["fm"] * K, 1)
+    run = RunRecord(RUN, K, ["tiny"] * K, ["fm"] * K, 1, name=node.ref.name)
     node.store(run_key(), run, RUN_TTL_S)
+    node.store(runs_key(), RunDirRecord(run.name, RUN), RUN_TTL_S)
     models = {}
     for k in range(K):
         torch.manual_seed(k)
         models[k] = build_expert(preset, text_dim)
         meta = {"kind": "expert", "cluster": k, "objective": "fm", "preset": preset.to_dict()}
         meta |= {"text_encoder": "minilm", "space": "pixel", "manifest_sha256": RUN}
-        publish_checkpoint(node, store, run, f"expert_{k}", save_checkpoint(tmp / f"expert_{k}", 1, models[k], meta))
+        ckpt = save_checkpoint(tmp / f"expert_{k}", 1, models[k], meta)
+        publish_checkpoint(node, store, run, f"expert_{k}", ckpt)
+        _vouch(node, run, f"expert_{k}", ckpt)
     rp = get_router_preset("tiny")
     router = build_router(rp, K, preset.channels, preset.sample_size).eval()
     meta = {"kind": "router", "num_experts": K, "router_preset": rp.to_dict(), "space": "pixel"}
-    publish_checkpoint(
-        node, store, run, "router", save_checkpoint(tmp / "router", 1, router, meta | {"manifest_sha256": RUN})
-    )
+    ckpt = save_checkpoint(tmp / "router", 1, router, meta | {"manifest_sha256": RUN})
+    publish_checkpoint(node, store, run, "router", ckpt)
+    _vouch(node, run, "router", ckpt)
     return {"models": models, "router": router, "run": run}
+
+
+def _vouch(node: SwarmNode, run: RunRecord, job: str, ckpt) -> None:
+    """The run owner's verdict on its own random checkpoint: this run has no data to measure a
+    held-out loss on, and everyone trusts the owner's verdicts."""
+    node.publish_verdict(job, run, Verdict(ckpt.sha256, ckpt.step, node.fingerprint, True, get_dht_time(), 1.0))
 
 
 class RandomStates(TextEncoder):
@@ -150,7 +160,7 @@ def main() -> None:
     states, mask = torch.cat([cond, uncond]), torch.cat([cmask, umask])
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        node = SwarmNode(SwarmConfig(str(tmp / "me"), host_maddrs=[LOOPBACK]))
+        node = SwarmNode(SwarmConfig(str(tmp / "me"), host_maddrs=[LOOPBACK], own_run="bench"))
         blobs = BlobService(node.dht, BlobStore())
         server = None
         try:

@@ -139,7 +139,9 @@ def parse_request(header: dict, payload: bytes, expected: ExpectedInput) -> Deno
     if not isinstance(req_id, int):
         raise ProtocolError("'id' must be an integer")
     expert = header.get("expert")
-    if not isinstance(expert, int) or expert not in expected.experts:
+    if not isinstance(expert, int) or isinstance(expert, bool):
+        raise ProtocolError(f"'expert' must be an integer, got {expert!r}")
+    if expert not in expected.experts:
         raise RequestRefused(f"this server does not serve expert {expert!r} (it serves {sorted(expected.experts)})")
     ckpt = header.get("ckpt")
     if ckpt not in expected.experts[expert]:

@@ -99,6 +99,11 @@ def publisher(snap: claims.Snapshot, job: str, sha256: str) -> bytes:
     return keys[0]
 
 
+class CannotJudge(Exception):
+    """This node lacks what judging a checkpoint takes (a VAE, the run's text encoder): it gives
+    no verdict, which is not a refusal."""
+
+
 class Verifier:
     """Judges pending checkpoints of a run and publishes the verdicts under this node's key."""
 
@@ -117,6 +122,7 @@ class Verifier:
         self.cfg = cfg or VerifyConfig()
         self.ensure_data = ensure_data or (lambda clusters: None)
         self._jobs: dict[tuple[str, str], tuple[object, float]] = {}  # (job, preset) → (job, untrained loss)
+        self._cannot: set[str] = set()  # hashes this node cannot judge (said once)
         self._judged: dict[tuple[str, int], Verdict] = {}  # (sha256, step) → this node's verdict
 
     def _job(self, job: str, preset: str):
@@ -167,7 +173,13 @@ class Verifier:
         except BlobError as e:
             console.log(f"{job} step {rec.step}: not verified yet, could not fetch it ({e})")
             return None
-        reason, loss = self._check(snap, job, rec, ckpt)
+        try:
+            reason, loss = self._check(snap, job, rec, ckpt)
+        except CannotJudge as e:
+            if rec.sha256 not in self._cannot:
+                console.log(f"{job} step {rec.step}: not judged here ({e}); other verifiers will")
+                self._cannot.add(rec.sha256)
+            return None
         if reason is not None:
             shutil.rmtree(ckpt.path, ignore_errors=True)  # never provided, never loaded
         return reason, loss
@@ -188,8 +200,10 @@ class Verifier:
                 return f"its metadata says {key}={meta.get(key)!r}, the record {value!r}", 0.0
         try:
             built, untrained = self._job(job, rec.preset)
-        except ValueError as e:  # e.g. a router preset this code does not know
-            return f"cannot build its network: {e}", 0.0
+        except (ValueError, OSError) as e:  # e.g. a latent run and no VAE here: others judge it
+            raise CannotJudge(f"cannot build the job here: {e}") from None
+        if job != "router" and meta.get("text_encoder") != built.encoder.name:
+            raise CannotJudge(f"it was trained with text encoder {meta.get('text_encoder')!r}, this node has another")
         try:
             loss = checkpoint_loss(built, ckpt, self.cfg.batches, self.cfg.batch_size, self.cfg.seed)
         except CheckpointError as e:

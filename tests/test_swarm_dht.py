@@ -5,11 +5,11 @@ import signal
 import time
 
 import pytest
-from hivemind.utils import get_dht_time
+from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from swarm.claims import winner
 from swarm.dht import SwarmConfig, SwarmError, SwarmNode
-from swarm.records import ClaimRecord, RunRecord, claim_key, encode, run_key
+from swarm.records import ClaimRecord, RunRecord, RunRef, claim_key, encode, fingerprint, in_run, run_key
 from tests.conftest import descendants, kill_tree, left_behind, node, spawn
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -18,10 +18,10 @@ RUN = RunRecord("a" * 64, 2, ["tiny", "tiny"], ["fm", "ddpm"], 100)
 
 @pytest.fixture
 def two_nodes(tmp_path):
-    a = SwarmNode(SwarmConfig(str(tmp_path / "a"), host_maddrs=LOOPBACK))
+    a = SwarmNode(SwarmConfig(str(tmp_path / "a"), host_maddrs=LOOPBACK, own_run="default"))
     b = None
     try:
-        b = SwarmNode(SwarmConfig(str(tmp_path / "b"), initial_peers=a.maddrs(), host_maddrs=LOOPBACK))
+        b = SwarmNode(SwarmConfig(str(tmp_path / "b"), initial_peers=a.maddrs(), host_maddrs=LOOPBACK, run=str(a.ref)))
         yield a, b
     finally:
         for n in (b, a):
@@ -43,9 +43,21 @@ def test_records_are_owned_and_validated(two_nodes):
     assert not b.dht.store(claim_key("expert_0"), forged, get_dht_time() + 60, subkey=a.owner)
     assert a.read(claim_key("expert_0"), ClaimRecord) == {a.owner: claim}
 
-    # a value that breaks the schema is refused even under one's own key
-    assert not b.dht.store(claim_key("expert_0"), {"run": "nope"}, get_dht_time() + 60, subkey=b.owner)
+    # a value that breaks the schema is refused even under one's own key (keys live in the run's
+    # namespace, whose schema every node following the run checks)
+    key = in_run(claim_key("expert_0"), a.ref)
+    assert not b.dht.store(key, {"run": "nope"}, get_dht_time() + 60, subkey=b.owner)
     assert set(a.read(claim_key("expert_0"), ClaimRecord)) == {a.owner}
+    # and one that got in anyway (a node that does not follow the run stored it) is dropped when
+    # read, its signer banned here for a while
+    found = a.get(claim_key("expert_0"))
+    bad = ValueWithExpiration(
+        {b.owner: ValueWithExpiration({"run": "nope"}, found.expiration_time)}, found.expiration_time
+    )
+    a.get = lambda _key: bad
+    assert a.read(claim_key("expert_0"), ClaimRecord) == {}
+    assert a.bans.banned(fingerprint(b.owner)) and not a.bans.banned(fingerprint(a.owner))
+    del a.get
 
     # withdrawing makes the claim vanish
     assert a.withdraw_claim("expert_0", claim)
@@ -88,7 +100,9 @@ def test_restarted_bootstrap_keeps_its_peer_id_and_peers_reconnect(tmp_path):
     proc, again, maddrs2 = _start_bootstrap(tmp_path / "boot", f"/ip4/127.0.0.1/tcp/{port}")
     try:
         assert again == peer_id and maddrs2 == maddrs
-        joined = SwarmNode(SwarmConfig(str(tmp_path / "t"), initial_peers=maddrs2, host_maddrs=LOOPBACK))
+        joined = SwarmNode(
+            SwarmConfig(str(tmp_path / "t"), initial_peers=maddrs2, host_maddrs=LOOPBACK, own_run="default")
+        )
         try:
             assert joined.store(run_key(), RUN, ttl=30) and joined.run() == RUN
         finally:
@@ -138,6 +152,8 @@ def test_simultaneous_claims_by_six_peers_never_give_two_owners(tmp_path):
             nodes.append(
                 SwarmNode(SwarmConfig(str(tmp_path / f"n{i}"), initial_peers=first.maddrs(), host_maddrs=LOOPBACK))
             )
+        for n in nodes:
+            n.follow(RunRef("race", first.fingerprint))
         for trial in range(3):
             run = RunRecord(f"{trial + 1:x}" * 64, 3, ["tiny"] * 3, ["fm"] * 3, 10)
             results: dict[int, tuple | None] = {}

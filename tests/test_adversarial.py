@@ -1,0 +1,333 @@
+"""An open swarm that strangers cannot break: every attack here is made by a real adversarial node
+on 127.0.0.1 against a live run (a serving preparer, trainers and servers as subprocesses), and
+each test checks that the attack is refused while honest work goes on. README's threat-model table
+lists them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.checkpoint import latest_checkpoint, load_train_tensors, save_checkpoint
+from swarm import claims
+from swarm.blobs import BlobService, BlobStore, announce
+from swarm.dht import SwarmConfig, SwarmError, SwarmNode
+from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, frame, parse_reply, read_frame
+from swarm.records import (
+    CKPT_TTL_S,
+    CheckpointRecord,
+    ClaimRecord,
+    RunDirRecord,
+    RunRecord,
+    RunRef,
+    ckpt_key,
+    claim_key,
+    run_key,
+    runs_key,
+)
+from tests.conftest import LOOPBACK, kill_tree, node, spawn, wait_for, wait_in_log
+
+GRACE_S = 20.0  # the run's claim grace: a claim with no verified checkpoint for this long expires
+
+
+class Attacked:
+    """A live run (its preparer is the owner and the trusted verifier), an honest observer
+    following it by name and owner, and Mallory: a stranger's node in the same swarm."""
+
+    def __init__(self, tmp: Path, peers: list[str], ref: RunRef, run_dir: Path, procs: list) -> None:
+        self.tmp, self.peers, self.ref, self.run_dir, self.procs = tmp, peers, ref, run_dir, procs
+        self.observer = SwarmNode(
+            SwarmConfig(str(tmp / "observer"), initial_peers=peers, host_maddrs=[LOOPBACK], run=str(ref))
+        )
+        self.observer_blobs = BlobService(self.observer.dht, BlobStore())
+        self._strangers: list[tuple[SwarmNode, BlobService]] = []
+        self.mallory, self.mallory_blobs = self.stranger("mallory")
+        self.run = wait_for(self.observer.run, 60, "the run record")
+
+    def stranger(self, name: str) -> tuple[SwarmNode, BlobService]:
+        """Another adversarial node with a key of its own (a banned key is cheap to replace)."""
+        n = SwarmNode(
+            SwarmConfig(str(self.tmp / name), initial_peers=self.peers, host_maddrs=[LOOPBACK], run=str(self.ref))
+        )
+        self._strangers.append((n, BlobService(n.dht, BlobStore())))
+        return self._strangers[-1]
+
+    def snap(self, jobs=None) -> claims.Snapshot:
+        return self.observer.snapshot(self.run, jobs)
+
+    def spawn(self, name: str, args: list[str]):
+        log = self.tmp / f"{name}.log"
+        proc = spawn(
+            [*args, "--workdir", str(self.tmp / name), "--initial-peers", *self.peers, "--host-maddrs", LOOPBACK], log
+        )
+        self.procs.append(proc)
+        return proc, log
+
+    def close(self) -> None:
+        for n, b in [*self._strangers, (self.observer, self.observer_blobs)]:
+            b.shutdown()
+            n.shutdown()
+
+
+def start_preparer(src: Path, tmp: Path, procs: list, *extra: str) -> tuple[list[str], RunRef, Path, object, Path]:
+    run_dir = tmp / "run"
+    shutil.copytree(src, run_dir)
+    log = tmp / "prep.log"
+    prep = spawn(
+        ["--role", "prepare", "--serve", "--workdir", str(run_dir), "--limit", "300", "--clusters", "2"]
+        + ["--objective", "mixed", "--publish-local", "--host-maddrs", LOOPBACK, *extra],
+        log,
+    )
+    procs.append(prep)
+    text = wait_in_log(prep, log, "--initial-peers", 240, "the preparer")
+    line = text.split("trainers join with:", 1)[1].strip().splitlines()[0]
+    ref = RunRef.parse(line.split("--run", 1)[1].split()[0])
+    peers = line.split("--initial-peers", 1)[1].split()
+    return peers, ref, run_dir, prep, log
+
+
+@pytest.fixture(scope="module")
+def attacked(small_run, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("attacked")
+    procs: list = []
+    swarm = None
+    try:
+        peers, ref, run_dir, prep, log = start_preparer(small_run, tmp, procs, "--claim-grace", str(GRACE_S))
+        wait_in_log(prep, log, "verified router", 120, "the preparer verifying its own checkpoints")
+        swarm = Attacked(tmp, peers, ref, run_dir, procs)
+        swarm.prep_log = log
+        yield swarm
+    finally:
+        if swarm is not None:
+            swarm.close()
+        for p in procs:
+            kill_tree(p)
+
+
+def _poisoned(honest_root: Path, dest: Path, step: int):
+    """A checkpoint with the honest one's metadata and garbage weights: its hash is valid."""
+    from diffusers import PixArtTransformer2DModel
+
+    honest = latest_checkpoint(honest_root)
+    model = PixArtTransformer2DModel.from_pretrained(honest.model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 3)
+    tensors = {
+        k: torch.randn_like(v) * 3 if k.startswith("model.") else v for k, v in load_train_tensors(honest).items()
+    }
+    meta = {k: v for k, v in honest.meta.items() if k not in ("step", "files", "saved_at")}
+    return save_checkpoint(dest, step, model, meta, tensors)
+
+
+def test_a_stranger_cannot_redirect_the_run(attacked):
+    """Hijack: a run record with a larger manifest hash under the run's own name, and a second
+    run listed under the same name. Followers by name and owner ignore both; a node told no run
+    refuses to guess between two."""
+    fake = RunRecord("f" * 64, 2, ["tiny"] * 2, ["fm", "fm"], 1, name=attacked.ref.name, started=1.0)
+    assert attacked.mallory.store(run_key(), fake, 600)
+    assert attacked.mallory.store(runs_key(), RunDirRecord(attacked.ref.name, "f" * 64), 600)
+    assert attacked.observer.run().manifest_sha256 == attacked.run.manifest_sha256
+    assert len(attacked.observer.runs()) == 2
+    lost = SwarmNode(SwarmConfig(str(attacked.tmp / "lost"), initial_peers=attacked.peers, host_maddrs=[LOOPBACK]))
+    try:
+        with pytest.raises(SwarmError, match="follow one with --run"):
+            lost.run()
+    finally:
+        lost.shutdown()
+
+
+def test_bogus_and_poisoned_checkpoints_are_refused_and_never_served(attacked):
+    """A checkpoint record at step 1e9 with a hash nobody holds, and a poisoned checkpoint (valid
+    hash, garbage weights, a plausible step): both refused with a reason, the poisoner banned, and
+    a new server loads the honest checkpoint."""
+    m, run = attacked.mallory, attacked.run
+    honest = claims.latest_checkpoint(attacked.snap(["expert_0"]), "expert_0")
+    assert honest is not None
+    bogus = CheckpointRecord(run.manifest_sha256, 10**9, "b" * 64, 1, run.objectives[0], "tiny", 0.0, [m.peer_id])
+    m.store(ckpt_key("expert_0"), bogus, CKPT_TTL_S)
+
+    def refused(sha):
+        return next((v for v in claims.refused(attacked.snap(["expert_0"]), "expert_0") if v.sha256 == sha), None)
+
+    assert "steps/s" in wait_for(lambda: refused(bogus.sha256), 60, "the bogus record's refusal").reason
+
+    # The preparer banned Mallory's key for that record: the poisoner comes with a fresh key.
+    t, t_blobs = attacked.stranger("trudy")
+    poison = _poisoned(
+        attacked.run_dir / "checkpoints" / "expert_0", attacked.tmp / "poison" / "expert_0", honest.step + 1
+    )
+    t_blobs.store.add_checkpoint(poison)
+    announce(t, t_blobs.store)
+    size = sum(p.stat().st_size for p in poison.path.rglob("*") if p.is_file())
+    rec = CheckpointRecord(
+        run.manifest_sha256, poison.step, poison.sha256, size, run.objectives[0], "tiny", 0.01, [t.peer_id]
+    )
+    t.store(ckpt_key("expert_0"), rec, CKPT_TTL_S)
+    verdict = wait_for(lambda: refused(poison.sha256), 120, "the poisoned checkpoint's refusal")
+    assert "held-out loss" in verdict.reason or "NaN" in verdict.reason, verdict.reason
+    assert claims.latest_checkpoint(attacked.snap(["expert_0"]), "expert_0").sha256 == honest.sha256
+
+    # A server started now loads the honest checkpoint, never the poisoned one.
+    proc, log = attacked.spawn("server0", ["--role", "server", "--expert", "0", "--run", str(attacked.ref)])
+    text = wait_in_log(proc, log, "serving expert", 180, "the server")
+    assert f"({honest.sha256[:12]})" in text and poison.sha256[:12] not in text
+
+    # The dashboard says what was refused and why, and who banned the poisoner.
+    status = node(
+        "--role", "status", "--once", "--json", "--workdir", str(attacked.tmp / "status"),
+        "--initial-peers", *attacked.peers, "--host-maddrs", LOOPBACK, "--run", str(attacked.ref),
+    )  # fmt: skip
+    data = json.loads(status.stdout)
+    job = next(j for j in data["jobs"] if j["job"] == "expert_0")
+    assert {r["sha256"] for r in job["refused"]} >= {bogus.sha256, poison.sha256}
+    assert job["checkpoint"]["sha256"] == honest.sha256
+    preparer = next(p for p in data["peers"] if p["role"] == "preparer")
+    assert {m.fingerprint[:16], t.fingerprint[:16]} <= {line.split(":")[0] for line in preparer["bans"]}
+
+    # Malformed requests get the stranger banned by the server; an honest client is still served.
+    server_peer = text.split("server ", 1)[1].split()[0]
+    first = _session(attacked.mallory_blobs, server_peer, [frame({"op": "denoise", "id": 1, "nbytes": 0}, b"")])
+    assert first[0][0]["ok"] is False
+    again = _session(attacked.mallory_blobs, server_peer, [frame({"op": "denoise", "id": 2, "nbytes": 0}, b"")])
+    assert "banned" in again[0][0]["error"]
+    served = wait_for(lambda: attacked.observer.servers(run, [0]).get(0), 60, "the server's record")[0]
+    c, h, w = served.shape
+    x, states, mask = torch.randn(1, c, h, w), torch.randn(2, 8, served.text_dim), torch.ones(2, 8)
+    req = encode_request(DenoiseRequest(7, 0, served.ckpt, x, torch.full((1,), 0.5), 0.4, states, mask, 3.0))
+    header, payload = _session(attacked.observer_blobs, server_peer, [req])[0]
+    assert torch.isfinite(parse_reply(header, payload, (1, c, h, w))).all()
+
+
+def test_squatted_claims_lose_and_an_honest_trainer_trains(attacked):
+    """Squats: a claim with t0 = 0 (which would win forever under min(t0)) and a plausible claim
+    that never shows progress. The first never counts; the second expires after the grace period;
+    an honest trainer takes the job and its verified checkpoints keep it."""
+    m, run = attacked.mallory, attacked.run
+    m.store(claim_key("expert_1"), ClaimRecord(run.manifest_sha256, m.peer_id, 0.0), 3600)
+    from hivemind.utils import get_dht_time
+
+    m.store(claim_key("router"), ClaimRecord(run.manifest_sha256, m.peer_id, float(get_dht_time())), 3600)
+    assert claims.winner(attacked.snap(["expert_1"]), "expert_1") is None
+    assert claims.winner(attacked.snap(["router"]), "router") == m.owner  # plausible, for now
+    start = time.monotonic()
+    wait_for(lambda: claims.winner(attacked.snap(["router"]), "router") is None, 3 * GRACE_S, "the squat to expire")
+    assert time.monotonic() - start < 2 * GRACE_S
+
+    before = claims.latest_checkpoint(attacked.snap(["expert_1"]), "expert_1").step
+    target = str(before + 8)
+    proc, log = attacked.spawn(
+        "honest",
+        ["--role", "trainer", "--run", str(attacked.ref), "--expert", "1", "--steps", target]
+        + ["--batch-size", "16", "--ckpt-every", "4"],
+    )
+    wait_in_log(proc, log, "claimed expert_1", 120, "the honest trainer")
+    assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+    wait_for(
+        lambda: claims.latest_checkpoint(attacked.snap(["expert_1"]), "expert_1").step == int(target),
+        60,
+        "the honest checkpoint to be verified",
+    )
+
+
+def test_bad_blobs_get_their_sender_banned(attacked):
+    """A stranger announces a blob of the run (a shard) and sends other bytes for it: the
+    receiver refuses them, bans the sender, and gets the blob from an honest provider."""
+    shard = next(p for p in sorted((attacked.run_dir / "data").rglob("*.tar")))
+    from data.manifest import sha256_file
+
+    digest = sha256_file(shard)
+    junk = attacked.tmp / "junk.tar"
+    junk.write_bytes(b"\0" * shard.stat().st_size)
+    attacked.mallory_blobs.store.add_file(junk, digest)
+    announce(attacked.mallory, attacked.mallory_blobs.store, only={digest})
+    honest = sorted(attacked.observer.providers(digest) - {attacked.mallory.peer_id})
+    dest = attacked.tmp / "fetched" / shard.name
+    attacked.observer_blobs.fetch(digest, [attacked.mallory.peer_id, *honest], dest)
+    assert sha256_file(dest) == digest
+    assert attacked.observer.bans.banned(attacked.mallory.peer_id)
+    assert attacked.mallory.peer_id not in attacked.observer.providers(digest)
+
+
+def test_two_runs_share_one_dht_and_an_allowlist_admits_only_listed_trainers(attacked, small_run, tmp_path_factory):
+    """A second run on the same DHT (same data, another name and owner) whose owner admits only
+    listed trainer keys: an unlisted trainer waits while the first run goes on, is admitted when
+    the owner lists its key, and the owner can open the run again."""
+    tmp = tmp_path_factory.mktemp("second")
+    allow = tmp / "allow.txt"
+    allow.write_text("# nobody yet\n")
+    procs: list = []
+    try:
+        second = spawn(
+            [
+                "--role",
+                "prepare",
+                "--serve",
+                "--workdir",
+                str(shutil.copytree(small_run, tmp / "run")),
+                "--limit",
+                "300",
+            ]
+            + ["--clusters", "2", "--objective", "mixed", "--run", "second", "--allow", str(allow)]
+            + ["--initial-peers", *attacked.peers, "--host-maddrs", LOOPBACK],
+            tmp / "prep.log",
+        )
+        procs.append(second)
+        text = wait_in_log(second, tmp / "prep.log", "--initial-peers", 240, "the second preparer")
+        ref2 = RunRef.parse(text.split("--run ", 1)[1].split()[0])
+        assert ref2.name == "second" and ref2 != attacked.ref
+        assert {str(r) for r in attacked.observer.runs()} >= {str(attacked.ref), str(ref2)}
+
+        trainer = spawn(
+            ["--role", "trainer", "--run", str(ref2), "--workdir", str(tmp / "t"), "--expert", "0", "--steps", "10"]
+            + [
+                "--batch-size",
+                "16",
+                "--ckpt-every",
+                "4",
+                "--initial-peers",
+                *attacked.peers,
+                "--host-maddrs",
+                LOOPBACK,
+            ],
+            tmp / "t.log",
+        )
+        procs.append(trainer)
+        text = wait_in_log(trainer, tmp / "t.log", "admits only the trainer keys", 120, "the unlisted trainer")
+        fp = text.split("this trainer's key: ", 1)[1].split()[0]
+        # Its claims would be ignored by every node anyway; it does not even make one.
+        assert "claimed" not in (tmp / "t.log").read_text()
+        allow.write_text(f"{fp}  # the trainer\n")
+        wait_in_log(trainer, tmp / "t.log", "claimed expert_0", 60, "the listed trainer")
+        assert trainer.wait(timeout=240) == 0
+        # The owner opens the run again while it lives; the first run was never disturbed.
+        allow.write_text("open\n")
+        wait_in_log(second, tmp / "prep.log", "admission is now open", 30, "the second preparer")
+        assert attacked.observer.run().manifest_sha256 == attacked.run.manifest_sha256
+    finally:
+        for p in procs:
+            kill_tree(p)
+
+
+def _session(blobs: BlobService, peer: str, frames: list[bytes]) -> list[tuple[dict, bytes]]:
+    from hivemind.p2p import PeerID
+
+    async def go():
+        _, reader, writer = await blobs.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL)
+        replies = []
+        try:
+            for f in frames:
+                writer.write(f)
+                await writer.drain()
+                replies.append(await asyncio.wait_for(read_frame(reader, 1 << 24), 30))
+        finally:
+            writer.close()
+        return replies
+
+    return blobs.call(go(), timeout=120)

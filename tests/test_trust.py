@@ -1,0 +1,177 @@
+"""What a node trusts, as pure functions of a snapshot: which run (name and owner key), which
+claims (admitted, plausible, progressing) and which checkpoints (verified) count."""
+
+from pathlib import Path
+
+import pytest
+
+from swarm import claims
+from swarm.claims import Snapshot
+from swarm.preparer import AdmissionError, read_admission
+from swarm.records import (
+    CheckpointRecord,
+    ClaimRecord,
+    RunRecord,
+    RunRef,
+    Verdict,
+    VerdictsRecord,
+    blob_key,
+    decode,
+    encode,
+    fingerprint,
+    in_run,
+    run_key,
+    runs_key,
+)
+from swarm.verify import cheap_refusal, publisher
+
+SHA = "a" * 64
+NOW = 10_000.0
+
+
+def key(i: int) -> bytes:
+    return b"[owner:key%03d]" % i
+
+
+OWNER, ME, HONEST, STRANGER = key(0), key(1), key(2), key(3)
+RUN = RunRecord(SHA, 2, ["tiny"] * 2, ["fm", "fm"], 100, name="r", started=1_000.0, grace_s=600.0)
+
+
+def snap(run=RUN, claims_=None, ckpts=None, verdicts=(), **kw) -> Snapshot:
+    return Snapshot(
+        run,
+        claims=claims_ or {},
+        ckpts=ckpts or {},
+        verdicts={} if verdicts == () else verdicts,  # None: verification not read
+        now=NOW,
+        owner=fingerprint(OWNER),
+        me=fingerprint(ME),
+        **kw,
+    )
+
+
+def ck(step: int, sha: str = "c" * 64, preset: str = "tiny", objective: str = "fm") -> CheckpointRecord:
+    return CheckpointRecord(SHA, step, sha, 1, objective, preset, 0.5, ["p"])
+
+
+def judged(verifier: bytes, *entries: Verdict) -> dict[bytes, VerdictsRecord]:
+    return {verifier: VerdictsRecord(SHA, list(entries))}
+
+
+def test_run_refs_namespace_every_key_but_the_global_ones():
+    ref = RunRef.parse(f"demo-1@{fingerprint(OWNER)}")
+    assert str(ref) == f"demo-1@{fingerprint(OWNER)}"
+    assert in_run(run_key(), ref) == f"diffswarm_demo-1_{fingerprint(OWNER)}_run"
+    assert in_run(runs_key(), ref) == runs_key() and in_run(blob_key(SHA), ref) == blob_key(SHA)
+    other = RunRef("demo-1", fingerprint(STRANGER))
+    assert in_run(run_key(), other) != in_run(run_key(), ref)  # same name, other owner: other keys
+    for bad in ("demo", "demo@xyz", "a b@" + "0" * 32, "x" * 33 + "@" + "0" * 32):
+        with pytest.raises(ValueError, match="NAME@FINGERPRINT"):
+            RunRef.parse(bad)
+
+
+def test_claims_from_before_the_run_or_from_the_future_never_win():
+    c = {"expert_0": {
+        STRANGER: ClaimRecord(SHA, "squatter", 0.0),  # t0 = 0: would win forever under min(t0)
+        key(4): ClaimRecord(SHA, "future", NOW + 3600),  # from an hour ahead
+        HONEST: ClaimRecord(SHA, "honest", NOW - 10),
+    }}  # fmt: skip
+    assert claims.winner(snap(claims_=c), "expert_0") == HONEST
+
+
+def test_a_claim_without_verified_progress_expires_after_the_grace_period():
+    t0 = NOW - 700  # older than the grace (600 s)
+    c = {"expert_0": {STRANGER: ClaimRecord(SHA, "squatter", t0), HONEST: ClaimRecord(SHA, "honest", t0 + 1)}}
+    assert claims.winner(snap(claims_=c), "expert_0") is None  # neither showed progress: both expired
+    # The honest one's checkpoint was verified 100 s ago: it holds the job, the squatter does not.
+    v = Verdict("d" * 64, 50, fingerprint(HONEST), True, NOW - 100, 0.4)
+    s = snap(claims_=c, verdicts={"expert_0": judged(OWNER, v)})
+    assert claims.winner(s, "expert_0") == HONEST
+    # A verdict from a stranger is no evidence; the squatter's own peer record is not either.
+    s = snap(
+        claims_=c, verdicts={"expert_0": judged(STRANGER, Verdict("e" * 64, 9, fingerprint(STRANGER), True, NOW, 0.1))}
+    )
+    assert claims.winner(s, "expert_0") is None
+    # A fresh claim has the grace period ahead of it.
+    assert claims.winner(snap(claims_={"expert_0": {HONEST: ClaimRecord(SHA, "h", NOW - 5)}}), "expert_0") == HONEST
+
+
+def test_allowlist_admits_listed_keys_and_the_owner_only():
+    run = RunRecord(SHA, 2, ["tiny"] * 2, ["fm", "fm"], 100, started=1_000.0, admission="allowlist",
+                    allowed=[fingerprint(HONEST)])  # fmt: skip
+    c = {"expert_0": {STRANGER: ClaimRecord(SHA, "s", NOW - 20), HONEST: ClaimRecord(SHA, "h", NOW - 10)}}
+    k = {"expert_1": {STRANGER: ck(10, "1" * 64), OWNER: ck(5, "2" * 64)}}
+    s = snap(run, claims_=c, ckpts=k, verdicts=None)
+    assert claims.winner(s, "expert_0") == HONEST
+    assert claims.latest_checkpoint(s, "expert_1").sha256 == "2" * 64  # the stranger's is ignored
+    # Switched to open: the stranger's earlier claim wins again.
+    opened = snap(RunRecord(**{**run.__dict__, "admission": "open", "allowed": []}), claims_=c)
+    assert claims.winner(opened, "expert_0") == STRANGER
+    # A key banned here counts for nothing, whatever the run says.
+    assert claims.winner(snap(claims_=c, banned=frozenset({fingerprint(STRANGER)})), "expert_0") == HONEST
+
+
+def test_only_verified_checkpoints_count_and_one_trusted_refusal_refuses():
+    good, bogus = ck(100, "1" * 64), ck(10**9, "2" * 64)
+    k = {"expert_0": {HONEST: good, STRANGER: bogus}}
+    s = snap(ckpts=k)
+    assert claims.latest_checkpoint(s, "expert_0") is None  # nothing verified yet
+    assert [r.sha256 for _, r in claims.pending(s, "expert_0")] == ["2" * 64, "1" * 64]
+    ok = Verdict(good.sha256, 100, fingerprint(HONEST), True, NOW, 0.4)
+    s = snap(ckpts=k, verdicts={"expert_0": judged(OWNER, ok)})
+    assert claims.latest_checkpoint(s, "expert_0") == good
+    assert not claims.done(
+        Snapshot(RUN, ckpts=k, verdicts={"expert_0": judged(OWNER, ok)}, owner=fingerprint(OWNER)), "expert_0"
+    )
+    # A stranger "accepting" its own bogus record changes nothing; the owner's refusal is final.
+    fake = Verdict(bogus.sha256, bogus.step, fingerprint(STRANGER), True, NOW, 0.0)
+    s = snap(ckpts=k, verdicts={"expert_0": {**judged(OWNER, ok), **judged(STRANGER, fake)}})
+    assert claims.latest_checkpoint(s, "expert_0") == good
+    no = Verdict(good.sha256, 100, fingerprint(HONEST), False, NOW, 9.0, "held-out loss 9.0 is worse than 1.0")
+    s = snap(ckpts=k, verdicts={"expert_0": {**judged(OWNER, ok), **judged(ME, no)}})
+    assert claims.latest_checkpoint(s, "expert_0") is None
+    assert claims.refused(s, "expert_0")[0].reason.startswith("held-out loss")
+    # A replica record that claims another step for a verified hash is judged anew, not believed.
+    liar = {"expert_0": {HONEST: good, STRANGER: ck(5000, good.sha256)}}
+    s = snap(ckpts=liar, verdicts={"expert_0": judged(OWNER, ok)})
+    assert claims.latest_checkpoint(s, "expert_0").step == 100
+    assert [r.step for _, r in claims.pending(s, "expert_0")] == [5000]
+
+
+def test_cheap_checks_refuse_impossible_steps_and_foreign_configs():
+    s = snap()
+    assert "steps/s" in cheap_refusal(s, "expert_0", STRANGER, ck(10**9))
+    assert cheap_refusal(s, "expert_0", HONEST, ck(2000)) is None  # 9000 s since the start: plausible
+    assert "config" in cheap_refusal(s, "expert_0", HONEST, ck(10, preset="XL/2"))
+    assert "config" in cheap_refusal(s, "expert_0", HONEST, ck(10, objective="ddpm"))
+    assert cheap_refusal(s, "expert_0", OWNER, ck(10**6)) is None  # the owner may publish what it trained before
+    # The step is measured from the last accepted checkpoint and its time.
+    prev = Verdict("1" * 64, 500, fingerprint(HONEST), True, NOW - 1, 0.4)
+    s = snap(verdicts={"expert_0": judged(OWNER, prev)})
+    assert cheap_refusal(s, "expert_0", HONEST, ck(600)) is None
+    assert "steps/s" in cheap_refusal(s, "expert_0", HONEST, ck(500 + 10**6))
+    # Verdicts credit the claim holder's record over a mirror's replica of the same hash.
+    c = {"expert_0": {HONEST: ClaimRecord(SHA, "h", NOW - 5)}}
+    k = {"expert_0": {key(7): ck(9, "9" * 64), HONEST: ck(9, "9" * 64)}}
+    assert publisher(snap(claims_=c, ckpts=k), "expert_0", "9" * 64) == HONEST
+
+
+def test_records_round_trip_and_malformed_ones_are_dropped():
+    v = VerdictsRecord(SHA, [Verdict("1" * 64, 5, "0" * 32, False, 1.0, 0.0, "why")])
+    assert decode(VerdictsRecord, encode(v)) == v
+    assert decode(RunRecord, encode(RUN)) == RUN
+    assert decode(VerdictsRecord, {**encode(v), "entries": [{"sha256": "x"}]}) is None
+    assert decode(RunRecord, {**encode(RUN), "allowed": ["not-a-fingerprint"]}) is None
+
+
+def test_allowlist_files(tmp_path: Path):
+    f = tmp_path / "allow.txt"
+    f.write_text(f"# trainers\n{fingerprint(HONEST)}  # alice\n\n{fingerprint(ME)}\n")
+    assert read_admission(f) == ("allowlist", sorted([fingerprint(HONEST), fingerprint(ME)]))
+    f.write_text("open\n")
+    assert read_admission(f) == ("open", [])
+    f.write_text("alice\n")
+    with pytest.raises(AdmissionError, match="not a key fingerprint"):
+        read_admission(f)
+    with pytest.raises(AdmissionError, match="cannot read"):
+        read_admission(tmp_path / "missing.txt")
