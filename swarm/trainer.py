@@ -361,8 +361,8 @@ class SwarmTrainer:
             return True
         if not self._waiting_admission:
             console.log(
-                f"run {self.node.ref} admits only the trainer keys its owner lists; this node's key is "
-                f"{self.node.fingerprint} (the owner adds it to the file given to --allow); waiting"
+                f"not admitted: run {self.node.ref} admits only the trainer keys its owner lists; this "
+                f"node's key is {self.node.fingerprint} (the owner adds it to its --allow file); waiting"
             )
             self._waiting_admission = True
         self._set_presence(state="waiting", job="")

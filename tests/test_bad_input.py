@@ -25,6 +25,10 @@ def _one_line_error(proc, pattern: str) -> None:
         (["--role", "trainer", "--local", "--expert", "0", "--steps", "1"], "no manifest"),
         (["--role", "server", "--expert", "0", "--device", "nonsense"], "--device takes cpu, cuda or cuda:N"),
         (["--role", "server", "--expert", "0", "--device", "cuda:99"], "--device cuda:99: this machine has"),
+        (["--role", "trainer", "--run", "demo"], "--run takes NAME@FINGERPRINT"),
+        (["--role", "server", "--expert", "0", "--run", "demo@xyz"], "--run takes NAME@FINGERPRINT"),
+        (["--role", "prepare", "--serve", "--run", "a b"], "a run name has"),
+        (["--role", "prepare", "--serve", "--allow", "/does/not/exist.txt"], "cannot read the allowlist"),
     ],
 )
 def test_bad_arguments(tmp_path, args, pattern):

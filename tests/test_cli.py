@@ -58,6 +58,10 @@ def test_each_flag_belongs_to_the_roles_that_use_it() -> None:
     assert "--holdout-fraction" in flags_of("prepare") and "--holdout-fraction" not in flags_of("trainer")
     assert "--max-queue" in flags_of("server") and "--max-queue" not in flags_of("client")
     assert "--out" in flags_of("export") and "--out" not in flags_of("client")
+    for role in ("prepare", "trainer", "server", "client", "status"):
+        assert "--run" in flags_of(role), role
+    assert "--run" not in flags_of("bootstrap")
+    assert "--allow" in flags_of("prepare") and "--allow" not in flags_of("trainer")
 
 
 @pytest.mark.parametrize(
