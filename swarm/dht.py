@@ -152,7 +152,9 @@ class SwarmNode:
         if key == runs_key() or key.startswith("diffswarm_blob_"):
             return key
         if self.ref is None:
-            raise SwarmError("this node follows no run yet")
+            self.run()  # follows the only run the swarm lists, if there is one
+        if self.ref is None:
+            raise SwarmError("this node follows no run yet: none is published")
         return in_run(key, self.ref)
 
     def follow(self, ref: RunRef) -> None:

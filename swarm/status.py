@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from hivemind.utils import get_dht_time
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from swarm import claims
@@ -122,8 +123,8 @@ def render(data: dict) -> Group:
         title=f"run {run['ref']} ({run['manifest_sha256'][:12]}) · {run['num_clusters']} experts + router"
         f" · {admission}{state}"
     )
-    numbers = ("step", "loss", "samples/s", "age", "providers", "pending")
-    for col in ("job", "owner", "step", "loss", "samples/s", "checkpoint", "age", "providers", "pending"):
+    numbers = ("step", "loss", "samples/s", "age", "providers")
+    for col in ("job", "owner", "step", "loss", "samples/s", "checkpoint", "age", "providers"):
         jobs.add_column(col, justify="right" if col in numbers else "left")
     for j in data["jobs"]:
         ck = j["checkpoint"]
@@ -136,16 +137,18 @@ def render(data: dict) -> Group:
             f"{ck['step']} · {ck['sha256'][:12]}" if ck else "-",
             "-" if not ck or ck["age_s"] is None else f"{ck['age_s']:.0f}s",
             str(len(ck["providers"])) if ck else "0",
-            str(j["pending"]),
         )
-    tables = [jobs]
+    tables: list = [jobs]
+    waiting = [f"{j['job']}: {j['pending']}" for j in data["jobs"] if j["pending"]]
+    if waiting:
+        tables.append("newer checkpoints awaiting verification: " + ", ".join(waiting))
     refusals = [(j["job"], v) for j in data["jobs"] for v in j["refused"]]
     if refusals:
         refused = Table(title=f"{len(refusals)} checkpoints refused")
         for col in ("job", "step", "checkpoint", "signer", "why"):
             refused.add_column(col)
         for job, v in refusals:
-            refused.add_row(job, str(v["step"]), v["sha256"][:12], v["owner"][:12], v["reason"])
+            refused.add_row(job, str(v["step"]), v["sha256"][:12], v["owner"][:12], escape(v["reason"]))
         tables.append(refused)
     if data["servers"]:
         online = sum(1 for r in data["servers"] if r["state"] == "online")
@@ -174,7 +177,7 @@ def render(data: dict) -> Group:
         for col in ("banned by", "who: why"):
             banned.add_column(col)
         for by, line in bans:
-            banned.add_row(by, line)
+            banned.add_row(by, escape(line))  # peers' words: shown, never interpreted
         tables.append(banned)
     return Group(*tables)
 

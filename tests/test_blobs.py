@@ -7,6 +7,7 @@ import pytest
 
 from data.checkpoint import save_checkpoint, verify_checkpoint
 from router.network import RouterNet
+from swarm.bans import Bans
 from swarm.blobs import BlobError, BlobService, BlobStore
 from swarm.dht import SwarmConfig, SwarmNode
 
@@ -54,6 +55,11 @@ def test_checkpoint_transfer_verifies_and_refuses_a_flipped_byte(peers, tmp_path
         fetch_svc.fetch_checkpoint(ckpt.sha256, [corrupt.peer_id], tmp_path / "only_bad")
     assert not (tmp_path / "only_bad").exists()  # nothing of it kept, not even its meta.json
     assert not list(tmp_path.glob(".fetching-*"))
+    # ... and the sender is banned here: skipped, not asked again, until the ban lapses.
+    assert fetch_svc.bans.banned(corrupt.peer_id)
+    with pytest.raises(BlobError, match="banned here"):
+        fetch_svc.fetch_checkpoint(ckpt.sha256, [corrupt.peer_id], tmp_path / "only_bad")
+    fetch_svc.bans = Bans()  # the ban lapsed
 
     # A transfer cut short (the provider serves meta.json, then its weights file is gone: as when
     # it dies halfway) leaves no folder that looks like a checkpoint.
