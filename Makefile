@@ -69,6 +69,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/swarm.py
 	$(PY) benchmarks/serving.py --pin
+	$(PY) benchmarks/adversarial.py
 
 clean:
 	rm -rf runs outputs exports
