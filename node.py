@@ -472,10 +472,19 @@ def run_trainer(args: argparse.Namespace) -> None:
     if args.replicas < 1:
         raise UsageError("--replicas takes a count >= 1 (this node's own copy counts)")
     stop = stop_on_signals(args.role)
+    island = _island(cfg.train.device)
+    if island is not None and not island.main:
+        from swarm.trainer import follow_island
+
+        try:
+            follow_island(island, stop)  # swarm duties are rank 0's alone
+        finally:
+            island.leave()
+        return
     node = _swarm_node(args)
     print(f"this trainer's key: {node.fingerprint} (an allowlist run admits it by this)", flush=True)
     print(f"trainer {node.peer_id} joined the swarm", flush=True)
-    trainer = SwarmTrainer(node, cfg, stop)
+    trainer = SwarmTrainer(node, cfg, stop, island=island)
     try:
         last = trainer.run()
         if last is not None:
@@ -483,6 +492,25 @@ def run_trainer(args: argparse.Namespace) -> None:
     finally:
         trainer.shutdown()
         node.shutdown()
+        if island is not None:
+            try:
+                island.tell(None)  # the other ranks exit
+            finally:
+                island.leave()
+
+
+def _island(device: str):
+    """The compute island torchrun started this trainer in (joined), or None."""
+    import torch
+
+    from training.island import Island
+
+    island = Island.from_env()
+    if island is not None:
+        island.join(torch.device(island.device(device)))
+        if island.main:
+            print(f"compute island of {island.world} processes: rank 0 does the swarm's work", flush=True)
+    return island
 
 
 def run_local_trainer(args: argparse.Namespace) -> None:
@@ -504,7 +532,9 @@ def run_local_trainer(args: argparse.Namespace) -> None:
         vae=args.vae,
         router_preset=args.router_preset,
     )
-    train_local(cfg)
+    # Ctrl-C / SIGTERM: finish the step, save, exit 0 (in an island, every rank at the same step)
+    stop = stop_on_signals(args.role)
+    train_local(cfg, should_stop=stop.is_set)
 
 
 def run_server(args: argparse.Namespace) -> None:

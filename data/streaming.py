@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,12 +45,30 @@ class Batch:
     latents: torch.Tensor | None = None  # (B, 2, C, h, w) posterior mean and std, when the shards hold them
     states: torch.Tensor | None = None  # (B, L, D) caption token states, when the shards hold them
     mask: torch.Tensor | None = None  # (B, L) 1 = real token
+    offset: int = 0  # this batch's first row in the global batch of an island (0: alone)
+    total: int = 0  # rows of that global batch (0: this batch is the whole of it)
+
+    def draw(self, fn: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """``fn(n)`` drawn for the whole global batch, and this batch's rows of it: a loss's random
+        numbers are the same however an island splits the batch."""
+        n = len(self.captions)
+        if not self.total or self.total == n:
+            return fn(n)
+        return fn(self.total)[self.offset : self.offset + n]
 
     def _map(self, fn) -> Batch:
         """The same batch with ``fn`` applied to each of its tensors."""
         f = lambda t: None if t is None else fn(t)  # noqa: E731
         return Batch(
-            f(self.images), self.captions, f(self.labels), self.position, f(self.latents), f(self.states), f(self.mask)
+            f(self.images),
+            self.captions,
+            f(self.labels),
+            self.position,
+            f(self.latents),
+            f(self.states),
+            f(self.mask),
+            self.offset,
+            self.total,
         )
 
     def pin_memory(self) -> Batch:
@@ -164,10 +182,21 @@ class RawBatch:
     manifest: Manifest
     image_size: int
 
-    def decode(self) -> Batch:
+    def decode(self, part: tuple[int, int] = (0, 1)) -> Batch:
+        """Decode the batch, or with ``part=(rank, world)`` only that rank's equal slice of it."""
         tokens = self.manifest.text_states["tokens"] if self.manifest.text_states else 0
-        decoded = [_decode(s, self.image_size, c, self.manifest) for s, c in self.samples]
-        return collate(decoded, self.position, tokens)
+        rank, world = part
+        rows = self.samples
+        if world > 1:
+            if len(rows) % world:
+                raise ValueError(f"a batch of {len(rows)} samples does not split into {world} equal parts")
+            size = len(rows) // world
+            rows = rows[rank * size : (rank + 1) * size]
+        decoded = [_decode(s, self.image_size, c, self.manifest) for s, c in rows]
+        batch = collate(decoded, self.position, tokens)
+        if world > 1:
+            batch.offset, batch.total = rank * len(rows), len(self.samples)
+        return batch
 
 
 def _cluster_samples(

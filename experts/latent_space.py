@@ -31,13 +31,17 @@ class LatentSpace:
         return self
 
 
-def sample_posterior(params: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_posterior(
+    params: torch.Tensor, scale: float, generator: torch.Generator | None = None, eps: torch.Tensor | None = None
+) -> torch.Tensor:
     """Scaled latents z = (mean + std * eps) * scale from stored posterior parameters (B, 2, C, h, w).
 
     Sampling (rather than keeping the mean) at every step is what training through the VAE does:
     it keeps the VAE's own noise as augmentation, and costs one randn."""
     mean, std = params.float().unbind(1)
-    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    if eps is None:
+        eps = torch.randn(mean.shape, generator=generator)
+    eps = eps.to(mean.device)
     return (mean + std * eps) * scale
 
 

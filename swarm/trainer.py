@@ -18,14 +18,14 @@ import random
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from hivemind.utils import get_dht_time
 from rich.console import Console
 
 from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
-from data.manifest import Manifest
+from data.manifest import Manifest, load_manifest
 from swarm import claims
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
 from swarm.dht import SwarmNode
@@ -41,6 +41,7 @@ from swarm.records import (
 )
 from swarm.rundata import fetch_manifest, fetch_shards
 from swarm.verify import Verifier, VerifyConfig
+from training.island import Island
 from training.jobs import build_job
 from training.loop import TrainConfig, train
 
@@ -100,8 +101,15 @@ class ClaimKeeper(threading.Thread):
 
 
 class SwarmTrainer:
-    def __init__(self, node: SwarmNode, cfg: SwarmTrainerConfig, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        node: SwarmNode,
+        cfg: SwarmTrainerConfig,
+        stop: threading.Event | None = None,
+        island: Island | None = None,
+    ) -> None:
         self.node, self.cfg = node, cfg
+        self.island = island  # rank 0 of a compute island: the other ranks train what this one tells
         self.stop = stop or threading.Event()
         self.store = BlobStore()
         self.blobs = BlobService(node.dht, self.store, bans=node.bans)
@@ -329,9 +337,21 @@ class SwarmTrainer:
                 train_job = build_job(
                     manifest, digest, job, tcfg, self.cfg.text_encoder, self.cfg.vae, self.cfg.router_preset
                 )
+                if self.island is not None:  # the other ranks build the same job and train with us
+                    self.island.tell(
+                        {
+                            "job": job,
+                            "train": asdict(tcfg),
+                            "manifest": str(self.work / "data" / digest[:12] / "manifest.json"),
+                            "text_encoder": self.cfg.text_encoder,
+                            "vae": self.cfg.vae,
+                            "router_preset": self.cfg.router_preset,
+                        }
+                    )
                 last = train(
                     train_job,
                     tcfg,
+                    island=self.island,
                     should_stop=lambda k=keeper: self.stop.is_set() or k.lost.is_set(),
                     on_checkpoint=lambda ck, j=job, r=run: self._publish(j, r, ck),
                     on_log=lambda st, loss, rate: self._set_presence(
@@ -373,6 +393,20 @@ class SwarmTrainer:
         self.stop.set()
         self._presence.join(timeout=10)
         self.blobs.shutdown()
+
+
+def follow_island(island: Island, stop: threading.Event) -> int:
+    """Ranks 1..N-1 of a trainer island: never touch the DHT; train each job rank 0 tells (same
+    data and checkpoints, on this machine's filesystem) until it says the island is done.
+    Returns how many jobs were trained."""
+    jobs = 0
+    while (msg := island.hear()) is not None:
+        manifest, digest = load_manifest(Path(msg["manifest"]))
+        tcfg = TrainConfig(**msg["train"])
+        job = build_job(manifest, digest, msg["job"], tcfg, msg["text_encoder"], msg["vae"], msg["router_preset"])
+        train(job, tcfg, should_stop=stop.is_set, island=island)
+        jobs += 1
+    return jobs
 
 
 def try_claim(

@@ -86,11 +86,14 @@ def left_behind(pids: list[int], timeout: float = 10.0) -> list[int]:
 _SPAWNED: list[subprocess.Popen] = []
 
 
-def spawn(args: list[str], log: Path) -> subprocess.Popen:
+def spawn(args: list[str], log: Path, island: int = 0) -> subprocess.Popen:
     """Start ``node.py ARGS`` in the background, in its own process group (with its DHT child
-    and p2pd), output to ``log``. Stop it with :func:`kill_tree`."""
+    and p2pd), output to ``log``; with ``island=N``, as N processes through ``torchrun`` (the
+    ``--`` keeps torchrun from reading node.py's flags: it has a ``--role`` of its own). Stop it
+    with :func:`kill_tree`."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(island), "--"]
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "node.py"), *args],
+        [*(launcher if island else [sys.executable]), str(ROOT / "node.py"), *args],
         cwd=ROOT,
         env=ENV,
         stdout=open(log, "w"),

@@ -23,7 +23,9 @@ def clean_x0(batch: Batch, manifest: Manifest, encode_space, generator: torch.Ge
     """The batch in the experts' space: stored latents sampled from their posterior when the shards
     hold them (the VAE never runs while training), else ``encode_space`` of the images."""
     if batch.latents is not None and manifest.latents is not None:
-        return sample_posterior(batch.latents, manifest.latents["scale"], generator)
+        shape = batch.latents.shape[2:]
+        eps = batch.draw(lambda n: torch.randn((n, *shape), generator=generator))
+        return sample_posterior(batch.latents, manifest.latents["scale"], eps=eps)
     return encode_space(batch.images)
 
 
@@ -82,13 +84,15 @@ class ExpertJob:
         return tuple(a.to(device) for a in self.encoder.encode(captions))
 
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        drop = torch.rand(len(batch.captions), generator=generator) < self.cond_dropout
+        # Every random number is drawn for the island's whole global batch (batch.draw), so a
+        # job split over N processes trains on the numbers one process would draw.
+        drop = batch.draw(lambda n: torch.rand(n, generator=generator)) < self.cond_dropout
         x0 = clean_x0(batch, self.manifest, self.encode_space, generator)
         device = x0.device
         states, mask = self.text(batch, drop)
         # Noise and times come from the CPU generator, so a run is the same on any device.
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = sample_train_times(len(x0), generator).to(device)
+        noise = batch.draw(lambda n: torch.randn((n, *x0.shape[1:]), generator=generator)).to(device)
+        t = batch.draw(lambda n: sample_train_times(n, generator)).to(device)
         tb = make_training_batch(self.objective, x0, noise, t)
         pred = expert_forward(self.model, tb.x_in, tb.timestep, states, mask)
         return torch.nn.functional.mse_loss(pred, tb.target)

@@ -20,22 +20,28 @@ from data.streaming import Batch, DataPosition
 
 
 class _Stream(IterableDataset):
-    def __init__(self, job, start: DataPosition) -> None:
-        self.job, self.start = job, start
+    def __init__(self, job, start: DataPosition, part: tuple[int, int] = (0, 1)) -> None:
+        self.job, self.start, self.part = job, start, part
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         rank, n = (info.id, info.num_workers) if info is not None else (0, 1)
         for raw in itertools.islice(self.job.batches(self.start, decode=False), rank, None, n):
-            yield raw.decode()
+            yield raw.decode(self.part)
 
 
-def load_batches(job, start: DataPosition, workers: int = 0, pin_memory: bool = False) -> Iterator[Batch]:
-    """The job's batches from ``start``: decoded here (``workers=0``) or by ``workers`` processes."""
+def load_batches(
+    job, start: DataPosition, workers: int = 0, pin_memory: bool = False, part: tuple[int, int] = (0, 1)
+) -> Iterator[Batch]:
+    """The job's batches from ``start``: decoded here (``workers=0``) or by ``workers`` processes.
+    With ``part=(rank, world)`` (a rank of an island) the job's stream makes global batches and
+    only this rank's slice of each is decoded."""
     if workers <= 0:
-        return iter(job.batches(start))
+        if part[1] == 1:
+            return iter(job.batches(start))
+        return (raw.decode(part) for raw in job.batches(start, decode=False))
     loader = DataLoader(
-        _Stream(job, start),
+        _Stream(job, start, part),
         batch_size=None,  # the stream already makes batches
         num_workers=workers,
         pin_memory=pin_memory,

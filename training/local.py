@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from data.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, verify_checkpoint
@@ -21,6 +22,7 @@ from data.manifest import Manifest, load_manifest
 from experts.presets import get_preset
 from experts.text_encoder import TextEncoderConfig
 from router.ensemble import expert_dir, router_dir
+from training.island import Island
 from training.jobs import build_job
 from training.loop import TrainConfig, TrainJob, train
 from training.monolith import (
@@ -82,6 +84,15 @@ def plan(cfg: LocalTrainConfig, manifest: Manifest) -> TrainConfig:
     return replace(tc, ckpt_root=str(expert_dir(ckpt, k)), seed=tc.seed + k, **budget)
 
 
+def _quiet(fn, *args):
+    """``fn(*args)`` with its prints swallowed: ranks other than 0 of an island say nothing."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
 def wallclock_step(cfg: LocalTrainConfig, tc: TrainConfig, manifest: Manifest) -> int:
     """The monolith's step at equal wall-clock with the experts (their step count), where a copy
     is kept; 0 when there is none to keep: not the monolith, no step budget (or a time limit too,
@@ -126,19 +137,34 @@ def _keep_wallclock(
     return job
 
 
-def train_local(cfg: LocalTrainConfig) -> Checkpoint:
-    """Train the job to its budget (resuming its latest checkpoint) and say what it reached."""
+def train_local(cfg: LocalTrainConfig, should_stop: Callable[[], bool] | None = None) -> Checkpoint | None:
+    """Train the job to its budget (resuming its latest checkpoint), or until ``should_stop()``
+    (then it saves first), and say what it reached. Started by ``torchrun``, every process of the
+    island trains the one job (:mod:`training.island`); rank 0 returns the checkpoint, the others
+    ``None``."""
     manifest, digest = load_manifest(Path(cfg.data_dir))
-    tc = plan(cfg, manifest)
+    island = Island.from_env()
+    if island is not None and cfg.job == MONOLITH and wallclock_step(cfg, plan(cfg, manifest), manifest):
+        raise ValueError("train the monolith's two phases in one process (it keeps a copy between them)")
+    tc = plan(cfg, manifest) if island is None or island.main else _quiet(plan, cfg, manifest)
 
     def build() -> TrainJob:
+        torch.manual_seed(tc.seed)  # the same initial network in every process (DDP also syncs it)
         return build_job(manifest, digest, cfg.job, tc, cfg.text_encoder, cfg.vae, cfg.router_preset)
 
     job = build()
     at = wallclock_step(cfg, tc, manifest)
     if at:
         job = _keep_wallclock(job, cfg, tc, at, build)
-    result = train(job, tc)
+    try:
+        result = train(job, tc, should_stop=should_stop, island=island)
+    finally:
+        if island is not None:
+            island.leave()
+    if result is None:
+        return None  # another rank of the island: rank 0 reports
+    if island is not None:
+        print(f"island of {island.world} processes: global batch {job.batch_size} x {tc.accum}", flush=True)
     if cfg.job == "router":
         acc = result.meta.get("heldout_accuracy", {})
         print(

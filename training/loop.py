@@ -32,6 +32,7 @@ from data.checkpoint import (
 )
 from data.streaming import Batch, DataPosition
 from experts.device import PRECISIONS, autocast, enable_fast_matmul
+from training.island import Island, IslandError, forward_through
 from training.loader import load_batches
 
 console = Console(stderr=True, markup=False)  # logged errors hold multiaddrs like [/ip4/...]
@@ -216,28 +217,57 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     on_log: Callable[[int, float, float], None] | None = None,
-) -> Checkpoint:
+    island: Island | None = None,
+) -> Checkpoint | None:
     """Train ``job`` until its budget is spent or ``should_stop()``; returns the last checkpoint.
 
     A step is one optimizer update over ``cfg.accum`` micro-batches of ``job.batch_size``.
     ``on_checkpoint`` is called with every checkpoint written (a swarm trainer publishes it);
-    ``on_log`` with (step, smoothed loss, samples/s) every ``log_every`` steps.
+    ``on_log`` with (step, smoothed loss, samples/s) every ``log_every`` steps. In an ``island``
+    (:mod:`training.island`) every rank trains its slice of each global batch; only rank 0 writes
+    checkpoints, logs and calls back, and the other ranks return ``None``.
     """
     if cfg.steps <= 0 and cfg.minutes <= 0:
         raise ValueError("give a training budget: --steps N and/or --minutes M")
     try:
-        return _train(job, cfg, should_stop, on_checkpoint, on_log)
+        return _train(job, cfg, should_stop, on_checkpoint, on_log, island)
     except torch.OutOfMemoryError:
         raise _out_of_memory(job, cfg) from None
+    except RuntimeError as e:  # inside DDP's gradient sync: a rank is gone
+        lost = isinstance(e, torch.distributed.DistError) or any(
+            w in str(e) for w in ("gloo", "NCCL", "Connection reset", "Broken pipe")
+        )
+        if island is None or isinstance(e, IslandError) or not lost:
+            raise
+        raise IslandError(
+            f"rank {island.rank} of {island.world}: another rank of the island is gone, stopping "
+            f"({str(e).splitlines()[0][:160]})"
+        ) from None
 
 
-def _train(job, cfg, should_stop, on_checkpoint, on_log) -> Checkpoint:
+def _island_batch(job: TrainJob, cfg: TrainConfig, island: Island) -> None:
+    """Make ``job``'s stream yield global micro-batches: ``--batch-size`` per process times N, or
+    with none given the preset's batch split over the N processes (so the global batch, and the
+    preset's learning rate with it, stay the preset's)."""
+    per = cfg.batch_size or job.batch_size // island.world
+    if per < 1:
+        raise ValueError(f"a batch of {job.batch_size} does not split over {island.world} processes; give --batch-size")
+    job.batch_size = per * island.world
+
+
+def _train(job, cfg, should_stop, on_checkpoint, on_log, island=None) -> Checkpoint | None:
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
+    device = torch.device(island.device(cfg.device) if island else cfg.device)
+    main = island is None or island.main
+    part = (island.rank, island.world) if island else (0, 1)
+    if island is not None:
+        island.join(device)
+        _island_batch(job, cfg, island)
     enable_fast_matmul(device)
     model = job.model.to(device).train()
     if cfg.compile:
         model.compile()  # in place: parameter names (and so checkpoints) stay as they are
+    wrapped = island.wrap(model, device) if island else None  # syncs the ranks' weights from rank 0
     params = list(model.parameters())
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=cfg.weight_decay, fused=cuda or None)
@@ -263,8 +293,10 @@ def _train(job, cfg, should_stop, on_checkpoint, on_log) -> Checkpoint:
     done_steps = lambda: cfg.steps > 0 and step >= cfg.steps  # noqa: E731
     out_of_time = lambda: cfg.minutes > 0 and time.monotonic() - t_start >= cfg.minutes * 60  # noqa: E731
 
-    def save() -> Checkpoint:
+    def save() -> Checkpoint | None:
         curve.flush()  # raises on a non-finite loss before anything is written
+        if not main:
+            return None  # rank 0 writes the island's checkpoints
         elapsed = elapsed0 + time.monotonic() - t_start
         saved = _save(job, cfg, ema, opt, step, samples, position, curve.history, elapsed)
         if on_checkpoint is not None:
@@ -272,22 +304,23 @@ def _train(job, cfg, should_stop, on_checkpoint, on_log) -> Checkpoint:
         return saved
 
     columns = (TextColumn(f"[bold]{job.name}"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=not main) as progress:
         task = progress.add_task("starting", total=cfg.steps or None, completed=step)
-        batches = load_batches(job, position, cfg.workers, pin_memory=cuda)
+        batches = load_batches(job, position, cfg.workers, pin_memory=cuda, part=part)
         while not (done_steps() or out_of_time()):
             for group in opt.param_groups:
                 group["lr"] = learning_rate(job.lr, step, job.warmup_steps)
             opt.zero_grad(set_to_none=True)
             step_loss, micro = None, 0
             for batch in itertools.islice(batches, cfg.accum):
-                with autocast(device, cfg.precision):
+                with autocast(device, cfg.precision), forward_through(job, wrapped):
                     loss = job.loss(batch.to(device), gen)
-                (loss / cfg.accum).backward()
+                (loss / cfg.accum).backward()  # in an island, DDP averages the gradients here
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 micro += 1
-                samples += len(batch.captions)
-                rate_n += len(batch.captions)
+                seen = batch.total or len(batch.captions)  # the island's whole global batch
+                samples += seen
+                rate_n += seen
                 position = batch.position
             if micro == 0:
                 break  # a finite stream ran out
@@ -295,7 +328,8 @@ def _train(job, cfg, should_stop, on_checkpoint, on_log) -> Checkpoint:
             opt.step()
             ema.step(params)
             step += 1
-            curve.add(step, step_loss / micro)
+            step_loss = step_loss / micro
+            curve.add(step, island.mean(step_loss) if island else step_loss)
             if step % cfg.log_every == 0 or step == 1:
                 running = curve.flush()
                 now = time.monotonic()
@@ -304,17 +338,21 @@ def _train(job, cfg, should_stop, on_checkpoint, on_log) -> Checkpoint:
                 progress.update(
                     task, completed=step, description=f"step {step}  loss {running:.4f}  {rate:.0f} samples/s"
                 )
-                if on_log is not None:
+                if on_log is not None and main:
                     on_log(step, running, rate)
             stop = done_steps() or out_of_time() or (should_stop is not None and should_stop())
+            if island is not None:  # a stop any rank sees (signal, lost claim, time) is every rank's
+                stop = island.any(stop, device)
             due = step % cfg.ckpt_every_steps == 0 or time.monotonic() - t_ckpt >= cfg.ckpt_every_minutes * 60
-            if due or stop:
+            if (due or stop) and main:
                 ckpt = save()
                 t_ckpt = time.monotonic()
                 progress.console.log(f"{job.name}: checkpoint step {step} sha256 {ckpt.sha256[:12]}")
             if stop:
                 break
         progress.update(task, completed=step, description=f"step {step}  loss {curve.flush() or 0:.4f}  done")
+    if not main:
+        return None
     if ckpt is None or ckpt.step != step:
         ckpt = save()
     plot_loss(curve.history, Path(cfg.ckpt_root) / "loss.png", job.name)

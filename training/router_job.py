@@ -54,8 +54,10 @@ class RouterJob:
 
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         x0 = clean_x0(batch, self.manifest, self.encode_space, generator)
-        t = torch.rand(len(x0), generator=generator).to(x0.device)  # uniform: the router is asked at every step
-        x_t = fm_interpolate(x0, torch.randn(x0.shape, generator=generator).to(x0.device), t)
+        # uniform: the router is asked at every step; drawn for an island's whole batch (batch.draw)
+        t = batch.draw(lambda n: torch.rand(n, generator=generator)).to(x0.device)
+        noise = batch.draw(lambda n: torch.randn((n, *x0.shape[1:]), generator=generator)).to(x0.device)
+        x_t = fm_interpolate(x0, noise, t)
         return torch.nn.functional.cross_entropy(self.model(x_t, TIMESTEP_SCALE * t), batch.labels)
 
     def evaluate(self) -> None:
