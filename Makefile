@@ -70,6 +70,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/swarm.py
 	$(PY) benchmarks/serving.py --pin
 	$(PY) benchmarks/adversarial.py
+	$(PY) benchmarks/island.py
 
 clean:
 	rm -rf runs outputs exports
