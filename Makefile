@@ -10,10 +10,13 @@ DEMO_TRAINERS ?= 2
 EXPERT_STEPS ?= 300
 ROUTER_STEPS ?= 150
 EVAL := runs/eval
-EVAL_N ?= 0
+EVAL_N ?= 500
+EVAL_N_LAST ?= 1000
+EVAL_BUDGETS ?= 1 2 4
+EVAL_SEEDS ?= 0 1
 EVAL_OUT ?= outputs/eval
 HOLDOUT ?= 0.1
-PROMPTS := "red apple" "grinning face" "red heart" "flag: Japan" "dog face" "woman dark skin tone" "sun" "rocket"
+PROMPTS := "red apple" "grinning face" "red heart" "flag: Japan" "dog face" "woman" "sun" "rocket"
 
 export HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
@@ -40,17 +43,26 @@ demo: $(STAMP)
 	$(PY) -m swarm.local --workdir $(DEMO) --trainers $(DEMO_TRAINERS) --clusters 4 \
 		--expert-steps $(EXPERT_STEPS) --router-steps $(ROUTER_STEPS) --output outputs/demo.png $(PROMPTS)
 
-# Quality at equal compute: the same 4 experts + router trained on this machine (resuming what is
-# already trained, so a larger EXPERT_STEPS continues), the monolith baseline trained on all clusters
-# with the experts' total samples, then FID of every routing mode and of the monolith against the
-# held-out split. Report: $(EVAL_OUT)/ (eval.md, eval.json, fid.png, usage.png, samples.png).
+# Quality against training compute, DDM's figure: for each seed, the same 4 experts + router trained
+# to 1x, 2x and 4x the demo's budget (each budget resumes the last) and, at each, the monolith trained
+# with the experts' total samples; every (seed, budget) evaluated by FID of top-1, top-2, the full
+# ensemble and the monolith against the training split (the held-out split beside it), EVAL_N images
+# (EVAL_N_LAST at the largest budget). Report: $(EVAL_OUT)/budgets.md, fid_flops.png, and
+# $(EVAL_OUT)/seed_S/budget_B/ (eval.md, eval.json, fid.png, usage.png, samples.png).
 eval: $(STAMP) $(EVAL)/data/manifest.json
-	for k in 0 1 2 3; do \
-		$(PY) node.py --role trainer --local --workdir $(EVAL) --expert $$k --steps $(EXPERT_STEPS) || exit 1; \
-	done
-	$(PY) node.py --role trainer --local --workdir $(EVAL) --job router --steps $(ROUTER_STEPS)
-	$(PY) node.py --role trainer --local --workdir $(EVAL) --job monolith
-	$(PY) node.py --role eval --workdir $(EVAL) --eval-n $(EVAL_N) --output $(EVAL_OUT)
+	last=$$(echo $(EVAL_BUDGETS) | tr ' ' '\n' | tail -1); \
+	for s in $(EVAL_SEEDS); do for b in $(EVAL_BUDGETS); do \
+		ck="--data-dir $(EVAL)/data --ckpt-dir $(EVAL)/seed_$$s/checkpoints --seed $$s"; \
+		for k in 0 1 2 3; do \
+			$(PY) node.py --role trainer --local $$ck --expert $$k --steps $$(( b * $(EXPERT_STEPS) )) || exit 1; \
+		done; \
+		$(PY) node.py --role trainer --local $$ck --job router --steps $$(( b * $(ROUTER_STEPS) )) || exit 1; \
+		$(PY) node.py --role trainer --local $$ck --job monolith || exit 1; \
+		n=$(EVAL_N); [ $$b = $$last ] && n=$(EVAL_N_LAST); \
+		$(PY) node.py --role eval $$ck --eval-reference train --eval-n $$n --eval-rows top-1,top-2,full,monolith \
+			--output $(EVAL_OUT)/seed_$$s/budget_$$b > /dev/null || exit 1; \
+	done; done
+	$(PY) -m evaluation.budgets $(EVAL_OUT)
 
 $(EVAL)/data/manifest.json: | $(STAMP)
 	$(PY) node.py --role prepare --workdir $(EVAL) --clusters 4 --holdout-fraction $(HOLDOUT)

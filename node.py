@@ -117,13 +117,18 @@ def _parser(role: str) -> RoleParser:
         _text_encoder(p)
         _vae(p)
         g = p.add_argument_group("prepare")
-        g.add_argument("--source", default="twemoji", help="twemoji | folder:PATH | shard paths/URLs (.tar, braces ok)")
+        g.add_argument(
+            "--source", default="twemoji", help="twemoji | twemoji:all | folder:PATH | .tar shards (paths, URLs)"
+        )
         g.add_argument("--clusters", type=int, default=4, help="K: experts to train")
-        g.add_argument("--preset", default="tiny", choices=sorted(EXPERT_PRESETS), help="expert size (and image size)")
+        g.add_argument("--preset", default="tiny16", choices=sorted(EXPERT_PRESETS), help="expert size, image size")
         g.add_argument("--objective", default="fm", choices=("fm", "ddpm", "mixed"), help="mixed: alternating, HDDM")
         g.add_argument("--image-size", type=int, default=0, help="0: the preset's")
         g.add_argument("--holdout-fraction", type=float, default=0.05, help="per cluster, kept out of training")
-        g.add_argument("--embed", default="caption", help="what to cluster on: caption | image:PATH[@ARCH]")
+        g.add_argument(
+            "--embed", default="image", help="image (Inception) | image:PATH@ARCH (open_clip, DINOv2) | caption"
+        )
+        g.add_argument("--balance", type=float, default=1.2, help="largest cluster, x the mean size (0: no cap)")
         g.add_argument("--limit", type=int, default=0, help="use at most N items (0: all)")
         g = p.add_argument_group("serving the run")
         g.add_argument("--serve", action="store_true", help="after preparing, publish the run and provide its data")
@@ -229,7 +234,13 @@ def _parser(role: str) -> RoleParser:
         _seed(p)
         _vae(p)
         g = p.add_argument_group("eval")
-        g.add_argument("--eval-n", type=int, default=0, help="held-out images to compute FID on (0: all)")
+        g.add_argument("--eval-n", type=int, default=0, help="images to compute FID on (0: all of the reference)")
+        g.add_argument(
+            "--eval-reference",
+            default="holdout",
+            choices=("holdout", "train"),
+            help="FID against held-out images, or training images (with held-out FID beside)",
+        )
         g.add_argument(
             "--eval-rows",
             default=",".join(ROW_NAMES),
@@ -378,6 +389,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         image_size=args.image_size,
         holdout_fraction=args.holdout_fraction,
         embed=args.embed,
+        balance=args.balance,
         text_encoder=args.text_encoder,
         vae=args.vae,
         limit=args.limit,
@@ -638,6 +650,7 @@ def run_eval(args: argparse.Namespace) -> None:
         precision=precision,
         out_dir=args.output,
         n=args.eval_n,
+        reference=args.eval_reference,
         steps=args.steps,
         guidance=args.guidance,
         tau=args.tau,

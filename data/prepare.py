@@ -1,9 +1,10 @@
 """``--role prepare``: embed a dataset, cluster it into K semantic clusters, write per-cluster
 webdataset shards (img2dataset layout), a held-out split, ``manifest.json`` and a contact sheet.
 
-Clustering follows the reference recipe at small scale: fine k-means on L2-normalised
-embeddings, then the fine centroids are merged to K by a count-weighted k-means (a two-level
-hierarchical k-means).
+What is clustered: image features by default (the FID Inception network's pool features, or any
+image encoder on disk), as the reference work clusters on image features, so that the router,
+which sees only the noisy image, is asked for clusters that pixels can tell apart; captions as an
+option. How: :mod:`data.clustering` (two-level k-means, then clusters capped at 1.2x the mean).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 
+from data.clustering import DEFAULT_BALANCE, capacity, cluster_embeddings
 from data.manifest import ClusterEntry, Manifest, ShardEntry, sha256_file
 from data.sources import TWEMOJI_CREDIT, Item, SourceError, open_source
+from experts.image_encoder import cache_dir, image_embeddings
 from experts.latent_space import VaeSpace, pil_to_tensor, tensor_to_pil
 from experts.presets import get_preset
 from experts.text_encoder import TextEncoderConfig, load_text_encoder
@@ -29,15 +32,16 @@ from experts.text_encoder import TextEncoderConfig, load_text_encoder
 
 @dataclass
 class PrepareConfig:
-    source: str = "twemoji"  # "twemoji", "folder:PATH", or .tar shard paths/URLs
+    source: str = "twemoji"  # "twemoji" (no skin-tone variants), "twemoji:all", "folder:PATH", .tar shards
     out_dir: str = "runs/default/data"
     clusters: int = 4  # K experts
-    preset: str = "tiny"  # expert preset for every cluster (fixes the image size)
+    preset: str = "tiny16"  # expert preset for every cluster (fixes the image size)
     objective: str = "fm"  # "fm", "ddpm", or "mixed" (alternating, HDDM-style)
     image_size: int = 0  # 0: the preset's image size
     holdout_fraction: float = 0.05  # per cluster, kept out of training for evaluation
     fine_clusters: int = 0  # 0: max(8K, 32), capped by the data size
-    embed: str = "caption"  # "caption" (text encoder) or "image:PATH[@ARCH]" (open_clip image tower)
+    embed: str = "image"  # "image" (Inception), "image:PATH@ARCH" (open_clip / DINOv2 weights), "caption"
+    balance: float = DEFAULT_BALANCE  # cap on a cluster's size, x the mean (0: no cap)
     text_encoder: str = "minilm"
     vae: str = ""  # AutoencoderKL folder: latent presets store every image's latents in the shards
     store_text_states: bool = True  # store each caption's token states in the shards (computed once)
@@ -54,58 +58,15 @@ def _validate(cfg: PrepareConfig) -> None:
     if not 0 <= cfg.holdout_fraction < 0.5:
         raise ValueError(f"--holdout-fraction must be in [0, 0.5), got {cfg.holdout_fraction}")
     get_preset(cfg.preset)
-
-
-def cluster_embeddings(emb: np.ndarray, k: int, fine: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two-level k-means: returns (labels (N,), centroids (K, D)), clusters sorted by size.
-
-    Sorting makes cluster ids deterministic and puts the largest cluster first.
-    """
-    from sklearn.cluster import KMeans
-
-    n = len(emb)
-    if n < 2 * k:
-        raise ValueError(f"{n} items cannot make {k} clusters; need at least {2 * k}")
-    distinct = len(np.unique(emb.round(6), axis=0))  # repeated captions give identical points
-    if distinct < k:
-        raise ValueError(f"only {distinct} distinct embeddings; cannot make {k} clusters")
-    fine = min(fine or max(8 * k, 32), n // 2, distinct)
-    fine = max(fine, k)
-    fine_km = KMeans(n_clusters=fine, n_init=4, random_state=seed).fit(emb)
-    counts = np.bincount(fine_km.labels_, minlength=fine).astype(np.float64)
-    coarse = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(fine_km.cluster_centers_, sample_weight=counts)
-    labels = coarse.labels_[fine_km.labels_]
-    order = np.argsort(-np.bincount(labels, minlength=k), kind="stable")
-    remap = np.empty(k, dtype=np.int64)
-    remap[order] = np.arange(k)
-    labels = remap[labels]
-    centroids = np.stack([emb[labels == c].mean(0) for c in range(k)])
-    if (np.bincount(labels, minlength=k) == 0).any():
-        raise ValueError("clustering produced an empty cluster; try fewer --clusters")
-    return labels, centroids
+    capacity(100, cfg.clusters, cfg.balance)  # checks --balance
+    if cfg.embed not in ("caption", "image") and not cfg.embed.startswith("image:"):
+        raise ValueError(f"--embed must be image, image:PATH@ARCH or caption, got {cfg.embed!r}")
 
 
 def is_holdout(key: str, fraction: float) -> bool:
     """Deterministic split by key hash, so the same item is held out in every re-run."""
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
     return h / 2**64 < fraction
-
-
-def _image_embeddings(spec: str, images: list[Image.Image]) -> tuple[np.ndarray, str]:
-    import open_clip
-
-    path, _, arch = spec.partition("@")
-    arch = arch or "ViT-L-14"
-    if not Path(path).is_file():
-        raise ValueError(f"image encoder weights not found at {path!r}")
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=path)
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), 64):
-            batch = torch.stack([preprocess(im.convert("RGB")) for im in images[i : i + 64]])
-            out.append(torch.nn.functional.normalize(model.encode_image(batch), dim=-1))
-    return torch.cat(out).numpy(), f"image:{arch}"
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -218,7 +179,7 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, str]:
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             if cfg.embed != "caption":
-                originals.append(item.image.convert("RGB"))
+                originals.append(item.image.copy())  # the source image, before it is resized
             item.image = img
             items.append((item, buf.getvalue()))
             thumbs.append(img)
@@ -232,12 +193,18 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, str]:
     if cfg.embed == "caption":
         emb = encoder.sentence_embeddings(captions).numpy()
         embedding_name = f"caption:{encoder_cfg.name}"
-    elif cfg.embed.startswith("image:"):
-        emb, embedding_name = _image_embeddings(cfg.embed[len("image:") :], originals)
     else:
-        raise ValueError(f"--embed must be 'caption' or 'image:PATH', got {cfg.embed!r}")
+        with Progress(transient=True) as progress:
+            task = progress.add_task("embedding images", total=len(originals))
+            spec = cfg.embed.partition(":")[2]
+            emb, embedding_name = image_embeddings(
+                spec, originals, lambda n: progress.advance(task, n), cache=cache_dir()
+            )
+        originals.clear()
 
-    labels, centroids = cluster_embeddings(emb.astype(np.float64), cfg.clusters, cfg.fine_clusters, cfg.seed)
+    labels, centroids = cluster_embeddings(
+        emb.astype(np.float64), cfg.clusters, cfg.fine_clusters, cfg.seed, cfg.balance
+    )
     extra: dict[str, dict[str, bytes]] = {it.key: {} for it, _ in items}
     latents_info = _store_latents(space, items, size, extra) if space is not None else None
     text_info = _store_text_states(encoder, items, extra) if cfg.store_text_states else None
@@ -281,7 +248,7 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, str]:
         embedding=embedding_name,
         holdout_fraction=cfg.holdout_fraction,
         clusters=clusters,
-        credit=TWEMOJI_CREDIT if cfg.source == "twemoji" else "",
+        credit=TWEMOJI_CREDIT if cfg.source.startswith("twemoji") else "",
         latents=latents_info,
         text_states=text_info,
     )

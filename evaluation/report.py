@@ -29,6 +29,7 @@ class Row:
     seconds_per_image: float
     usage: list[int]  # (image, step) pairs per expert
     checkpoint_step: int | None = None  # the monolith rows: the step sampled
+    fid_heldout: float | None = None  # against the training split: the same images' FID against all held-out ones
 
 
 def fmt_ci(ci) -> str:
@@ -44,28 +45,38 @@ def markdown_report(report: dict) -> str:
     boot = report["bootstrap"]
     end_sd = "–" if boot["end_sd"] is None else f"{boot['end_sd']:.1f}"
     monos = [f"{k} {v['samples_seen']} samples (step {v['step']})" for k, v in ck.items() if k.startswith(MONOLITH)]
+    split = "training" if report.get("reference") == "train" else "held-out"
+    beside = report.get("heldout_reference_images")
     lines = [
         f"# Evaluation of run {report['run'][:12]}",
         "",
-        f"FID against {report['heldout_images']} held-out real images (their captions as prompts), drawn from "
-        f"every cluster in proportion to its held-out size (seed {report['seed']}): "
+        f"FID against {report['heldout_images']} {split} real images (their captions as prompts), drawn from "
+        f"every cluster in proportion to its {split} size (seed {report['seed']}): "
         + ", ".join(f"cluster {c} {drawn[c]} of {avail[c]}" for c in drawn)
         + f". {report['steps']} Euler steps, guidance {report['guidance']}, the same noise for every row.",
         f"Training compute: {len(experts)} experts together {expert_samples} samples "
         f"(step {'/'.join(map(str, expert_steps))} each)" + ("; " + ", ".join(monos) if monos else "") + ".",
         "",
-        "| model | FID ↓ | 95 % CI | expert forwards / image | s / image |",
-        "|---|---:|---:|---:|---:|",
+    ]
+    if beside:
+        lines += [f"Beside it, the same generated images' FID against all {beside} held-out images.", ""]
+    held_col = " FID vs held-out |" if beside else ""
+    lines += [
+        "| model | FID ↓ | 95 % CI |" + held_col + " expert forwards / image | s / image |",
+        "|---|---:|---:|" + ("---:|" if beside else "") + "---:|---:|",
     ]
     for r in report["rows"]:
+        held = ""
+        if beside:
+            held = " – |" if r.get("fid_heldout") is None else f" {r['fid_heldout']:.2f} |"
         lines.append(
-            f"| {r['name']} | {r['fid']:.2f} | {fmt_ci(r['fid_ci95'])} | "
+            f"| {r['name']} | {r['fid']:.2f} | {fmt_ci(r['fid_ci95'])} |{held} "
             f"{r['expert_forwards_per_image']:.1f} | {r['seconds_per_image']:.3f} |"
         )
     clusters = list(drawn)
     lines += [
         "",
-        "FID per cluster, against the same cluster's held-out images (n images each; – below 2):",
+        f"FID per cluster, against the same cluster's {split} images (n images each; – below 2):",
         "",
         "| model | " + " | ".join(f"cluster {c} (n = {drawn[c]})" for c in clusters) + " |",
         "|---|" + "---:|" * len(clusters),

@@ -46,6 +46,7 @@ EXPERT_PRESETS: dict[str, ExpertPreset] = {
     p.name: p
     for p in (
         ExpertPreset("tiny", "pixel", 32, 3, 128, 6, 4, 4, batch_size=64, lr=1e-3),
+        ExpertPreset("tiny16", "pixel", 16, 3, 128, 6, 4, 2, batch_size=64, lr=1e-3),
         ExpertPreset("small", "pixel", 32, 3, 192, 8, 6, 2, batch_size=32, lr=5e-4),
         ExpertPreset("B/2", "latent", 32, 4, 768, 12, 12, 2, batch_size=64, lr=1e-4, warmup_steps=500),
         ExpertPreset("XL/2", "latent", 32, 4, 1152, 28, 16, 2, batch_size=32, lr=1e-4, warmup_steps=1000),

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from swarm.lifeline import descendants, is_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+# One image-feature cache for the whole session (every test's prepare embeds the same Twemoji),
+# kept out of the user's own cache.
+os.environ.setdefault("DIFFSWARM_CACHE", tempfile.mkdtemp(prefix="diffswarm-test-cache-"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 

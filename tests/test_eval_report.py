@@ -413,3 +413,31 @@ def test_missing_monolith_at_the_experts_step_says_which_command_trains_it(repor
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: no monolith checkpoint at the experts' step {s}")
     assert "--role trainer --local --job monolith" in last
+
+
+def test_fid_against_the_training_split_with_held_out_beside_and_the_flops_figure(report_run, tmp_path):
+    """``--eval-reference train``: generated from training captions, FID against those training
+    images and, beside it, against the held-out split; each row's training FLOPs; and the budgets
+    summary (FID against FLOPs) read from seed_S/budget_B folders."""
+    from evaluation import budgets
+
+    work, _, _ = report_run
+    out = tmp_path / "eval" / "seed_0" / "budget_1"
+    node(
+        "--role", "eval", "--workdir", str(work), "--eval-reference", "train", "--eval-n", "10",
+        "--steps", str(STEPS), "--eval-rows", "top-1,monolith", "--output", str(out),
+    )  # fmt: skip
+    report = json.loads((out / "eval.json").read_text())
+    assert report["reference"] == "train" and report["heldout_images"] == 10
+    assert report["heldout_reference_images"] == sum(_heldout_sizes(work))
+    assert all(r["fid_heldout"] is not None and r["fid_heldout"] > 0 for r in report["rows"])
+    flops = report["train_flops"]
+    # Same preset, same total samples: the monolith costs what the experts cost; the router adds a little.
+    experts_only = flops["monolith"] * sum(_expert_samples(work)) / report["checkpoints"]["monolith"]["samples_seen"]
+    assert 1.0 < flops["top-1"] / experts_only < 1.5
+    assert "training images" in (out / "eval.md").read_text()
+    assert budgets.main([str(tmp_path / "eval")]) == 0
+    table = (tmp_path / "eval" / "budgets.md").read_text()
+    assert "| 1x | top-1 | 10 |" in table and "| 1x | monolith | 10 |" in table
+    assert (tmp_path / "eval" / "fid_flops.png").stat().st_size > 1000
+    assert budgets.main([str(tmp_path / "nothing")]) == 2

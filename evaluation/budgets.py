@@ -1,0 +1,154 @@
+"""FID against total training FLOPs, over several budgets and seeds: the figure of DDM.
+
+``make eval`` trains the same run to 1x, 2x and 4x the demo's budget (resuming, so each budget
+continues the last) for each of two seeds, and evaluates each (budget, seed) with ``--role eval``
+into ``<out>/seed_<s>/budget_<b>/eval.json``. This module reads those reports and writes:
+
+    budgets.md    per budget and row: FID for each seed, their mean and spread, the held-out FID
+                  beside it, and the training FLOPs the row's models cost
+    budgets.json  the same numbers
+    fid_flops.png FID (mean over seeds, bars: the seeds' range) against total training FLOPs, one
+                  line each for top-1, top-2, the full ensemble and the monolith
+
+    python -m evaluation.budgets outputs/eval
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROWS = ("top-1", "top-2", "full", "monolith")  # DDM's figure: the routing modes and the baseline
+_DIR = re.compile(r"seed_(\d+)/budget_(\d+(?:\.\d+)?)$")
+
+
+def collect(root: Path) -> list[dict]:
+    """One entry per (seed, budget, row) found under ``root``."""
+    out = []
+    for path in sorted(root.glob("seed_*/budget_*/eval.json")):
+        m = _DIR.search(path.parent.as_posix())
+        if not m:
+            continue
+        report = json.loads(path.read_text())
+        flops = report.get("train_flops", {})
+        for row in report["rows"]:
+            if row["name"] not in ROWS:
+                continue
+            out.append(
+                {
+                    "seed": int(m[1]),
+                    "budget": float(m[2]),
+                    "row": row["name"],
+                    "fid": row["fid"],
+                    "fid_heldout": row.get("fid_heldout"),
+                    "images": report["heldout_images"],
+                    "reference": report.get("reference", "holdout"),
+                    "flops": flops.get(row["name"]),
+                }
+            )
+    return out
+
+
+def summarise(entries: list[dict]) -> list[dict]:
+    """Per (budget, row): the seeds' FIDs, mean and range, the held-out FIDs' mean, and FLOPs."""
+    out = []
+    for budget in sorted({e["budget"] for e in entries}):
+        for row in ROWS:
+            es = sorted((e for e in entries if e["budget"] == budget and e["row"] == row), key=lambda e: e["seed"])
+            if not es:
+                continue
+            fids = [e["fid"] for e in es]
+            held = [e["fid_heldout"] for e in es if e["fid_heldout"] is not None]
+            flops = [e["flops"] for e in es if e["flops"]]
+            out.append(
+                {
+                    "budget": budget,
+                    "row": row,
+                    "seeds": [e["seed"] for e in es],
+                    "fids": fids,
+                    "mean": float(np.mean(fids)),
+                    "low": min(fids),
+                    "high": max(fids),
+                    "heldout_mean": float(np.mean(held)) if held else None,
+                    "flops": float(np.mean(flops)) if flops else None,
+                    "images": es[0]["images"],
+                }
+            )
+    return out
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = [
+        "# FID against training compute",
+        "",
+        "FID of each row against the training split (paired: one generated image per training caption), the "
+        "same images' FID against the held-out split beside it; mean over seeds and the seeds' range.",
+        "",
+        "| budget | model | images | FID ↓ per seed | mean [range] | held-out FID | training PFLOPs |",
+        "|---:|---|---:|---|---|---:|---:|",
+    ]
+    for s in summary:
+        per_seed = ", ".join(f"{f:.1f}" for f in s["fids"])
+        held = "–" if s["heldout_mean"] is None else f"{s['heldout_mean']:.1f}"
+        flops = "–" if s["flops"] is None else f"{s['flops'] / 1e15:.2f}"
+        lines.append(
+            f"| {s['budget']:g}x | {s['row']} | {s['images']} | {per_seed} | {s['mean']:.1f} "
+            f"[{s['low']:.1f}, {s['high']:.1f}] | {held} | {flops} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = {"top-1": ("tab:blue", "o"), "top-2": ("tab:green", "s"), "full": ("tab:purple", "^")}
+    for row in ROWS:
+        pts = [s for s in summary if s["row"] == row and s["flops"]]
+        if not pts:
+            continue
+        x = np.array([s["flops"] for s in pts])
+        y = np.array([s["mean"] for s in pts])
+        err = np.array([[s["mean"] - s["low"] for s in pts], [s["high"] - s["mean"] for s in pts]])
+        color, marker = styles.get(row, ("black", "D"))
+        ax.errorbar(x, y, yerr=err, color=color, marker=marker, capsize=3, label=row, lw=2 if row == "monolith" else 1.5)
+        for s in pts:
+            ax.annotate(f"{s['budget']:g}x", (s["flops"], s["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(
+        xscale="log",
+        xlabel="total training FLOPs (experts + router, or the monolith)",
+        ylabel="FID against the training split (lower is better)",
+        title="FID against training compute (mean over seeds, bars: range)",
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    root = Path(argv[0] if argv else "outputs/eval")
+    entries = collect(root)
+    if not entries:
+        print(f"error: no seed_*/budget_*/eval.json under {root}; run make eval first", file=sys.stderr)
+        return 2
+    summary = summarise(entries)
+    (root / "budgets.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (root / "budgets.md").write_text(markdown(summary))
+    plot(summary, root / "fid_flops.png")
+    print(markdown(summary))
+    print(f"wrote {root}/budgets.md, budgets.json, fid_flops.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
