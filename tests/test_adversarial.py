@@ -282,7 +282,8 @@ def test_two_runs_share_one_dht_and_an_allowlist_admits_only_listed_trainers(att
         text = wait_in_log(second, tmp / "prep.log", "--initial-peers", 240, "the second preparer")
         ref2 = RunRef.parse(text.split("--run ", 1)[1].split()[0])
         assert ref2.name == "second" and ref2 != attacked.ref
-        assert {str(r) for r in attacked.observer.runs()} >= {str(attacked.ref), str(ref2)}
+        both = {str(attacked.ref), str(ref2)}  # the join line is printed as the run record is stored
+        wait_for(lambda: {str(r) for r in attacked.observer.runs()} >= both, 60, "both runs in the runs record")
 
         trainer = spawn(
             ["--role", "trainer", "--run", str(ref2), "--workdir", str(tmp / "t"), "--expert", "0", "--steps", "10"]
