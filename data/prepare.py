@@ -61,6 +61,9 @@ def _validate(cfg: PrepareConfig) -> None:
     capacity(100, cfg.clusters, cfg.balance)  # checks --balance
     if cfg.embed not in ("caption", "image") and not cfg.embed.startswith("image:"):
         raise ValueError(f"--embed must be image, image:PATH@ARCH or caption, got {cfg.embed!r}")
+    weights = cfg.embed.partition(":")[2].partition("@")[0]
+    if weights not in ("", "inception") and not Path(weights).is_file():  # before any data is read
+        raise ValueError(f"image encoder weights not found at {weights!r}")
 
 
 def is_holdout(key: str, fraction: float) -> bool:

@@ -20,6 +20,9 @@ def _one_line_error(proc, pattern: str) -> None:
     [
         (["--role", "prepare", "--source", "nowhere-source"], "unknown source"),
         (["--role", "prepare", "--clusters", "1"], "at least 2"),
+        (["--role", "prepare", "--balance", "0.5"], "--balance must be 0"),
+        (["--role", "prepare", "--embed", "pixels"], "--embed must be image"),
+        (["--role", "prepare", "--embed", "image:/no/such/weights.safetensors@ViT-B-32", "--limit", "8"], "not found"),
         (["--role", "prepare", "--source", "folder:/does/not/exist"], "not found"),
         (["--role", "client", "--local", "   "], "empty prompt"),
         (["--role", "trainer", "--local", "--expert", "0", "--steps", "1"], "no manifest"),
