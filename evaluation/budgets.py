@@ -118,9 +118,11 @@ def plot(summary: list[dict], path: Path) -> None:
         y = np.array([s["mean"] for s in pts])
         err = np.array([[s["mean"] - s["low"] for s in pts], [s["high"] - s["mean"] for s in pts]])
         color, marker = styles.get(row, ("black", "D"))
-        ax.errorbar(x, y, yerr=err, color=color, marker=marker, capsize=3, label=row, lw=2 if row == "monolith" else 1.5)
+        width = 2 if row == "monolith" else 1.5
+        ax.errorbar(x, y, yerr=err, color=color, marker=marker, capsize=3, label=row, lw=width)
         for s in pts:
-            ax.annotate(f"{s['budget']:g}x", (s["flops"], s["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            where = (s["flops"], s["mean"])
+            ax.annotate(f"{s['budget']:g}x", where, textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set(
         xscale="log",
         xlabel="total training FLOPs (experts + router, or the monolith)",
