@@ -173,8 +173,6 @@ def bootstrap_interval(
     return (float(low), float(high))
 
 
-def feature_stats(
-    inception: InceptionFeatures, batches: Iterable[torch.Tensor], progress=None
-) -> FeatureStats:
+def feature_stats(inception: InceptionFeatures, batches: Iterable[torch.Tensor], progress=None) -> FeatureStats:
     """Statistics of every image in ``batches``; ``progress(n)`` is called after each batch."""
     return FeatureStats.of(inception.features(batches, progress))
