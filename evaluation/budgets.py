@@ -88,13 +88,13 @@ def markdown(summary: list[dict]) -> str:
         "FID of each row against the training split (paired: one generated image per training caption), the "
         "same images' FID against the held-out split beside it; mean over seeds and the seeds' range.",
         "",
-        "| budget | model | images | FID ↓ per seed | mean [range] | held-out FID | training PFLOPs |",
+        "| budget | model | images | FID ↓ per seed | mean [range] | held-out FID | training TFLOPs |",
         "|---:|---|---:|---|---|---:|---:|",
     ]
     for s in summary:
         per_seed = ", ".join(f"{f:.1f}" for f in s["fids"])
         held = "–" if s["heldout_mean"] is None else f"{s['heldout_mean']:.1f}"
-        flops = "–" if s["flops"] is None else f"{s['flops'] / 1e15:.2f}"
+        flops = "–" if s["flops"] is None else f"{s['flops'] / 1e12:.1f}"
         lines.append(
             f"| {s['budget']:g}x | {s['row']} | {s['images']} | {per_seed} | {s['mean']:.1f} "
             f"[{s['low']:.1f}, {s['high']:.1f}] | {held} | {flops} |"

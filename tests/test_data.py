@@ -32,3 +32,14 @@ def test_single_cluster_resume_crosses_epochs_exactly(small_run):
     resumed = stream_batches(manifest, [1], 16, 32, seed=1, start=DataPosition(**mid.to_dict()))
     for expected in batches[n // 16 :]:
         assert next(resumed).captions == expected.captions
+
+
+def test_default_twemoji_leaves_out_skin_tone_variants_and_all_keeps_them():
+    from data.sources import SKIN_TONES, open_source
+
+    default = [it.key for it in open_source("twemoji", 600)]
+    everything = [it.key for it in open_source("twemoji:all", 600)]
+    toned = [k for k in everything if SKIN_TONES.intersection(k.removeprefix("twemoji_").split("-"))]
+    assert toned and not SKIN_TONES.intersection("-".join(default).replace("twemoji_", "").split("-"))
+    plain = [k for k in everything if k not in toned]
+    assert len(default) == 600 and default[: len(plain)] == plain  # the same order, only the variants gone
