@@ -158,8 +158,10 @@ def cache_dir() -> Path:
 
 
 def image_key(im: Image.Image) -> str:
-    """A digest of an image's pixels (mode, size and bytes): the feature cache's key."""
-    return hashlib.sha256(f"{im.mode}{im.size}".encode() + im.tobytes()).hexdigest()
+    """A digest of an image's RGBA pixels and size: the feature cache's key. (Not the raw bytes: a
+    palette image's bytes are indices, and two icons may share them with different palettes.)"""
+    rgba = im.convert("RGBA")
+    return hashlib.sha256(f"{rgba.size}".encode() + rgba.tobytes()).hexdigest()
 
 
 class FeatureCache:

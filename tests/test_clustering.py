@@ -110,3 +110,17 @@ def test_feature_cache_gives_the_same_numbers_and_survives_damage(tmp_path):
     path.write_bytes(b"not an npz")
     again, _ = image_embeddings("", ims, cache=tmp_path)  # all three in one batch this time
     assert np.allclose(again, both, atol=1e-6)  # the same up to how a batch's size rounds
+
+
+def test_palette_images_with_the_same_indices_and_other_colours_are_cached_apart(tmp_path):
+    from PIL import Image
+
+    from experts.image_encoder import image_embeddings, image_key
+
+    red, blue = Image.new("P", (72, 72), 0), Image.new("P", (72, 72), 0)
+    red.putpalette([220, 30, 30] * 256)
+    blue.putpalette([30, 30, 220] * 256)
+    assert red.tobytes() == blue.tobytes() and image_key(red) != image_key(blue)
+    fresh, _ = image_embeddings("", [red, blue], cache=tmp_path)
+    cached, _ = image_embeddings("", [red, blue], cache=tmp_path)
+    assert np.array_equal(fresh, cached) and not np.allclose(fresh[0], fresh[1])
