@@ -150,7 +150,7 @@ def test_bogus_and_poisoned_checkpoints_are_refused_and_never_served(attacked):
     m, run = attacked.mallory, attacked.run
     honest = claims.latest_checkpoint(attacked.snap(["expert_0"]), "expert_0")
     assert honest is not None
-    bogus = CheckpointRecord(run.manifest_sha256, 10**9, "b" * 64, 1, run.objectives[0], "tiny", 0.0, [m.peer_id])
+    bogus = CheckpointRecord(run.manifest_sha256, 10**9, "b" * 64, 1, run.objectives[0], run.presets[0], 0.0, [m.peer_id])
     m.store(ckpt_key("expert_0"), bogus, CKPT_TTL_S)
 
     def refused(sha):
@@ -167,7 +167,7 @@ def test_bogus_and_poisoned_checkpoints_are_refused_and_never_served(attacked):
     announce(t, t_blobs.store)
     size = sum(p.stat().st_size for p in poison.path.rglob("*") if p.is_file())
     rec = CheckpointRecord(
-        run.manifest_sha256, poison.step, poison.sha256, size, run.objectives[0], "tiny", 0.01, [t.peer_id]
+        run.manifest_sha256, poison.step, poison.sha256, size, run.objectives[0], run.presets[0], 0.01, [t.peer_id]
     )
     t.store(ckpt_key("expert_0"), rec, CKPT_TTL_S)
     verdict = wait_for(lambda: refused(poison.sha256), 120, "the poisoned checkpoint's refusal")

@@ -51,7 +51,7 @@ def test_router_cross_entropy_falls_well_below_log_k(tmp_path):
     gen = torch.Generator().manual_seed(1)
     losses = []
     with torch.no_grad():
-        for batch in stream_batches(manifest, [0, 1, 2], 60, 32, epochs=1, shuffle_buffer=0):
+        for batch in stream_batches(manifest, [0, 1, 2], 60, manifest.image_size, epochs=1, shuffle_buffer=0):
             t = torch.rand(len(batch.labels), generator=gen) * 0.9
             x_t = fm_interpolate(batch.images, torch.randn(batch.images.shape, generator=gen), t)
             losses.append(torch.nn.functional.cross_entropy(model(x_t, TIMESTEP_SCALE * t), batch.labels).item())
