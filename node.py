@@ -178,6 +178,9 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--warmup-steps", type=int, default=-1, help="linear LR warm-up (-1: the preset's)")
         _device_flags(g)
         g.add_argument("--compile", action="store_true", help="torch.compile the network")
+        g.add_argument(
+            "--shard", action="store_true", help="under torchrun: FSDP, each process holds 1/N of the training state"
+        )
         g.add_argument("--heartbeat", type=float, default=5.0, help="swarm: claim renewal period in seconds")
         g.add_argument("--run-timeout", type=float, default=0.0, help="swarm: give up if no run appears (0: wait)")
         g.add_argument(
@@ -439,6 +442,8 @@ def _device_and_precision(args: argparse.Namespace, default_device: str = "") ->
 def _train_config(args: argparse.Namespace, steps: int, minutes: float):
     from training.loop import TrainConfig
 
+    if args.shard and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise UsageError("--shard splits a network over an island: start it with torchrun --nproc-per-node N")
     device, precision = _device_and_precision(args)
     return TrainConfig(
         ckpt_root="",  # set per job
@@ -455,6 +460,7 @@ def _train_config(args: argparse.Namespace, steps: int, minutes: float):
         accum=args.accum,
         workers=args.workers,
         warmup_steps=args.warmup_steps,
+        shard=args.shard,
     )
 
 

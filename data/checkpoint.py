@@ -17,6 +17,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,13 +58,20 @@ def _hash_files(folder: Path) -> dict[str, str]:
     }
 
 
-def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Flatten an optimizer's state into named tensors + JSON-able param groups (no pickle)."""
+def _to_cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+def optimizer_to_tensors(
+    opt: torch.optim.Optimizer, whole: Callable[[torch.Tensor], torch.Tensor] = _to_cpu
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Flatten an optimizer's state into named tensors + JSON-able param groups (no pickle);
+    ``whole`` turns each state tensor into the one to save (a sharded one is gathered)."""
     sd = opt.state_dict()
     tensors = {}
     for pid, state in sd["state"].items():
         for k, v in state.items():
-            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().to("cpu", copy=True)
+            tensors[f"opt.{pid}.{k}"] = whole(torch.as_tensor(v))
     return tensors, sd["param_groups"]
 
 

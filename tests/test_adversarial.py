@@ -150,7 +150,9 @@ def test_bogus_and_poisoned_checkpoints_are_refused_and_never_served(attacked):
     m, run = attacked.mallory, attacked.run
     honest = claims.latest_checkpoint(attacked.snap(["expert_0"]), "expert_0")
     assert honest is not None
-    bogus = CheckpointRecord(run.manifest_sha256, 10**9, "b" * 64, 1, run.objectives[0], run.presets[0], 0.0, [m.peer_id])
+    bogus = CheckpointRecord(
+        run.manifest_sha256, 10**9, "b" * 64, 1, run.objectives[0], run.presets[0], 0.0, [m.peer_id]
+    )
     m.store(ckpt_key("expert_0"), bogus, CKPT_TTL_S)
 
     def refused(sha):

@@ -45,9 +45,15 @@ def _history(ckpt_root: Path) -> list:
     return latest_checkpoint(ckpt_root).meta["loss_history"]
 
 
+def _weights(ckpt_root: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(next((latest_checkpoint(ckpt_root).model_dir).glob("*.safetensors")))
+
+
 def test_two_processes_follow_one_process_and_resume_with_any_count(small_run, tmp_path):
     data = ["--role", "trainer", "--local", "--workdir", str(small_run), "--expert", "0"]
-    one, two, mixed = tmp_path / "one", tmp_path / "two", tmp_path / "mixed"
+    one, two, mixed, sharded = (tmp_path / d for d in ("one", "two", "mixed", "sharded"))
     node(*data, "--ckpt-dir", str(one), "--steps", "6", "--batch-size", "16", "--threads", "1")
     proc = torchrun(2, [*data, "--ckpt-dir", str(two), "--steps", "6", "--batch-size", "8"], tmp_path / "two.log")
     assert proc.wait(timeout=300) == 0, (tmp_path / "two.log").read_text()[-3000:]
@@ -62,10 +68,23 @@ def test_two_processes_follow_one_process_and_resume_with_any_count(small_run, t
     # The island's checkpoint resumes in one process (and vice versa): the same trajectory as
     # training straight through, so the data position and the random draws carry over exactly.
     shutil.copytree(two, mixed)
+    shutil.copytree(one, sharded)
     node(*data, "--ckpt-dir", str(mixed), "--steps", "10", "--batch-size", "16", "--threads", "1")
     node(*data, "--ckpt-dir", str(one), "--steps", "10", "--batch-size", "16", "--threads", "1")
     a, m = _history(one / "expert_0"), _history(mixed / "expert_0")
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, m, strict=True)) < 1e-4, (a, m)
+
+    # --shard (FSDP: each process holds half of the weights, gradients, moments and EMA) resumes
+    # the one-process checkpoint and follows the same trajectory; its checkpoint is the same
+    # format, with the same sampling weights.
+    args = [*data, "--ckpt-dir", str(sharded), "--steps", "10", "--batch-size", "8", "--shard"]
+    proc = torchrun(2, args, tmp_path / "sharded.log")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "sharded.log").read_text()[-3000:]
+    s = _history(sharded / "expert_0")
+    assert [st for st, _ in s] == list(range(1, 11))
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, s, strict=True)) < 1e-4, (a, s)
+    wa, ws = _weights(one / "expert_0"), _weights(sharded / "expert_0")
+    assert wa.keys() == ws.keys() and max((wa[k] - ws[k]).abs().max().item() for k in wa) < 1e-4
 
 
 def test_a_dead_rank_makes_the_others_exit_with_one_line(small_run, tmp_path):
@@ -88,6 +107,7 @@ def _workers(proc: subprocess.Popen) -> list[int]:
 
 
 def test_swarm_island_rank0_claims_a_lost_claim_stops_every_rank_and_sigterm_saves_once(small_run, tmp_path):
+    """Sharded (FSDP), so stopping also runs the collective save: every rank gathers, rank 0 writes."""
     procs: list = []
     observer = None
     try:
@@ -96,7 +116,7 @@ def test_swarm_island_rank0_claims_a_lost_claim_stops_every_rank_and_sigterm_sav
         log = tmp_path / "island.log"
         proc = torchrun(
             2,
-            ["--role", "trainer", "--workdir", str(tmp_path / "t"), "--expert", "0", "--batch-size", "8"]
+            ["--role", "trainer", "--workdir", str(tmp_path / "t"), "--expert", "0", "--batch-size", "8", "--shard"]
             + ["--ckpt-every", "20", "--heartbeat", "2", "--initial-peers", *peers, "--host-maddrs", LOOPBACK],
             log,
         )

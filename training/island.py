@@ -82,11 +82,12 @@ class Island:
         self._collective(dist.all_reduce, out)
         return out / self.world
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank if it is True on any: how the island agrees to stop at one step."""
-        t = torch.tensor([1 if flag else 0], device=device)
+    def any_of(self, flags: list[bool], device: torch.device) -> list[bool]:
+        """Each flag True on every rank if it is True on any: how the island agrees to stop, or
+        to save, at one step (one collective for all of them)."""
+        t = torch.tensor([1 if f else 0 for f in flags], device=device)
         self._collective(dist.all_reduce, t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return [bool(v) for v in t.tolist()]
 
     def barrier(self) -> None:
         self._collective(dist.barrier)

@@ -164,7 +164,8 @@ def train_local(cfg: LocalTrainConfig, should_stop: Callable[[], bool] | None = 
     if result is None:
         return None  # another rank of the island: rank 0 reports
     if island is not None:
-        print(f"island of {island.world} processes: global batch {job.batch_size} x {tc.accum}", flush=True)
+        how = "sharded (FSDP)" if tc.shard else "DDP"
+        print(f"island of {island.world} processes, {how}: global batch {job.batch_size} x {tc.accum}", flush=True)
     if cfg.job == "router":
         acc = result.meta.get("heldout_accuracy", {})
         print(

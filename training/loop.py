@@ -8,6 +8,8 @@ periodic checkpoints and a loss-curve PNG.
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import math
 import time
@@ -34,6 +36,7 @@ from data.streaming import Batch, DataPosition
 from experts.device import PRECISIONS, autocast, enable_fast_matmul
 from training.island import Island, IslandError, forward_through
 from training.loader import load_batches
+from training.shard import full, like, shard, shard_optimizer_state
 
 console = Console(stderr=True, markup=False)  # logged errors hold multiaddrs like [/ip4/...]
 
@@ -63,6 +66,7 @@ class TrainConfig:
     workers: int = 0  # processes decoding batches (0: the training process itself); resume stays exact
     accum: int = 1  # micro-batches of batch_size per optimizer step: global batch = batch_size x accum
     warmup_steps: int = -1  # linear LR warm-up over this many optimizer steps (-1: the preset's)
+    shard: bool = False  # in an island: FSDP (each rank holds 1/N of weights, gradients, AdamW, EMA)
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -99,15 +103,30 @@ def _save(
     position: DataPosition,
     history: list[list[float]],
     elapsed: float,
-) -> Checkpoint:
-    params = list(job.model.parameters())
-    opt_tensors, groups = optimizer_to_tensors(opt)
-    # On the CPU, whatever device trained it: a checkpoint resumes on any device.
-    tensors = {f"model.{k}": v.detach().to("cpu", copy=True) for k, v in job.model.state_dict().items()}
-    tensors.update({f"ema.{i}": p.detach().to("cpu", copy=True) for i, p in enumerate(ema.shadow_params)})
+    plain: torch.nn.Module | None = None,
+    write: bool = True,
+) -> Checkpoint | None:
+    """Write a checkpoint of the job. With a sharded network every rank calls this, since
+    gathering the whole tensors is collective; rank 0 (``write``) writes, evaluating and saving
+    the sampling weights in ``plain``, its unsharded copy of the network."""
+    whole = functools.partial(full, keep=write)  # whole and on the CPU: it resumes on any device
+    opt_tensors, groups = optimizer_to_tensors(opt, whole)
+    tensors = {f"model.{k}": whole(v) for k, v in job.model.state_dict().items()}
+    tensors.update({f"ema.{i}": whole(p) for i, p in enumerate(ema.shadow_params)})
     tensors.update(opt_tensors)
-    ema.store(params)
-    ema.copy_to(params)  # the sampling weights are the EMA weights; evaluate and save those
+    if not write:
+        return None
+    # The sampling weights are the EMA weights; evaluate and save those.
+    trained, params = job.model, list(job.model.parameters())
+    if plain is None:
+        ema.store(params)
+        ema.copy_to(params)
+    else:
+        plain.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        with torch.no_grad():
+            for i, p in enumerate(plain.parameters()):
+                p.copy_(tensors[f"ema.{i}"])
+        job.model = plain.to(params[0].device)
     try:
         if hasattr(job, "evaluate"):
             job.evaluate()
@@ -123,10 +142,16 @@ def _save(
         }
         return save_checkpoint(Path(cfg.ckpt_root), step, job.model, meta, tensors, keep=cfg.keep)
     finally:
-        ema.restore(params)
+        if plain is None:
+            ema.restore(params)
+        else:
+            job.model = trained
+            plain.to("cpu")
 
 
 def _resume(job: TrainJob, ema: EMAModel, opt: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    """Load a checkpoint's whole tensors into the job's network, EMA and optimizer, each laid out
+    as the live one is (this rank's shard of it in a sharded island)."""
     expected = job.meta()
     for key in ("kind", "manifest_sha256", "cluster", "objective"):
         if key in expected and ckpt.meta.get(key) != expected[key]:
@@ -135,11 +160,14 @@ def _resume(job: TrainJob, ema: EMAModel, opt: torch.optim.Optimizer, ckpt: Chec
                 f"{expected[key]!r}; move it away or use another --ckpt-dir"
             )
     tensors = load_train_tensors(ckpt)
-    job.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    live = job.model.state_dict()
+    saved = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    job.model.load_state_dict({k: like(v, live[k]) if k in live else v for k, v in saved.items()})
     shadows = [tensors[f"ema.{i}"] for i in range(len(ema.shadow_params))]
-    ema.shadow_params = [s.to(p.device, copy=True) for s, p in zip(shadows, ema.shadow_params, strict=True)]
+    ema.shadow_params = [like(s, p) for s, p in zip(shadows, ema.shadow_params, strict=True)]
     ema.optimization_step = int(ckpt.meta.get("ema_optimization_step", ckpt.step))
     optimizer_from_tensors(opt, tensors, ckpt.meta["optimizer_groups"])
+    shard_optimizer_state(opt)
 
 
 def plot_loss(history: list[list[float]], path: Path, title: str) -> None:
@@ -172,6 +200,8 @@ def learning_rate(base: float, step: int, warmup_steps: int) -> float:
 def _out_of_memory(job: TrainJob, cfg: TrainConfig) -> RuntimeError:
     b, a = job.batch_size, cfg.accum
     hint = f"--batch-size {b // 2} --accum {a * 2}" if b > 1 else "a smaller preset"
+    if not cfg.shard:
+        hint += "; with several GPUs, torchrun with --shard"
     return RuntimeError(
         f"{job.name}: out of GPU memory at batch size {b} x --accum {a} on {cfg.device}; "
         f"try {hint} (same global batch); the last checkpoint is intact"
@@ -259,18 +289,26 @@ def _train(job, cfg, should_stop, on_checkpoint, on_log, island=None) -> Checkpo
     torch.manual_seed(cfg.seed)
     device = torch.device(island.device(cfg.device) if island else cfg.device)
     main = island is None or island.main
+    if cfg.shard and island is None:
+        raise ValueError("--shard splits a network over an island: start it with torchrun --nproc-per-node N")
+    sharded = cfg.shard
     part = (island.rank, island.world) if island else (0, 1)
     if island is not None:
         island.join(device)
         _island_batch(job, cfg, island)
     enable_fast_matmul(device)
+    # Rank 0 of a sharded island keeps a whole copy in host memory to evaluate and save from.
+    plain = copy.deepcopy(job.model).cpu() if sharded and main else None
     model = job.model.to(device).train()
+    if sharded:  # every rank built the same network from the same seed: each keeps its shard
+        shard(model, device)
     if cfg.compile:
         model.compile()  # in place: parameter names (and so checkpoints) stay as they are
-    wrapped = island.wrap(model, device) if island else None  # syncs the ranks' weights from rank 0
+    # DDP syncs the ranks' weights from rank 0; a sharded network runs its forward as it is
+    wrapped = island.wrap(model, device) if island and not sharded else None
     params = list(model.parameters())
     cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=cfg.weight_decay, fused=cuda or None)
+    opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=cfg.weight_decay, fused=(cuda and not sharded) or None)
     # foreach: one kernel per step for all shadow weights, not one per tensor (~1,800 for XL/2)
     ema = EMAModel(params, decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3, foreach=True)
 
@@ -293,13 +331,17 @@ def _train(job, cfg, should_stop, on_checkpoint, on_log, island=None) -> Checkpo
     done_steps = lambda: cfg.steps > 0 and step >= cfg.steps  # noqa: E731
     out_of_time = lambda: cfg.minutes > 0 and time.monotonic() - t_start >= cfg.minutes * 60  # noqa: E731
 
+    saved_step = last.step if last is not None else None
+
     def save() -> Checkpoint | None:
+        nonlocal saved_step
         curve.flush()  # raises on a non-finite loss before anything is written
-        if not main:
-            return None  # rank 0 writes the island's checkpoints
+        saved_step = step
+        if not (main or sharded):
+            return None  # rank 0 writes the island's checkpoints (sharded: after all gather)
         elapsed = elapsed0 + time.monotonic() - t_start
-        saved = _save(job, cfg, ema, opt, step, samples, position, curve.history, elapsed)
-        if on_checkpoint is not None:
+        saved = _save(job, cfg, ema, opt, step, samples, position, curve.history, elapsed, plain, main)
+        if saved is not None and on_checkpoint is not None:
             on_checkpoint(saved)
         return saved
 
@@ -341,19 +383,22 @@ def _train(job, cfg, should_stop, on_checkpoint, on_log, island=None) -> Checkpo
                 if on_log is not None and main:
                     on_log(step, running, rate)
             stop = done_steps() or out_of_time() or (should_stop is not None and should_stop())
-            if island is not None:  # a stop any rank sees (signal, lost claim, time) is every rank's
-                stop = island.any(stop, device)
             due = step % cfg.ckpt_every_steps == 0 or time.monotonic() - t_ckpt >= cfg.ckpt_every_minutes * 60
-            if (due or stop) and main:
-                ckpt = save()
+            if island is not None:  # a stop any rank sees (signal, lost claim, time) is every rank's,
+                stop, due = island.any_of([stop, due], device)  # and so is a save (sharded: collective)
+            if due or stop:
+                saved = save()
                 t_ckpt = time.monotonic()
-                progress.console.log(f"{job.name}: checkpoint step {step} sha256 {ckpt.sha256[:12]}")
+                if main:
+                    ckpt = saved
+                    progress.console.log(f"{job.name}: checkpoint step {step} sha256 {ckpt.sha256[:12]}")
             if stop:
                 break
         progress.update(task, completed=step, description=f"step {step}  loss {curve.flush() or 0:.4f}  done")
+    if saved_step != step:  # the same on every rank: the island's flags and steps are shared
+        saved = save()
+        ckpt = saved if main else ckpt
     if not main:
         return None
-    if ckpt is None or ckpt.step != step:
-        ckpt = save()
     plot_loss(curve.history, Path(cfg.ckpt_root) / "loss.png", job.name)
     return ckpt
