@@ -83,6 +83,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/serving.py --pin
 	$(PY) benchmarks/adversarial.py
 	$(PY) benchmarks/island.py
+	$(PY) benchmarks/shard_memory.py --preset B/2
 
 clean:
 	rm -rf runs outputs exports
