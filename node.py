@@ -151,7 +151,7 @@ def _parser(role: str) -> RoleParser:
         )
         _swarm(p)
     elif role == "trainer":
-        from router.network import ROUTER_PRESETS
+        from router.presets import ROUTER_PRESETS
 
         _common(p, ("data", "ckpt"))
         _seed(p)
@@ -467,13 +467,16 @@ def _train_config(args: argparse.Namespace, steps: int, minutes: float):
 def run_trainer(args: argparse.Namespace) -> None:
     if args.local:
         return run_local_trainer(args)
-    from swarm.trainer import SwarmTrainer, SwarmTrainerConfig
-
     if args.job == "monolith":
         raise UsageError("the monolith baseline is trained on one machine: --role trainer --local --job monolith")
+    if args.replicas < 1:
+        raise UsageError("--replicas takes a count >= 1 (this node's own copy counts)")
     wanted = "router" if args.job == "router" else None
     if args.expert is not None and wanted is None:
         wanted = f"expert_{_one_expert(args)}"
+    train = _train_config(args, steps=0, minutes=0.0)  # bad flags fail before the heavy imports
+    from swarm.trainer import SwarmTrainer, SwarmTrainerConfig
+
     cfg = SwarmTrainerConfig(
         work_dir=str(Path(args.workdir) / "swarm"),
         wanted=wanted,
@@ -483,12 +486,10 @@ def run_trainer(args: argparse.Namespace) -> None:
         router_preset=args.router_preset,
         minutes=args.minutes,
         steps=args.steps,
-        train=_train_config(args, steps=0, minutes=0.0),  # the swarm trainer sets the budget per job
+        train=train,  # the swarm trainer sets the budget per job
         run_timeout_s=args.run_timeout,
         replicas=args.replicas,
     )
-    if args.replicas < 1:
-        raise UsageError("--replicas takes a count >= 1 (this node's own copy counts)")
     stop = stop_on_signals(args.role)
     island = _island(cfg.train.device)
     if island is not None and not island.main:
@@ -532,8 +533,6 @@ def _island(device: str):
 
 
 def run_local_trainer(args: argparse.Namespace) -> None:
-    from training.local import LocalTrainConfig, train_local
-
     if args.job == "expert":
         if args.expert is None:
             raise UsageError("--local training needs --expert K (or --job router / --job monolith)")
@@ -541,11 +540,14 @@ def run_local_trainer(args: argparse.Namespace) -> None:
     else:
         job = args.job
     data_dir, ckpt_dir = _dirs(args)
+    train = _train_config(args, steps=args.steps, minutes=args.minutes)  # bad flags fail before the heavy imports
+    from training.local import LocalTrainConfig, train_local
+
     cfg = LocalTrainConfig(
         data_dir=str(data_dir),
         ckpt_dir=str(ckpt_dir),
         job=job,
-        train=_train_config(args, steps=args.steps, minutes=args.minutes),
+        train=train,
         text_encoder=args.text_encoder,
         vae=args.vae,
         router_preset=args.router_preset,

@@ -8,9 +8,11 @@ The CLI's ``--preset choices=`` reads this table.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import PixArtTransformer2DModel
+if TYPE_CHECKING:  # the command line reads the table without importing torch and diffusers
+    import torch
+    from diffusers import PixArtTransformer2DModel
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ def get_preset(name: str) -> ExpertPreset:
 
 def build_expert(preset: ExpertPreset, text_dim: int) -> PixArtTransformer2DModel:
     """A freshly initialised expert: predicts a tensor of the input's shape (v or ε)."""
+    from diffusers import PixArtTransformer2DModel
+
     return PixArtTransformer2DModel(
         num_attention_heads=preset.heads,
         attention_head_dim=preset.head_dim,

@@ -6,7 +6,8 @@ import torch
 from experts.latent_space import VaeSpace
 from experts.presets import EXPERT_PRESETS, build_expert, count_parameters, expert_forward
 from experts.text_encoder import OpenClipEncoder, TextEncoderConfig, load_text_encoder
-from router.network import ROUTER_PRESETS, build_router
+from router.network import build_router
+from router.presets import ROUTER_PRESETS
 
 
 def test_preset_sizes_match_the_reference_shapes():

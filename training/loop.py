@@ -16,10 +16,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-from diffusers.training_utils import EMAModel
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -37,6 +36,9 @@ from experts.device import PRECISIONS, autocast, enable_fast_matmul
 from training.island import Island, IslandError, forward_through
 from training.loader import load_batches
 from training.shard import full, like, shard, shard_optimizer_state
+
+if TYPE_CHECKING:  # diffusers loads in seconds; the command line checks its flags before that
+    from diffusers.training_utils import EMAModel
 
 console = Console(stderr=True, markup=False)  # logged errors hold multiaddrs like [/ip4/...]
 
@@ -310,6 +312,8 @@ def _train(job, cfg, should_stop, on_checkpoint, on_log, island=None) -> Checkpo
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=cfg.weight_decay, fused=(cuda and not sharded) or None)
     # foreach: one kernel per step for all shadow weights, not one per tensor (~1,800 for XL/2)
+    from diffusers.training_utils import EMAModel
+
     ema = EMAModel(params, decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3, foreach=True)
 
     step, samples, position, history, elapsed0 = 0, 0, DataPosition(), [], 0.0
