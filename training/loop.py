@@ -302,7 +302,7 @@ def _train(job, cfg, should_stop, on_checkpoint, on_log, island=None) -> Checkpo
     # Rank 0 of a sharded island keeps a whole copy in host memory to evaluate and save from.
     plain = copy.deepcopy(job.model).cpu() if sharded and main else None
     model = job.model.to(device).train()
-    if sharded:  # every rank built the same network from the same seed: each keeps its shard
+    if sharded:  # each rank keeps its shard of rank 0's network
         shard(model, device)
     if cfg.compile:
         model.compile()  # in place: parameter names (and so checkpoints) stay as they are

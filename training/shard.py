@@ -26,6 +26,9 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the mesh puts each rank on its current GPU
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    with torch.no_grad():  # every rank starts from rank 0's weights, as DDP does
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
     units: list[str] = []  # the outermost blocks only: a block's inner lists shard with it
     for name, module in model.named_modules():
         inside = any(name.startswith(u + ".") for u in units)
