@@ -1,7 +1,7 @@
 """Sharded training within an island (``--shard``): FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 Under DDP every rank holds the whole network, its gradients, the AdamW moments and the EMA
-(about 16 bytes per parameter before activations: 11 GB for DiT-XL/2). Sharded, each rank holds
+(20 bytes per parameter before activations: 11.3 GiB for XL/2, measured). Sharded, each rank holds
 1/N of each, and a block's full weights exist only while that block computes. Gradients are
 averaged over the ranks as under DDP, so a sharded island follows the same trajectory.
 
