@@ -215,7 +215,10 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--from-export", help="load an exported folder instead of checkpoints")
         g.add_argument("--local-experts", help="experts to run here: 0,3 or all (swarm default: none)")
         g.add_argument(
-            "--server-timeout", type=float, default=30.0, help="swarm: seconds to wait for a server when none is up"
+            "--server-timeout",
+            type=float,
+            default=30.0,
+            help="swarm: seconds to wait for a server, or for the router's checkpoint, while none is up",
         )
         g.add_argument("--output", help="PNG path (default outputs/<prompt>.png)")
         g.add_argument("--mode", default="topk", choices=MODES, help="how the router's experts are combined")

@@ -191,6 +191,9 @@ class Soak:
             self.report.requested += 1
             args = ["--role", "client", prompts[i % len(prompts)], "--workdir", str(self.work / "client"), *join]
             args += ["--steps", str(self.cfg.client_steps), "--mode", "topk", "--k", "2", "--seed", str(i)]
+            # A killed node takes up to a minute to be back when 8 share 2 cores: wait that long for
+            # a server or the router's checkpoint rather than the default 30 s.
+            args += ["--server-timeout", "120"]
             client = NodeProcess("client", [*args, "--output", str(out)], self.logs / f"client-{i:04d}.log")
             try:
                 rc = client.proc.wait(timeout=600)

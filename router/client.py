@@ -39,7 +39,7 @@ class ClientConfig:
     vae: str = ""  # the VAE folder of a latent-space set
     device: str = "cpu"  # where the experts run here run their forward passes
     precision: str = "fp32"  # fp32 or bf16 (autocast)
-    server_wait_s: float = 30.0  # swarm: wait this long for a server when none is up (one restarting)
+    server_wait_s: float = 30.0  # swarm: wait this long for a server or the router when none is up (restarting)
 
     def __post_init__(self) -> None:
         if not self.prompts:

@@ -210,7 +210,7 @@ def swarm_ensemble(
             f"no server is up for any expert of run {run.manifest_sha256[:12]} "
             "(start one with --role server --expert K, or run experts here with --local-experts 0,1 or all)"
         )
-    got = fetch_published(node, blobs, run, Path(folder), ["router"] + [f"expert_{k}" for k in local])
+    got = _fetch_router(node, blobs, run, Path(folder), ["router"] + [f"expert_{k}" for k in local], server_wait_s)
     router_ckpt = got["router"]
     router = RouterNet.from_pretrained(router_ckpt.model_dir, low_cpu_mem_usage=False).eval()
     experts, objectives, served_by, encoders, shapes = {}, {}, {}, set(), set()
@@ -245,6 +245,23 @@ def swarm_ensemble(
         pool.events if pool is not None else [],
     )
     return ens, pool
+
+
+def _fetch_router(node: SwarmNode, blobs: BlobService, run, folder: Path, jobs: list[str], wait_s: float) -> dict:
+    """``fetch_published``, retried for up to ``wait_s``: in a churning swarm the router's owner
+    may have been killed before any mirror held its newest checkpoint, until it restarts."""
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            return fetch_published(node, blobs, run, folder, jobs)
+        except SwarmError as e:
+            if time.monotonic() >= deadline:
+                raise
+            if not said:
+                print(f"{e}; waiting up to {wait_s:.0f}s for one", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(2.0)
 
 
 def run_swarm_client(node: SwarmNode, cfg: ClientConfig) -> Path:

@@ -333,4 +333,11 @@ def _session(blobs: BlobService, peer: str, frames: list[bytes]) -> list[tuple[d
             writer.close()
         return replies
 
-    return blobs.call(go(), timeout=120)
+    # Under load the p2p daemon has handed back a stream already closed, before the server's
+    # handler ever ran (its log showed no session): open a new one, as a client would on failover.
+    for attempt in range(3):
+        try:
+            return blobs.call(go(), timeout=120)
+        except asyncio.IncompleteReadError as e:
+            if e.partial or attempt == 2:
+                raise

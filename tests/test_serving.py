@@ -309,3 +309,28 @@ def test_a_restarted_server_is_found_again_mid_generation(swarm):
     assert not routing["reroutes"], routing["reroutes"]
     assert any("found again" in e for e in routing["failovers"]), routing["failovers"]
     assert all("1" in w for w in routing["where"])  # expert 1 served every step
+
+
+def test_client_waits_for_the_routers_checkpoint_while_its_providers_restart(monkeypatch, capsys):
+    """With no router checkpoint to be had (its owner killed before a mirror held it), the client
+    retries for ``--server-timeout`` rather than failing the image at once, and says so once."""
+    import swarm.client as client
+    from swarm.dht import SwarmError
+
+    calls = []
+
+    def fetch(node, blobs, run, folder, jobs):
+        calls.append(jobs)
+        if len(calls) < 3:
+            raise SwarmError("the router's checkpoint could not be had: none is published yet")
+        return {"router": "ckpt"}
+
+    monkeypatch.setattr(client, "fetch_published", fetch)
+    monkeypatch.setattr(client.time, "sleep", lambda s: None)
+    assert client._fetch_router(None, None, None, None, ["router"], wait_s=60) == {"router": "ckpt"}
+    assert len(calls) == 3
+    assert capsys.readouterr().err.count("waiting up to 60s") == 1
+    calls.clear()
+    with pytest.raises(SwarmError, match="none is published yet"):
+        client._fetch_router(None, None, None, None, ["router"], wait_s=0)
+    assert len(calls) == 1
