@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
 DEMO_TRAINERS ?= 2
-EXPERT_STEPS ?= 250
+EXPERT_STEPS ?= 2000
 ROUTER_STEPS ?= 120
 EVAL := runs/eval
 EVAL_N ?= 500
@@ -69,7 +69,7 @@ $(EVAL)/data/manifest.json: | $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -48,7 +48,9 @@ EXPERT_PRESETS: dict[str, ExpertPreset] = {
     p.name: p
     for p in (
         ExpertPreset("tiny", "pixel", 32, 3, 128, 6, 4, 4, batch_size=64, lr=1e-3),
-        ExpertPreset("tiny16", "pixel", 16, 3, 128, 6, 4, 2, batch_size=64, lr=1e-3),
+        # Batch 8: on the CPU a step is the scarce thing, not samples. At the demo's 16,000 samples per
+        # expert, batch 8 x 2,000 steps gives top-1 FID 113 where batch 64 x 250 gave 152 (README).
+        ExpertPreset("tiny16", "pixel", 16, 3, 128, 6, 4, 2, batch_size=8, lr=1e-3),
         ExpertPreset("small", "pixel", 32, 3, 192, 8, 6, 2, batch_size=32, lr=5e-4),
         ExpertPreset("B/2", "latent", 32, 4, 768, 12, 12, 2, batch_size=64, lr=1e-4, warmup_steps=500),
         ExpertPreset("XL/2", "latent", 32, 4, 1152, 28, 16, 2, batch_size=32, lr=1e-4, warmup_steps=1000),

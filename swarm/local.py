@@ -3,7 +3,7 @@ live status dashboard, then expert servers for the trained experts and a client 
 denoising step to them and draws a grid — every one a real ``node.py`` process talking over
 127.0.0.1. ``make demo`` runs this.
 
-    python -m swarm.local --workdir runs/demo --trainers 2 --expert-steps 300 --router-steps 150 \\
+    python -m swarm.local --workdir runs/demo --trainers 2 --expert-steps 2000 --router-steps 120 \\
         --output outputs/demo.png "red apple" "rocket"
 
 Each node runs in its own session, logs to ``<workdir>/logs/<name>.log``, and is stopped on exit,
@@ -93,9 +93,9 @@ class LocalSwarmConfig:
     workdir: str = "runs/demo"
     trainers: int = 2
     clusters: int = 4
-    expert_steps: int = 300
-    router_steps: int = 150
-    ckpt_every: int = 100
+    expert_steps: int = 2000
+    router_steps: int = 120
+    ckpt_every: int = 1000  # steps: each published checkpoint is verified and mirrored (CPU the trainers share)
     prompts: list[str] = field(default_factory=lambda: ["red apple"])
     output: str = "outputs/demo.png"
     client_args: list[str] = field(default_factory=lambda: ["--mode", "topk", "--k", "2", "--steps", "30"])
@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--trainers", type=int, default=2)
     p.add_argument("--clusters", type=int, default=4)
-    p.add_argument("--expert-steps", type=int, default=300)
-    p.add_argument("--router-steps", type=int, default=150)
+    p.add_argument("--expert-steps", type=int, default=2000)
+    p.add_argument("--router-steps", type=int, default=120)
     p.add_argument("--servers", type=int, default=2, help="expert servers after training (0: client runs all)")
     p.add_argument("--output", default="outputs/demo.png")
     args = p.parse_args(argv)
