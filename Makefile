@@ -44,6 +44,7 @@ demo: $(STAMP)
 		--expert-steps $(EXPERT_STEPS) --router-steps $(ROUTER_STEPS) --output outputs/demo.png $(PROMPTS)
 
 # Quality against training compute, DDM's figure: for each seed, the same 4 experts + router trained
+# (experts two at a time, one thread each: a batch-8 step is too small to use two cores)
 # to 1x, 2x and 4x the demo's budget (each budget resumes the last) and, at each, the monolith trained
 # with the experts' total samples; every (seed, budget) evaluated by FID of top-1, top-2, the full
 # ensemble and the monolith against the training split (the held-out split beside it), EVAL_N images
@@ -53,9 +54,10 @@ eval: $(STAMP) $(EVAL)/data/manifest.json
 	last=$$(echo $(EVAL_BUDGETS) | tr ' ' '\n' | tail -1); \
 	for s in $(EVAL_SEEDS); do for b in $(EVAL_BUDGETS); do \
 		ck="--data-dir $(EVAL)/data --ckpt-dir $(EVAL)/seed_$$s/checkpoints --seed $$s"; \
-		for k in 0 1 2 3; do \
-			$(PY) node.py --role trainer --local $$ck --expert $$k --steps $$(( b * $(EXPERT_STEPS) )) || exit 1; \
-		done; \
+		for pair in "0 1" "2 3"; do pids=""; for k in $$pair; do \
+			$(PY) node.py --role trainer --local $$ck --expert $$k --steps $$(( b * $(EXPERT_STEPS) )) --threads 1 & \
+			pids="$$pids $$!"; \
+		done; for p in $$pids; do wait $$p || { kill $$pids 2>/dev/null; exit 1; }; done; done; \
 		$(PY) node.py --role trainer --local $$ck --job router --steps $$(( b * $(ROUTER_STEPS) )) || exit 1; \
 		$(PY) node.py --role trainer --local $$ck --job monolith || exit 1; \
 		n=$(EVAL_N); [ $$b = $$last ] && n=$(EVAL_N_LAST); \
