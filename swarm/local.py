@@ -202,13 +202,14 @@ def _interrupt(*_) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m swarm.local", description=__doc__.split("\n\n")[0])
     p.add_argument("prompts", nargs="+")
-    p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--trainers", type=int, default=2)
-    p.add_argument("--clusters", type=int, default=4)
-    p.add_argument("--expert-steps", type=int, default=2000)
-    p.add_argument("--router-steps", type=int, default=120)
-    p.add_argument("--servers", type=int, default=2, help="expert servers after training (0: client runs all)")
-    p.add_argument("--output", default="outputs/demo.png")
+    d = LocalSwarmConfig  # one place for the defaults
+    p.add_argument("--workdir", default=d.workdir)
+    p.add_argument("--trainers", type=int, default=d.trainers)
+    p.add_argument("--clusters", type=int, default=d.clusters)
+    p.add_argument("--expert-steps", type=int, default=d.expert_steps)
+    p.add_argument("--router-steps", type=int, default=d.router_steps)
+    p.add_argument("--servers", type=int, default=d.servers, help="expert servers after training (0: client runs all)")
+    p.add_argument("--output", default=d.output)
     args = p.parse_args(argv)
     if args.trainers < 1 or args.expert_steps < 1 or args.router_steps < 1:
         print("error: --trainers, --expert-steps and --router-steps must be at least 1", file=sys.stderr)
