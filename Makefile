@@ -15,6 +15,7 @@ EVAL_N_LAST ?= 1000
 EVAL_BUDGETS ?= 1 2 4
 EVAL_SEEDS ?= 0 1
 EVAL_OUT ?= outputs/eval
+EVAL_ROWS ?= top-1,top-2,full,oracle,monolith,monolith@S
 HOLDOUT ?= 0.1
 PROMPTS := "red apple" "grinning face" "red heart" "flag: Japan" "dog face" "woman" "sun" "rocket"
 
@@ -47,11 +48,15 @@ demo: $(STAMP)
 # (experts two at a time, one thread each: a batch-8 step is too small to use two cores)
 # to 1x, 2x and 4x the demo's budget (each budget resumes the last) and, at each, the monolith trained
 # with the experts' total samples; every (seed, budget) evaluated by FID of top-1, top-2, the full
-# ensemble and the monolith against the training split (the held-out split beside it), EVAL_N images
+# ensemble, the oracle (each image's own cluster's expert, no router: what the router costs), the
+# monolith and the monolith at the experts' step count (monolith@S: equal steps, i.e. equal wall-clock
+# on K machines; the monolith keeps those steps' checkpoints on its way) against the training split
+# (the held-out split beside it), EVAL_N images
 # (EVAL_N_LAST at the largest budget). Report: $(EVAL_OUT)/budgets.md, fid_flops.png, and
 # $(EVAL_OUT)/seed_S/budget_B/ (eval.md, eval.json, fid.png, usage.png, samples.png).
 eval: $(STAMP) $(EVAL)/data/manifest.json
 	last=$$(echo $(EVAL_BUDGETS) | tr ' ' '\n' | tail -1); \
+	keep=$$(for b in $(EVAL_BUDGETS); do echo $$(( b * $(EXPERT_STEPS) )); done | paste -sd,); \
 	for s in $(EVAL_SEEDS); do for b in $(EVAL_BUDGETS); do \
 		ck="--data-dir $(EVAL)/data --ckpt-dir $(EVAL)/seed_$$s/checkpoints --seed $$s"; \
 		for pair in "0 1" "2 3"; do pids=""; for k in $$pair; do \
@@ -59,9 +64,9 @@ eval: $(STAMP) $(EVAL)/data/manifest.json
 			pids="$$pids $$!"; \
 		done; for p in $$pids; do wait $$p || { kill $$pids 2>/dev/null; exit 1; }; done; done; \
 		$(PY) node.py --role trainer --local $$ck --job router --steps $$(( b * $(ROUTER_STEPS) )) || exit 1; \
-		$(PY) node.py --role trainer --local $$ck --job monolith || exit 1; \
+		$(PY) node.py --role trainer --local $$ck --job monolith --keep-steps $$keep || exit 1; \
 		n=$(EVAL_N); [ $$b = $$last ] && n=$(EVAL_N_LAST); \
-		$(PY) node.py --role eval $$ck --eval-reference train --eval-n $$n --eval-rows top-1,top-2,full,monolith \
+		$(PY) node.py --role eval $$ck --eval-reference train --eval-n $$n --eval-rows $(EVAL_ROWS) \
 			--output $(EVAL_OUT)/seed_$$s/budget_$$b > /dev/null || exit 1; \
 	done; done
 	$(PY) -m evaluation.budgets $(EVAL_OUT)

@@ -173,6 +173,12 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--router-preset", default="tiny", choices=sorted(ROUTER_PRESETS))
         g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps")
         g.add_argument("--ckpt-minutes", type=float, default=5.0, help="and at least every M minutes")
+        g.add_argument(
+            "--keep-steps",
+            type=_step_list,
+            default=(),
+            help="also checkpoint these steps and never prune them, comma-separated (e.g. 2000,8000)",
+        )
         g.add_argument("--accum", type=int, default=1, help="micro-batches per step: global batch = batch x accum")
         g.add_argument("--workers", type=int, default=0, help="processes decoding batches (0: this one)")
         g.add_argument("--warmup-steps", type=int, default=-1, help="linear LR warm-up (-1: the preset's)")
@@ -339,6 +345,17 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise UsageError(f"{flag} takes integers like 0 or 0,3; got {text!r}") from None
 
 
+def _step_list(text: str) -> tuple[int, ...]:
+    """``--keep-steps``: positive step numbers, comma-separated."""
+    try:
+        steps = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        steps = ()
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"takes positive steps like 2000 or 2000,8000; got {text!r}")
+    return steps
+
+
 def _one_expert(args: argparse.Namespace) -> int:
     k = _int_list(args.expert, "--expert")
     if len(k) != 1:
@@ -464,6 +481,7 @@ def _train_config(args: argparse.Namespace, steps: int, minutes: float):
         workers=args.workers,
         warmup_steps=args.warmup_steps,
         shard=args.shard,
+        keep_steps=args.keep_steps,
     )
 
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +91,10 @@ def save_checkpoint(
     meta: dict,
     train_tensors: dict[str, torch.Tensor] | None = None,
     keep: int = 3,
+    keep_steps: Collection[int] = (),
 ) -> Checkpoint:
-    """Write ``root/step_<step>`` atomically (temp folder + rename) and prune old ones."""
+    """Write ``root/step_<step>`` atomically (temp folder + rename) and prune old ones: all but the
+    last ``keep``, except the steps in ``keep_steps`` (milestones a later comparison needs)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -107,7 +109,8 @@ def save_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if int(old.name.removeprefix("step_")) not in keep_steps:
+            shutil.rmtree(old, ignore_errors=True)
     return Checkpoint(final, full_meta, hashlib.sha256(raw).hexdigest())
 
 

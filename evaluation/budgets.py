@@ -5,10 +5,15 @@ continues the last) for each of two seeds, and evaluates each (budget, seed) wit
 into ``<out>/seed_<s>/budget_<b>/eval.json``. This module reads those reports and writes:
 
     budgets.md    per budget and row: FID for each seed, their mean and spread, the held-out FID
-                  beside it, and the training FLOPs the row's models cost
+                  beside it, and the training FLOPs the row's models cost; then what the gap between
+                  the ensemble and the monolith is made of, per budget and seed, as paired differences
+                  with their 95 % intervals: what the router loses (top-1 against the oracle), what
+                  the experts give at equal compute (oracle against the monolith) and at equal steps
+                  (oracle against monolith@S, the monolith at the experts' step count)
     budgets.json  the same numbers
     fid_flops.png FID (mean over seeds, bars: the seeds' range) against total training FLOPs, one
-                  line each for top-1, top-2, the full ensemble and the monolith
+                  line each for top-1, top-2, the full ensemble, the oracle and the monolith (and the
+                  monolith at the experts' steps, at its own, smaller, FLOPs)
 
     python -m evaluation.budgets outputs/eval
 """
@@ -18,31 +23,50 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-ROWS = ("top-1", "top-2", "full", "monolith")  # DDM's figure: the routing modes and the baseline
+# DDM's figure: the routing modes and the baseline; the oracle and the monolith at the experts' step
+# count say where the gap comes from (the router, or the experts at equal compute or equal steps).
+AT_STEPS = "monolith@S"
+ROWS = ("top-1", "top-2", "full", "oracle", "monolith", AT_STEPS)
+# (what it measures, a, b): Δ = FID(a) − FID(b), paired, from each report's comparisons
+GAP = (
+    ("what the router loses", "top-1", "oracle"),
+    ("the experts at equal compute", "oracle", "monolith"),
+    ("the experts at equal steps", "oracle", AT_STEPS),
+)
 _DIR = re.compile(r"seed_(\d+)/budget_(\d+(?:\.\d+)?)$")
+_AT = re.compile(r"monolith@\d+$")
+
+
+def row_kind(name: str) -> str:
+    """A report's row name as this summary groups it: ``monolith@8000`` is ``monolith@S``."""
+    return AT_STEPS if _AT.match(name) else name
+
+
+def reports(root: Path) -> Iterator[tuple[int, float, dict]]:
+    """(seed, budget, eval.json) for every ``seed_S/budget_B`` report under ``root``."""
+    for path in sorted(root.glob("seed_*/budget_*/eval.json")):
+        if m := _DIR.search(path.parent.as_posix()):
+            yield int(m[1]), float(m[2]), json.loads(path.read_text())
 
 
 def collect(root: Path) -> list[dict]:
     """One entry per (seed, budget, row) found under ``root``."""
     out = []
-    for path in sorted(root.glob("seed_*/budget_*/eval.json")):
-        m = _DIR.search(path.parent.as_posix())
-        if not m:
-            continue
-        report = json.loads(path.read_text())
+    for seed, budget, report in reports(root):
         flops = report.get("train_flops", {})
         for row in report["rows"]:
-            if row["name"] not in ROWS:
+            if row_kind(row["name"]) not in ROWS:
                 continue
             out.append(
                 {
-                    "seed": int(m[1]),
-                    "budget": float(m[2]),
-                    "row": row["name"],
+                    "seed": seed,
+                    "budget": budget,
+                    "row": row_kind(row["name"]),
                     "fid": row["fid"],
                     "fid_heldout": row.get("fid_heldout"),
                     "images": report["heldout_images"],
@@ -51,6 +75,17 @@ def collect(root: Path) -> list[dict]:
                 }
             )
     return out
+
+
+def gap(root: Path) -> list[dict]:
+    """Per (budget, seed): the paired differences of ``GAP`` that its report holds."""
+    out = []
+    for seed, budget, report in reports(root):
+        for what, a, b in GAP:
+            for c in report.get("comparisons", []):
+                if c["a"] == a and row_kind(c["b"]) == b:
+                    out.append({"budget": budget, "seed": seed, "what": what, **c})
+    return sorted(out, key=lambda g: (g["budget"], g["seed"]))
 
 
 def summarise(entries: list[dict]) -> list[dict]:
@@ -81,7 +116,7 @@ def summarise(entries: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(summary: list[dict]) -> str:
+def markdown(summary: list[dict], gaps: list[dict] = ()) -> str:
     lines = [
         "# FID against training compute",
         "",
@@ -99,6 +134,23 @@ def markdown(summary: list[dict]) -> str:
             f"| {s['budget']:g}x | {s['row']} | {s['images']} | {per_seed} | {s['mean']:.1f} "
             f"[{s['low']:.1f}, {s['high']:.1f}] | {held} | {flops} |"
         )
+    if gaps:
+        lines += [
+            "",
+            "## What the gap is made of",
+            "",
+            "Paired differences Δ = FID(a) − FID(b) on the same images, 95 % interval from paired resamples; "
+            "negative: a is better. monolith@S is the monolith at the experts' step count (equal steps: "
+            "equal wall-clock when the K experts train on K machines).",
+            "",
+            "| budget | seed | what | a − b | Δ [95 % CI] |",
+            "|---:|---:|---|---|---|",
+        ]
+        for g in gaps:
+            ci = "" if g["delta_ci95"] is None else f" [{g['delta_ci95'][0]:+.1f}, {g['delta_ci95'][1]:+.1f}]"
+            lines.append(
+                f"| {g['budget']:g}x | {g['seed']} | {g['what']} | {g['a']} − {g['b']} | {g['delta']:+.1f}{ci} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -109,7 +161,13 @@ def plot(summary: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    styles = {"top-1": ("tab:blue", "o"), "top-2": ("tab:green", "s"), "full": ("tab:purple", "^")}
+    styles = {
+        "top-1": ("tab:blue", "o", "-"),
+        "top-2": ("tab:green", "s", "-"),
+        "full": ("tab:purple", "^", "-"),
+        "oracle": ("tab:gray", "v", "--"),
+        AT_STEPS: ("black", "D", ":"),
+    }
     for row in ROWS:
         pts = [s for s in summary if s["row"] == row and s["flops"]]
         if not pts:
@@ -117,9 +175,10 @@ def plot(summary: list[dict], path: Path) -> None:
         x = np.array([s["flops"] for s in pts])
         y = np.array([s["mean"] for s in pts])
         err = np.array([[s["mean"] - s["low"] for s in pts], [s["high"] - s["mean"] for s in pts]])
-        color, marker = styles.get(row, ("black", "D"))
+        color, marker, line = styles.get(row, ("black", "D", "-"))
         width = 2 if row == "monolith" else 1.5
-        ax.errorbar(x, y, yerr=err, color=color, marker=marker, capsize=3, label=row, lw=width)
+        label = "monolith at the experts' steps" if row == AT_STEPS else row
+        ax.errorbar(x, y, yerr=err, color=color, marker=marker, ls=line, capsize=3, label=label, lw=width)
         for s in pts:
             where = (s["flops"], s["mean"])
             ax.annotate(f"{s['budget']:g}x", where, textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -143,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     if not entries:
         print(f"error: no seed_*/budget_*/eval.json under {root}; run make eval first", file=sys.stderr)
         return 2
-    summary = summarise(entries)
-    (root / "budgets.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (root / "budgets.md").write_text(markdown(summary))
+    summary, gaps = summarise(entries), gap(root)
+    (root / "budgets.json").write_text(json.dumps({"rows": summary, "gap": gaps}, indent=1) + "\n")
+    (root / "budgets.md").write_text(markdown(summary, gaps))
     plot(summary, root / "fid_flops.png")
-    print(markdown(summary))
+    print(markdown(summary, gaps))
     print(f"wrote {root}/budgets.md, budgets.json, fid_flops.png")
     return 0
 

@@ -603,6 +603,7 @@ COMPARISONS = (
     ("equal wall-clock on K machines", "routed", f"{MONOLITH}@"),
     ("what the router loses", "top-1", ORACLE),
     ("what the experts give", ORACLE, MONOLITH),
+    ("what the experts give at equal steps", ORACLE, f"{MONOLITH}@"),
 )
 
 

@@ -124,7 +124,8 @@ def markdown_report(report: dict) -> str:
             "- equal wall-clock on K machines: the monolith at the experts' step count — what one machine "
             "trains in the time K machines train the experts side by side — against the routed rows.",
             "- what the router loses: top-1 against the oracle (each image's own cluster's expert at every "
-            "step); what the experts give: the oracle against the monolith at equal compute.",
+            "step); what the experts give: the oracle against the monolith at equal compute, and at equal "
+            "steps (the monolith at the experts' step count).",
         ]
     routing = report.get("routing_by_step")
     if routing:

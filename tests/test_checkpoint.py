@@ -1,4 +1,5 @@
-"""Checkpoints: hash-verified loading, refusal of corrupt files, exact optimizer round trip."""
+"""Checkpoints: hash-verified loading, refusal of corrupt files, exact optimizer round trip, the
+milestones that pruning leaves alone."""
 
 import json
 
@@ -16,6 +17,8 @@ from data.checkpoint import (
     verify_checkpoint,
 )
 from router.network import RouterNet
+from tests.test_training_device import FixedJob
+from training.loop import TrainConfig, train
 
 
 def _tiny_model() -> RouterNet:
@@ -32,6 +35,20 @@ def test_save_verify_and_prune(tmp_path):
     assert torch.equal(load_train_tensors(again)["x"], torch.ones(3))
     with pytest.raises(CheckpointError, match="sha256"):
         verify_checkpoint(ck.path, expected_sha256="0" * 64)
+
+
+def test_milestone_steps_are_never_pruned(tmp_path):
+    model = _tiny_model()
+    for step in (1, 2, 3, 4, 5):
+        save_checkpoint(tmp_path, step, model, {"kind": "router"}, keep=2, keep_steps=(2,))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004", "step_00000005"]
+    assert latest_checkpoint(tmp_path).step == 5  # a milestone is not where training resumes
+
+
+def test_the_loop_saves_a_milestone_between_its_regular_checkpoints(tmp_path):
+    cfg = TrainConfig(ckpt_root=str(tmp_path), steps=6, batch_size=8, ckpt_every_steps=2, keep=1, keep_steps=(3,))
+    train(FixedJob(batch_size=8), cfg)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006"]
 
 
 def test_flipped_byte_is_refused(tmp_path):

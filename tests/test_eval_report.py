@@ -358,6 +358,7 @@ def test_the_three_comparisons_are_stated(report_run):
         ("equal wall-clock on K machines", "top-1", f"monolith@{s}"),
         ("what the router loses", "top-1", "oracle"),
         ("what the experts give", "oracle", "monolith"),
+        ("what the experts give at equal steps", "oracle", f"monolith@{s}"),
     ]:
         c = by[key]
         assert c["delta"] == pytest.approx(fids[key[1]] - fids[key[2]])
@@ -425,7 +426,7 @@ def test_fid_against_the_training_split_with_held_out_beside_and_the_flops_figur
     out = tmp_path / "eval" / "seed_0" / "budget_1"
     node(
         "--role", "eval", "--workdir", str(work), "--eval-reference", "train", "--eval-n", "10",
-        "--steps", str(STEPS), "--eval-rows", "top-1,monolith", "--output", str(out),
+        "--steps", str(STEPS), "--eval-rows", "top-1,oracle,monolith,monolith@S", "--output", str(out),
     )  # fmt: skip
     report = json.loads((out / "eval.json").read_text())
     assert report["reference"] == "train" and report["heldout_images"] == 10
@@ -439,5 +440,14 @@ def test_fid_against_the_training_split_with_held_out_beside_and_the_flops_figur
     assert budgets.main([str(tmp_path / "eval")]) == 0
     table = (tmp_path / "eval" / "budgets.md").read_text()
     assert "| 1x | top-1 | 10 |" in table and "| 1x | monolith | 10 |" in table
+    assert "| 1x | oracle | 10 |" in table and "| 1x | monolith@S | 10 |" in table
+    # the gap split into the router's part and the experts' at equal compute and at equal steps
+    s = _expert_steps(work)
+    for what, pair in (
+        ("what the router loses", "top-1 − oracle"),
+        ("the experts at equal compute", "oracle − monolith"),
+        ("the experts at equal steps", f"oracle − monolith@{s}"),
+    ):
+        assert f"| 1x | 0 | {what} | {pair} |" in table, table
     assert (tmp_path / "eval" / "fid_flops.png").stat().st_size > 1000
     assert budgets.main([str(tmp_path / "nothing")]) == 2

@@ -60,6 +60,7 @@ class TrainConfig:
     ckpt_every_minutes: float = 5.0
     log_every: int = 50
     keep: int = 3  # checkpoints kept on disk
+    keep_steps: tuple[int, ...] = ()  # also saved and never pruned (milestones a later comparison needs)
     seed: int = 0
     resume: bool = True
     device: str = "cpu"  # cpu, cuda, cuda:N (the command line picks cuda when there is one)
@@ -73,6 +74,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise ValueError("--workers must be at least 0")
+        if any(s < 1 for s in self.keep_steps):
+            raise ValueError("--keep-steps takes positive step numbers")
         if self.accum < 1 or self.warmup_steps < -1:
             raise ValueError("--accum must be at least 1 and --warmup-steps at least 0")
         if self.precision not in PRECISIONS:
@@ -142,7 +145,9 @@ def _save(
             "loss_history": history,
             "train_seconds": elapsed,
         }
-        return save_checkpoint(Path(cfg.ckpt_root), step, job.model, meta, tensors, keep=cfg.keep)
+        return save_checkpoint(
+            Path(cfg.ckpt_root), step, job.model, meta, tensors, keep=cfg.keep, keep_steps=cfg.keep_steps
+        )
     finally:
         if plain is None:
             ema.restore(params)
@@ -387,7 +392,11 @@ def _train(job, cfg, should_stop, on_checkpoint, on_log, island=None) -> Checkpo
                 if on_log is not None and main:
                     on_log(step, running, rate)
             stop = done_steps() or out_of_time() or (should_stop is not None and should_stop())
-            due = step % cfg.ckpt_every_steps == 0 or time.monotonic() - t_ckpt >= cfg.ckpt_every_minutes * 60
+            due = (
+                step % cfg.ckpt_every_steps == 0
+                or step in cfg.keep_steps
+                or time.monotonic() - t_ckpt >= cfg.ckpt_every_minutes * 60
+            )
             if island is not None:  # a stop any rank sees (signal, lost claim, time) is every rank's,
                 stop, due = island.any_of([stop, due], device)  # and so is a save (sharded: collective)
             if due or stop:
