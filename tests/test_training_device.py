@@ -51,7 +51,14 @@ class FixedJob:
         return torch.nn.functional.mse_loss(expert_forward(self.model, batch.images, t, states, mask), batch.images)
 
     def meta(self) -> dict:
-        return {"kind": "expert", "preset": get_preset("tiny").to_dict(), "objective": "fm", "text_encoder": "none"}
+        preset = get_preset("tiny").to_dict()
+        return {
+            "kind": "expert",
+            "preset": preset,
+            "objective": "fm",
+            "text_encoder": "none",
+            "batch_size": self.batch_size,
+        }
 
 
 def _cfg(root: Path, **kw) -> TrainConfig:
@@ -75,6 +82,16 @@ def test_bf16_autocast_trains_on_the_cpu_and_resumes_in_fp32(tmp_path: Path) -> 
     ck2 = train(resumed, _cfg(tmp_path, steps=5, precision="fp32"))
     assert ck2.step == 5 and ck2.meta["samples_seen"] == 40
     assert ck2.meta["data_position"]["index"] == 40  # the data position carried across precisions
+
+
+def test_resuming_at_another_batch_says_so(tmp_path: Path, capsys) -> None:
+    train(FixedJob(batch_size=8), _cfg(tmp_path, steps=2))
+    train(FixedJob(batch_size=8), _cfg(tmp_path, steps=3))
+    assert "note:" not in capsys.readouterr().err
+    ck = train(FixedJob(batch_size=4), _cfg(tmp_path, steps=4))
+    err = capsys.readouterr().err
+    assert "trained at batch 8" in err and "at batch 4;" in err, err  # rich wraps the line
+    assert ck.meta["samples_seen"] == 3 * 8 + 4
 
 
 def test_gradient_accumulation_equals_one_large_batch(tmp_path: Path) -> None:

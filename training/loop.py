@@ -330,6 +330,12 @@ def _train(job, cfg, should_stop, on_checkpoint, on_log, island=None) -> Checkpo
         history = [list(h) for h in last.meta.get("loss_history", [])]
         elapsed0 = float(last.meta.get("train_seconds", 0.0))
         console.log(f"{job.name}: resumed from step {step} ({last.path.name}, sha256 {last.sha256[:12]})")
+        was = last.meta.get("batch_size")
+        if was and was != job.batch_size:  # e.g. an old run's checkpoints under a preset whose batch changed
+            console.log(
+                f"note: {job.name}: its checkpoint trained at batch {was}, this run at batch {job.batch_size}; "
+                "a step is another number of samples from here on (samples_seen stays exact)"
+            )
 
     curve = LossCurve(history, job.name)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # differs after a resume
