@@ -166,7 +166,8 @@ def plot(summary: list[dict], path: Path) -> None:
         "top-2": ("tab:green", "s", "-"),
         "full": ("tab:purple", "^", "-"),
         "oracle": ("tab:gray", "v", "--"),
-        AT_STEPS: ("black", "D", ":"),
+        "monolith": ("black", "D", "-"),
+        AT_STEPS: ("tab:orange", "P", ":"),
     }
     for row in ROWS:
         pts = [s for s in summary if s["row"] == row and s["flops"]]
@@ -175,7 +176,7 @@ def plot(summary: list[dict], path: Path) -> None:
         x = np.array([s["flops"] for s in pts])
         y = np.array([s["mean"] for s in pts])
         err = np.array([[s["mean"] - s["low"] for s in pts], [s["high"] - s["mean"] for s in pts]])
-        color, marker, line = styles.get(row, ("black", "D", "-"))
+        color, marker, line = styles[row]
         width = 2 if row == "monolith" else 1.5
         label = "monolith at the experts' steps" if row == AT_STEPS else row
         ax.errorbar(x, y, yerr=err, color=color, marker=marker, ls=line, capsize=3, label=label, lw=width)
