@@ -50,13 +50,14 @@ demo: $(STAMP)
 # with the experts' total samples; every (seed, budget) evaluated by FID of top-1, top-2, the full
 # ensemble, the oracle (each image's own cluster's expert, no router: what the router costs), the
 # monolith and the monolith at the experts' step count (monolith@S: equal steps, i.e. equal wall-clock
-# on K machines; the monolith keeps those steps' checkpoints on its way) against the training split
+# on K machines; the monolith keeps the steps of budgets 1, 2, 4, 8 and EVAL_BUDGETS on its way, so
+# budgets run one make at a time find them too) against the training split
 # (the held-out split beside it), EVAL_N images
 # (EVAL_N_LAST at the largest budget). Report: $(EVAL_OUT)/budgets.md, fid_flops.png, and
 # $(EVAL_OUT)/seed_S/budget_B/ (eval.md, eval.json, fid.png, usage.png, samples.png).
 eval: $(STAMP) $(EVAL)/data/manifest.json
 	last=$$(echo $(EVAL_BUDGETS) | tr ' ' '\n' | tail -1); \
-	keep=$$(for b in $(EVAL_BUDGETS); do echo $$(( b * $(EXPERT_STEPS) )); done | paste -sd,); \
+	keep=$$(for b in 1 2 4 8 $(EVAL_BUDGETS); do echo $$(( b * $(EXPERT_STEPS) )); done | sort -nu | paste -sd,); \
 	for s in $(EVAL_SEEDS); do for b in $(EVAL_BUDGETS); do \
 		ck="--data-dir $(EVAL)/data --ckpt-dir $(EVAL)/seed_$$s/checkpoints --seed $$s"; \
 		for pair in "0 1" "2 3"; do pids=""; for k in $$pair; do \
