@@ -47,17 +47,20 @@ def row_kind(name: str) -> str:
     return AT_STEPS if _AT.match(name) else name
 
 
-def reports(root: Path) -> Iterator[tuple[int, float, dict]]:
+Report = tuple[int, float, dict]  # (seed, budget, eval.json)
+
+
+def reports(root: Path) -> Iterator[Report]:
     """(seed, budget, eval.json) for every ``seed_S/budget_B`` report under ``root``."""
     for path in sorted(root.glob("seed_*/budget_*/eval.json")):
         if m := _DIR.search(path.parent.as_posix()):
             yield int(m[1]), float(m[2]), json.loads(path.read_text())
 
 
-def collect(root: Path) -> list[dict]:
-    """One entry per (seed, budget, row) found under ``root``."""
+def collect(found: list[Report]) -> list[dict]:
+    """One entry per (seed, budget, row) of the reports ``found``."""
     out = []
-    for seed, budget, report in reports(root):
+    for seed, budget, report in found:
         flops = report.get("train_flops", {})
         for row in report["rows"]:
             if row_kind(row["name"]) not in ROWS:
@@ -77,10 +80,10 @@ def collect(root: Path) -> list[dict]:
     return out
 
 
-def gap(root: Path) -> list[dict]:
+def gap(found: list[Report]) -> list[dict]:
     """Per (budget, seed): the paired differences of ``GAP`` that its report holds."""
     out = []
-    for seed, budget, report in reports(root):
+    for seed, budget, report in found:
         for what, a, b in GAP:
             for c in report.get("comparisons", []):
                 if c["a"] == a and row_kind(c["b"]) == b:
@@ -199,11 +202,12 @@ def plot(summary: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     root = Path(argv[0] if argv else "outputs/eval")
-    entries = collect(root)
+    found = list(reports(root))  # each eval.json read once, for the table and for the gap
+    entries = collect(found)
     if not entries:
         print(f"error: no seed_*/budget_*/eval.json under {root}; run make eval first", file=sys.stderr)
         return 2
-    summary, gaps = summarise(entries), gap(root)
+    summary, gaps = summarise(entries), gap(found)
     (root / "budgets.json").write_text(json.dumps({"rows": summary, "gap": gaps}, indent=1) + "\n")
     (root / "budgets.md").write_text(markdown(summary, gaps))
     plot(summary, root / "fid_flops.png")
