@@ -160,6 +160,22 @@ def latest_checkpoint(snapshot: Snapshot, job: str) -> CheckpointRecord | None:
     return max(recs, key=lambda r: (r.step, r.sha256)) if recs else None
 
 
+def to_mirror(snapshot: Snapshot, job: str, accepted_here: CheckpointRecord | None) -> CheckpointRecord | None:
+    """The checkpoint of ``job`` a mirror should hold: the latest verified one, or the one this
+    node accepted itself when that is more advanced and nobody trusted refused it. An owner that
+    checkpoints faster than verifiers judge replaces each record before its verdict lands; the
+    verifier's own copy is then the job's verified progress."""
+    best = latest_checkpoint(snapshot, job)
+    if (
+        accepted_here is not None
+        and accepted_here.run == snapshot.run.manifest_sha256
+        and verdict(snapshot, job, accepted_here) is not False
+        and (best is None or accepted_here.step > best.step)
+    ):
+        return accepted_here
+    return best
+
+
 def pending(snapshot: Snapshot, job: str) -> list[tuple[bytes, CheckpointRecord]]:
     """Records of ``job`` ahead of its latest verified checkpoint that no trusted verifier has
     judged yet, most advanced first: what a verifier looks at next."""

@@ -37,6 +37,7 @@ def mirror_checkpoints(
     folder: Path,
     jobs: list[str] | None = None,
     publish: bool = False,
+    accepted: dict[str, CheckpointRecord] | None = None,
 ) -> dict[str, Checkpoint | str]:
     """Hold (and provide) the latest published checkpoint of each job (default: all of the run).
 
@@ -45,19 +46,22 @@ def mirror_checkpoints(
     reused; older copies of a job are deleted. With ``publish`` (long-lived mirrors: idle
     trainers, the preparer) this node also publishes a record of the copy under its own key, so
     the job's progress stays findable when its owner and the owner's record are gone.
+    ``accepted``: the checkpoints this node's verifier accepted (and fetched), per job; one more
+    advanced than the latest on record is held instead (:func:`claims.to_mirror`).
     """
     out: dict[str, Checkpoint | str] = {}
     for job in jobs or snap.run.jobs():
-        rec = claims.latest_checkpoint(snap, job)
+        rec = claims.to_mirror(snap, job, (accepted or {}).get(job))
         if rec is None:
             continue
         dest = folder / job / f"step_{rec.step:08d}"
         held = blobs.store.path(rec.sha256)
-        if held is not None:  # verified when it was added: no need to hash it again every round
+        if held is not None and held.is_file():  # verified when added: no need to hash it every round
             if held.parent.resolve() == dest.resolve():
                 out[job] = Checkpoint(dest, json.loads(held.read_bytes()), rec.sha256)
                 if publish:
                     _publish_replica(node, snap, job, rec)
+                _drop_others(folder / job, dest)  # e.g. copies the verifier accepted before this one
             continue  # else held elsewhere (this trainer's own checkpoint): nothing to mirror
         try:
             try:
@@ -73,10 +77,16 @@ def mirror_checkpoints(
         announce(node, blobs.store, only={got.sha256, *got.meta["files"].values()})
         if publish:
             _publish_replica(node, snap, job, rec)
-        for old in sorted((folder / job).glob("step_*")):
-            if old.resolve() != dest.resolve():
-                shutil.rmtree(old, ignore_errors=True)
+        _drop_others(folder / job, dest)
     return out
+
+
+def _drop_others(folder: Path, keep: Path) -> None:
+    """Delete every copy of the job but ``keep``: older ones, and any a verifier fetched and then
+    saw refused by someone it trusts."""
+    for old in sorted(folder.glob("step_*")):
+        if old.resolve() != keep.resolve():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _publish_replica(node: SwarmNode, snap: claims.Snapshot, job: str, rec: CheckpointRecord) -> None:

@@ -143,7 +143,7 @@ def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, cfg: Serve
             if verifier.verify_pending(snap):
                 snap = node.snapshot(run)
                 last_announce = 0.0  # refusals may have banned someone: show it
-            mirror_checkpoints(node, blobs, snap, mirror, publish=True)
+            mirror_checkpoints(node, blobs, snap, mirror, publish=True, accepted=verifier.accepted)
             if stop.wait(cfg.period_s):
                 break
     finally:

@@ -229,12 +229,23 @@ class SwarmTrainer:
             for p in self.node.read(peers_key(), PeerRecord).values()
         )
 
-    def await_replicas(self, job: str, ckpt: Checkpoint) -> int:
+    def await_replicas(self, job: str, ckpt: Checkpoint, run: RunRecord | None = None) -> int:
         """Hold the job (and the process) until ``replicas`` peers provide ``ckpt``, so leaving
-        loses no step; returns how many do. Alone in the swarm, this node's own copy is all."""
+        loses no step; returns how many do. Alone in the swarm, this node's own copy is all.
+        A checkpoint a verifier refused is never mirrored: then it stops waiting at once."""
         deadline = time.monotonic() + self.cfg.replica_timeout_s
         said = False
+        next_verdict = time.monotonic()
         while True:
+            if run is not None and time.monotonic() >= next_verdict:
+                next_verdict = time.monotonic() + 2.0  # a snapshot is several DHT reads
+                no = [v for v in claims.refused(self.node.snapshot(run, [job]), job) if v.sha256 == ckpt.sha256]
+                if no:
+                    console.log(
+                        f"{job}: step {ckpt.step} was refused ({no[0].reason}); releasing, the job "
+                        "goes on from its last accepted checkpoint"
+                    )
+                    return 1
             # Re-read each round: the mirrors may be leaving too (a whole swarm being stopped).
             want = self.cfg.replicas if self._mirrors_up() else 1
             have = len(self.node.providers(ckpt.sha256) | {self.node.peer_id})
@@ -257,7 +268,8 @@ class SwarmTrainer:
         """Verify what others published, then hold the latest verified checkpoint of every job."""
         if self.verifier is not None and self.verifier.verify_pending(snap):
             snap = self.node.snapshot(snap.run)
-        mirror_checkpoints(self.node, self.blobs, snap, self.work / "mirror", publish=True)
+        accepted = self.verifier.accepted if self.verifier is not None else None
+        mirror_checkpoints(self.node, self.blobs, snap, self.work / "mirror", publish=True, accepted=accepted)
 
     # ---------------------------------------------------------------- the loop
     def claim(self, run: RunRecord) -> tuple[str, ClaimRecord] | None:
@@ -361,7 +373,7 @@ class SwarmTrainer:
                 rec = claims.latest_checkpoint(self.node.snapshot(run, [job]), job)
                 if rec is None or rec.step < last.step:  # resumed at its target: nothing new was saved
                     self._publish(job, run, last)
-                self.await_replicas(job, last)
+                self.await_replicas(job, last, run)
             finally:
                 keeper.stop()
                 if not keeper.lost.is_set():

@@ -10,17 +10,24 @@ latest verified checkpoint, most advanced first, and publishes a signed verdict:
    what it trained before);
 2. then for the most advanced record a live peer provides: its blobs are fetched and hash-checked,
    its metadata is the job's (kind, cluster, objective, manifest, step), its weights fit the run's
-   network, and the worse of its sampling and training weights' held-out loss is no worse than the
-   last accepted checkpoint's (or the untrained network's) beyond :data:`LOSS_MARGIN`. That last
-   check refuses garbage weights that carry a valid hash.
+   network, and their held-out loss passes :func:`loss_refusal`: neither its sampling nor its
+   training weights are worse than the untrained network's, and its sampling weights (what is
+   served) are no worse than the last accepted checkpoint's, both beyond :data:`LOSS_MARGIN`.
+   That refuses garbage weights that carry a valid hash.
 
-A refused checkpoint's signer is banned locally; its copy is deleted, so it is never provided.
+A refused checkpoint's copy is deleted, so it is never provided, and its signer is banned locally,
+except when the only fault is a loss above the last accepted one's: training is noisy (a small
+router's raw weights swing by half their loss between checkpoints), so that refuses the
+checkpoint and leaves its honest trainer alone. A verifier that accepts a checkpoint has fetched
+it; the mirrors (preparer, idle trainers) then hold and publish it at once, so a job whose owner
+checkpoints faster than it can be judged still shows verified progress.
 A checkpoint that could not be fetched gets no verdict (the provider may only be slow): it stays
 pending and is tried again next round.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +44,7 @@ from swarm.blobs import BlobError, BlobService
 from swarm.dht import SwarmNode
 from swarm.mirror import sources
 from swarm.records import CLOCK_SLACK_S, CheckpointRecord, RunRecord, Verdict, fingerprint
-from training.heldout import checkpoint_loss, heldout_loss
+from training.heldout import checkpoint_losses, heldout_loss
 from training.jobs import build_job
 from training.loop import TrainConfig
 
@@ -49,6 +56,26 @@ console = Console(stderr=True, markup=False)
 MAX_STEPS_PER_S = {"tiny": 500.0, "tiny16": 500.0, "small": 300.0, "B/2": 100.0, "XL/2": 30.0}
 LOSS_MARGIN = 0.25  # relative: a checkpoint may be this much worse than the last accepted one
 LOSS_SLACK = 0.01  # and this much in absolute terms (losses near zero)
+
+
+def loss_refusal(sampling: float, train: float, untrained: float, bar: float, margin: float) -> tuple[str | None, bool]:
+    """Judge a checkpoint by its held-out losses: ``(reason, ban)``, reason ``None`` to accept.
+
+    Worse than the untrained network (or not finite) is garbage: refused, its signer banned.
+    Sampling weights worse than ``bar`` (the last accepted checkpoint's loss) is a regression:
+    refused, its signer not banned. The raw training weights are only held to the untrained bar,
+    since they swing between steps where their average (the sampling weights) does not.
+    """
+
+    def above(loss: float, ref: float) -> bool:
+        return not (math.isfinite(loss) and loss <= ref * (1 + margin) + LOSS_SLACK)
+
+    for name, loss in (("sampling", sampling), ("training", train)):
+        if above(loss, untrained):
+            return f"held-out loss of its {name} weights {loss:.4f} is worse than untrained ({untrained:.4f})", True
+    if above(sampling, bar):
+        return f"held-out loss {sampling:.4f} is worse than {bar:.4f} (+{margin:.0%})", False
+    return None, False
 
 
 @dataclass
@@ -124,6 +151,9 @@ class Verifier:
         self._jobs: dict[tuple[str, str], tuple[object, float]] = {}  # (job, preset) → (job, untrained loss)
         self._cannot: set[str] = set()  # hashes this node cannot judge (said once)
         self._judged: dict[tuple[str, int], Verdict] = {}  # (sha256, step) → this node's verdict
+        # Per job, the most advanced checkpoint accepted here, fetched into ``folder``: what a
+        # mirror holds when the owner's record has moved on before the verdict landed.
+        self.accepted: dict[str, CheckpointRecord] = {}
 
     def _job(self, job: str, preset: str):
         """The job's network freshly built (seeded) and its untrained held-out loss, cached."""
@@ -147,21 +177,30 @@ class Verifier:
         return self._jobs[(job, preset)]
 
     def _judge(
-        self, snap: claims.Snapshot, job: str, key: bytes, rec: CheckpointRecord, reason: str | None, loss: float = 0.0
+        self,
+        snap: claims.Snapshot,
+        job: str,
+        key: bytes,
+        rec: CheckpointRecord,
+        reason: str | None,
+        loss: float = 0.0,
+        ban: bool = True,
     ) -> Verdict:
         verdict = Verdict(rec.sha256, rec.step, fingerprint(key), reason is None, get_dht_time(), loss, reason or "")
         self._judged[(rec.sha256, rec.step)] = verdict
         self.node.publish_verdict(job, snap.run, verdict)
         if reason is None:
             console.log(f"verified {job} step {rec.step} ({rec.sha256[:12]}): held-out loss {loss:.4f}")
+            if job not in self.accepted or self.accepted[job].step < rec.step:
+                self.accepted[job] = rec
         else:
             console.log(f"refused {job} step {rec.step} ({rec.sha256[:12]}): {reason}")
-            if fingerprint(key) not in (snap.owner, snap.me):
+            if ban and fingerprint(key) not in (snap.owner, snap.me):
                 self.node.bans.ban(fingerprint(key), f"{job} checkpoint refused: {reason}")
         return verdict
 
-    def _full(self, snap: claims.Snapshot, job: str, rec: CheckpointRecord) -> tuple[str | None, float] | None:
-        """(refusal or None, held-out loss) after fetching; ``None`` if it could not be fetched."""
+    def _full(self, snap: claims.Snapshot, job: str, rec: CheckpointRecord) -> tuple[str | None, float, bool] | None:
+        """(refusal or None, held-out loss, ban) after fetching; ``None`` if it could not be fetched."""
         dest = self.folder / job / f"step_{rec.step:08d}"
         try:
             try:
@@ -169,12 +208,12 @@ class Verifier:
             except CheckpointError:
                 ckpt = self.blobs.fetch_checkpoint(rec.sha256, sources(self.node, rec.sha256, rec.providers), dest)
         except CheckpointError as e:  # its bytes arrived and do not add up
-            return f"unusable checkpoint: {e}", 0.0
+            return f"unusable checkpoint: {e}", 0.0, True
         except BlobError as e:
             console.log(f"{job} step {rec.step}: not verified yet, could not fetch it ({e})")
             return None
         try:
-            reason, loss = self._check(snap, job, rec, ckpt)
+            reason, loss, ban = self._check(snap, job, rec, ckpt)
         except CannotJudge as e:
             if rec.sha256 not in self._cannot:
                 console.log(f"{job} step {rec.step}: not judged here ({e}); other verifiers will")
@@ -182,11 +221,11 @@ class Verifier:
             return None
         if reason is not None:
             shutil.rmtree(ckpt.path, ignore_errors=True)  # never provided, never loaded
-        return reason, loss
+        return reason, loss, ban
 
     def _check(
         self, snap: claims.Snapshot, job: str, rec: CheckpointRecord, ckpt: Checkpoint
-    ) -> tuple[str | None, float]:
+    ) -> tuple[str | None, float, bool]:
         meta = ckpt.meta
         want = {
             "kind": "router" if job == "router" else "expert",
@@ -197,7 +236,7 @@ class Verifier:
             want |= {"cluster": int(job.split("_")[1]), "objective": rec.objective}
         for key, value in want.items():
             if meta.get(key) != value:
-                return f"its metadata says {key}={meta.get(key)!r}, the record {value!r}", 0.0
+                return f"its metadata says {key}={meta.get(key)!r}, the record {value!r}", 0.0, True
         try:
             built, untrained = self._job(job, rec.preset)
         except (ValueError, OSError) as e:  # e.g. a latent run and no VAE here: others judge it
@@ -205,14 +244,13 @@ class Verifier:
         if job != "router" and meta.get("text_encoder") != built.encoder.name:
             raise CannotJudge(f"it was trained with text encoder {meta.get('text_encoder')!r}, this node has another")
         try:
-            loss = checkpoint_loss(built, ckpt, self.cfg.batches, self.cfg.batch_size, self.cfg.seed)
+            sampling, train = checkpoint_losses(built, ckpt, self.cfg.batches, self.cfg.batch_size, self.cfg.seed)
         except CheckpointError as e:
-            return str(e), 0.0
+            return str(e), 0.0, True
         prev = claims.last_accepted(snap, job)
         bar = prev.loss if prev is not None and prev.loss > 0 else untrained
-        if not loss <= bar * (1 + self.cfg.margin) + LOSS_SLACK:  # NaN fails too
-            return f"held-out loss {loss:.4f} is worse than {bar:.4f} (+{self.cfg.margin:.0%})", loss
-        return None, loss
+        reason, ban = loss_refusal(sampling, train, untrained, bar, self.cfg.margin)
+        return reason, sampling, ban
 
     def verify_pending(self, snap: claims.Snapshot, jobs: list[str] | None = None) -> list[Verdict]:
         """Judge what is pending in ``jobs`` (default: all): every record cheaply, and per job the

@@ -23,7 +23,7 @@ from swarm.records import (
     run_key,
     runs_key,
 )
-from swarm.verify import cheap_refusal, publisher
+from swarm.verify import cheap_refusal, loss_refusal, publisher
 
 SHA = "a" * 64
 NOW = 10_000.0
@@ -136,6 +136,40 @@ def test_only_verified_checkpoints_count_and_one_trusted_refusal_refuses():
     s = snap(ckpts=liar, verdicts={"expert_0": judged(OWNER, ok)})
     assert claims.latest_checkpoint(s, "expert_0").step == 100
     assert [r.step for _, r in claims.pending(s, "expert_0")] == [5000]
+
+
+def test_a_mirror_holds_what_its_verifier_accepted_when_the_owner_has_moved_on():
+    """The owner checkpoints faster than verifiers judge: each verdict lands on a record already
+    replaced. The verifier's own accepted copy is then what mirrors hold (and publish)."""
+    old, judged_here, newer = ck(100, "1" * 64), ck(220, "2" * 64), ck(240, "3" * 64)
+    ok_old = Verdict(old.sha256, 100, fingerprint(HONEST), True, NOW, 0.5)
+    ok_here = Verdict(judged_here.sha256, 220, fingerprint(HONEST), True, NOW, 0.4)
+    # The owner's record now shows step 240 (unjudged); only a replica of step 100 is verified.
+    k = {"router": {HONEST: newer, key(7): old}}
+    s = snap(ckpts=k, verdicts={"router": {**judged(OWNER, ok_old), **judged(ME, ok_here)}})
+    assert claims.latest_checkpoint(s, "router") == old
+    assert claims.to_mirror(s, "router", judged_here) == judged_here
+    assert claims.to_mirror(s, "router", None) == old
+    # Not when it is behind the latest on record, from another run, or refused by a trusted verifier.
+    assert claims.to_mirror(s, "router", ck(50, "4" * 64)) == old
+    other = CheckpointRecord("f" * 64, 300, "5" * 64, 1, "fm", "tiny", 0.5, ["p"])
+    assert claims.to_mirror(s, "router", other) == old
+    no = Verdict(judged_here.sha256, 220, fingerprint(HONEST), False, NOW, 0.9, "held-out loss")
+    s = snap(ckpts=k, verdicts={"router": {**judged(OWNER, ok_old, no), **judged(ME, ok_here)}})
+    assert claims.to_mirror(s, "router", judged_here) == old
+
+
+def test_loss_refusal_bans_garbage_and_only_refuses_a_regression():
+    untrained, bar, m = 1.06, 0.53, 0.25
+    assert loss_refusal(0.50, 0.55, untrained, bar, m) == (None, False)
+    # A small router's raw weights swing (0.95 at one checkpoint, 0.55 at the next): the
+    # sampling weights are fine, so it is accepted; the raw ones are only held to untrained.
+    assert loss_refusal(0.56, 0.95, untrained, bar, m) == (None, False)
+    reason, ban = loss_refusal(0.75, 0.60, untrained, bar, m)  # worse than the last accepted
+    assert "worse than 0.5300" in reason and not ban
+    for sampling, train in ((5.0, 0.5), (0.5, 5.0), (float("nan"), 0.5), (0.5, float("inf"))):
+        reason, ban = loss_refusal(sampling, train, untrained, bar, m)
+        assert "held-out loss" in reason and "untrained" in reason and ban
 
 
 def test_cheap_checks_refuse_impossible_steps_and_foreign_configs():

@@ -85,11 +85,13 @@ def heldout_loss(job, batches: int = 2, batch_size: int = 32, seed: int = 0) -> 
     return sum(losses) / len(losses)
 
 
-def checkpoint_loss(job, ckpt: Checkpoint, batches: int = 2, batch_size: int = 32, seed: int = 0) -> float:
-    """The worse of the held-out losses of a checkpoint's sampling and training weights: both
+def checkpoint_losses(
+    job, ckpt: Checkpoint, batches: int = 2, batch_size: int = 32, seed: int = 0
+) -> tuple[float, float]:
+    """The held-out losses of a checkpoint's sampling and training weights, in that order: both
     are used (served, resumed), so both must be sound."""
-    worst = 0.0
+    out = []
     for which in ("sampling", "train"):
         load_weights(job.model, ckpt, which)
-        worst = max(worst, heldout_loss(job, batches, batch_size, seed))
-    return worst
+        out.append(heldout_loss(job, batches, batch_size, seed))
+    return out[0], out[1]
