@@ -181,3 +181,31 @@ def test_simultaneous_claims_by_six_peers_never_give_two_owners(tmp_path):
     finally:
         for n in reversed(nodes):
             n.shutdown()
+
+
+def test_a_stopping_trainer_waits_for_replicas_but_not_for_a_refused_checkpoint(two_nodes, tmp_path):
+    """A trainer leaving its job waits until a mirror holds its last checkpoint (mirrors hold only
+    accepted ones), and gives up at once when a trusted verifier refused that checkpoint."""
+    from data.checkpoint import Checkpoint
+    from swarm.records import PeerRecord, Verdict, peers_key
+    from swarm.trainer import SwarmTrainer, SwarmTrainerConfig
+
+    owner, b = two_nodes
+    run = RunRecord("a" * 64, 2, ["tiny", "tiny"], ["fm", "fm"], 100, name=owner.ref.name)
+    assert owner.store(run_key(), run, ttl=60)
+    assert owner.store(peers_key(), PeerRecord(owner.peer_id, "preparer", "mirroring"), 60)
+    trainer = SwarmTrainer(b, SwarmTrainerConfig(str(tmp_path / "t"), replica_timeout_s=6.0))
+    try:
+        ckpt = Checkpoint(tmp_path, {"step": 40}, "d" * 64)
+        start = time.monotonic()
+        assert trainer.await_replicas("expert_0", ckpt, run) == 1  # nobody mirrors it: the timeout
+        assert time.monotonic() - start >= 6.0
+        no = Verdict(ckpt.sha256, 40, fingerprint(b.owner), False, get_dht_time(), 9.0, "held-out loss 9.0")
+        owner.publish_verdict("expert_0", run, no)
+        trainer.cfg.replica_timeout_s = 120.0
+        start = time.monotonic()
+        assert trainer.await_replicas("expert_0", ckpt, run) == 1
+        assert time.monotonic() - start < 30.0, "it waited for a checkpoint no mirror will hold"
+    finally:
+        trainer.stop.set()
+        trainer.blobs.shutdown()
