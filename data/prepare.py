@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from rich.progress import Progress
 
 from data.clustering import DEFAULT_BALANCE, capacity, cluster_embeddings
+from data.fonts import label_font
 from data.manifest import ClusterEntry, Manifest, ShardEntry, sha256_file
 from data.sources import TWEMOJI_CREDIT, Item, SourceError, open_source
 from experts.image_encoder import cache_dir, image_embeddings
@@ -115,8 +116,8 @@ def contact_sheet(
     for c in range(k):
         y = c * (cell + label_h)
         ex = ", ".join(manifest.clusters[c].examples[:4])
-        draw.text((4, y + 2), f"cluster {c}  ({manifest.clusters[c].samples} images)", fill="black")
-        draw.text((4, y + 15), ex[: per_row * cell // 6], fill=(90, 90, 90))
+        draw.text((4, y + 2), f"cluster {c}  ({manifest.clusters[c].samples} images)", fill="black", font=label_font())
+        draw.text((4, y + 15), ex[: per_row * cell // 6], fill=(90, 90, 90), font=label_font())
         for i, (im, _) in enumerate(images[c][:per_row]):
             sheet.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (i * cell, y + label_h))
     sheet.save(path)

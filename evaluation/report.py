@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from data.fonts import label_font
 from experts.latent_space import tensor_to_pil
 from training.monolith import (
     MONOLITH,
@@ -270,10 +271,10 @@ def sample_grid(real: torch.Tensor, samples: dict[str, torch.Tensor], captions: 
     sheet = Image.new("RGB", (label_w + cell * len(cols), head + cell * len(captions)), "white")
     draw = ImageDraw.Draw(sheet)
     for j, (name, _) in enumerate(cols):
-        draw.text((label_w + j * cell + 4, 3), name, fill="black")
+        draw.text((label_w + j * cell + 4, 3), name, fill="black", font=label_font())
     for i, cap in enumerate(captions):
         y = head + i * cell
-        draw.text((4, y + cell // 2 - 6), cap[:28], fill="black")
+        draw.text((4, y + cell // 2 - 6), cap[:28], fill="black", font=label_font())
         for j, (_, imgs) in enumerate(cols):
             if i < len(imgs):
                 sheet.paste(

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from data.fonts import label_font
 from experts.latent_space import tensor_to_pil
 
 
@@ -25,6 +26,6 @@ def save_images(images: torch.Tensor, prompts: list[str], path: Path, cell: int 
     for i, (tile, prompt) in enumerate(zip(tiles, prompts, strict=False)):
         x, y = (i % cols) * cell, (i // cols) * (cell + label)
         sheet.paste(tile, (x, y))
-        draw.text((x + 2, y + cell + 2), prompt[: cell // 6], fill="black")
+        draw.text((x + 2, y + cell + 2), prompt[: cell // 6], fill="black", font=label_font())
     sheet.save(path)
     return path

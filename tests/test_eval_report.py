@@ -451,3 +451,22 @@ def test_fid_against_the_training_split_with_held_out_beside_and_the_flops_figur
         assert f"| 1x | 0 | {what} | {pair} |" in table, table
     assert (tmp_path / "eval" / "fid_flops.png").stat().st_size > 1000
     assert budgets.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_labels_are_drawn_with_a_font_that_has_accents():
+    """Twemoji's names have accents ("flag: St. Barthélemy"): the label font draws them."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from data.fonts import label_font
+
+    font = label_font()
+    assert isinstance(font, ImageFont.FreeTypeFont)
+
+    def ink(text: str) -> tuple[int, int, int, int] | None:
+        im = Image.new("L", (40, 30), 0)
+        ImageDraw.Draw(im).text((5, 5), text, fill=255, font=font)
+        return im.getbbox()
+
+    e, acute, missing = ink("e"), ink("é"), ink("\ue000")  # a private-use code point: no glyph
+    assert acute is not None and acute[1] < e[1], "the accent stands above the letter"
+    assert acute != missing
