@@ -18,10 +18,11 @@ latest verified checkpoint, most advanced first, and publishes a signed verdict:
 A refused checkpoint's copy is deleted, so it is never provided, and its signer is banned locally,
 except when the only fault is a loss above the last accepted one's: training is noisy (a small
 router's raw weights swing by half their loss between checkpoints), so that refuses the
-checkpoint and leaves its honest trainer alone (an owner that shows no accepted checkpoint for the
-run's grace period loses its claim all the same, :func:`claims.stale`). A verifier that accepts a checkpoint has fetched
-it; the mirrors (preparer, idle trainers) then hold and publish it at once, so a job whose owner
-checkpoints faster than it can be judged still shows verified progress.
+checkpoint and leaves its honest trainer alone (an owner that shows no accepted checkpoint for
+the run's grace period loses its claim all the same, :func:`claims.stale`). A verifier that
+accepts a checkpoint has fetched it; the mirrors (preparer, idle trainers) then hold and publish
+it at once, so a job whose owner checkpoints faster than it can be judged still shows verified
+progress.
 A checkpoint that could not be fetched gets no verdict (the provider may only be slow): it stays
 pending and is tried again next round.
 """
