@@ -240,7 +240,7 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--until-done", action="store_true", help="exit once every job reached its target")
         _swarm(p)
     elif role == "eval":
-        from evaluation.evaluate import ROW_NAMES
+        from evaluation.evaluate import ALL_ROWS, ROW_NAMES
 
         _common(p, ("data", "ckpt"))
         _seed(p)
@@ -256,7 +256,13 @@ def _parser(role: str) -> RoleParser:
         g.add_argument(
             "--eval-rows",
             default=",".join(ROW_NAMES),
-            help=f"what to evaluate, comma-separated: {', '.join(ROW_NAMES)}",
+            help=f"what to evaluate, comma-separated: {', '.join(ALL_ROWS)}",
+        )
+        g.add_argument(
+            "--eval-text-router",
+            default="",
+            metavar="DIR",
+            help="checkpoints holding a router/ that reads the prompt (a *-text preset) for the +text rows",
         )
         g.add_argument("--output", default="outputs/eval", help="report folder")
         _device_flags(g)
@@ -685,6 +691,7 @@ def run_eval(args: argparse.Namespace) -> None:
         tau=args.tau,
         seed=args.seed,
         rows=[r.strip() for r in args.eval_rows.split(",") if r.strip()],
+        text_router=args.eval_text_router,
     )
     report = evaluate(cfg)
     out = Path(cfg.out_dir)

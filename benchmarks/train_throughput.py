@@ -52,7 +52,7 @@ def main() -> None:
             preset = get_preset(name)
             cfg = TrainConfig(ckpt_root=f"{tmp}/{name}{stored}", minutes=args.seconds / 60, ckpt_every_steps=10**9)
             job = ExpertJob(manifest, digest, 0, enc, "pixel", lambda x: x, cfg, preset=preset)
-            job.stored_text = stored  # False: the encoder at every step (its per-caption cache warm)
+            job.captions.stored = stored  # False: the encoder at every step (its per-caption cache warm)
             rate, steps = measure(job, cfg)
             how = "text states from the shards" if stored else "text from the encoder, cached per caption"
             rows.append((f"expert `{name}`, {how}", count_parameters(job.model), job.batch_size, steps, rate))

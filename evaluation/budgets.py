@@ -12,8 +12,9 @@ into ``<out>/seed_<s>/budget_<b>/eval.json``. This module reads those reports an
                   (oracle against monolith@S, the monolith at the experts' step count)
     budgets.json  the same numbers
     fid_flops.png FID (mean over seeds, bars: the seeds' range) against total training FLOPs, one
-                  line each for top-1, top-2, the full ensemble, the oracle and the monolith (and the
-                  monolith at the experts' steps, at its own, smaller, FLOPs)
+                  line each for top-1, top-2, the full ensemble (with either router: +text is the
+                  router that reads the prompt), the oracle and the monolith (and the monolith at the
+                  experts' steps, at its own, smaller, FLOPs)
 
     python -m evaluation.budgets outputs/eval
 """
@@ -31,10 +32,12 @@ import numpy as np
 # DDM's figure: the routing modes and the baseline; the oracle and the monolith at the experts' step
 # count say where the gap comes from (the router, or the experts at equal compute or equal steps).
 AT_STEPS = "monolith@S"
-ROWS = ("top-1", "top-2", "full", "oracle", "monolith", AT_STEPS)
+# The +text rows route the same experts with a router that also reads the prompt.
+ROWS = ("top-1", "top-2", "full", "top-1+text", "top-2+text", "full+text", "oracle", "monolith", AT_STEPS)
 # (what it measures, a, b): Δ = FID(a) − FID(b), paired, from each report's comparisons
 GAP = (
     ("what the router loses", "top-1", "oracle"),
+    ("what the router that reads the prompt loses", "top-1+text", "oracle"),
     ("the experts at equal compute", "oracle", "monolith"),
     ("the experts at equal steps", "oracle", AT_STEPS),
 )
@@ -168,6 +171,9 @@ def plot(summary: list[dict], path: Path) -> None:
         "top-1": ("tab:blue", "o", "-"),
         "top-2": ("tab:green", "s", "-"),
         "full": ("tab:purple", "^", "-"),
+        "top-1+text": ("tab:blue", "o", "-."),
+        "top-2+text": ("tab:green", "s", "-."),
+        "full+text": ("tab:purple", "^", "-."),
         "oracle": ("tab:gray", "v", "--"),
         "monolith": ("black", "D", "-"),
         AT_STEPS: ("tab:orange", "P", ":"),

@@ -55,8 +55,10 @@ from evaluation.report import ORACLE, Row, fmt_ci, markdown_report, plot_fid, pl
 from experts.image_encoder import InceptionFeatures
 from experts.objectives import sampling_times
 from experts.presets import expert_forward
-from router.ensemble import load_ensemble
+from router.ensemble import load_ensemble, load_router
+from router.network import pool_text
 from router.sampling import LocalExpert, RoutingLog, SamplerConfig, generate
+from training.captions import CaptionStates
 from training.monolith import (
     MONOLITH,
     SingleExpertRouter,
@@ -71,7 +73,12 @@ console = Console(stderr=True, markup=False)
 # name → (sampler mode, k); the monolith samples as a one-expert ensemble
 ROUTINGS = {"top-1": ("top1", 1), "top-2": ("topk", 2), "threshold": ("threshold", 2), "full": ("full", 2)}
 AT_EXPERT_STEPS = f"{MONOLITH}@S"  # the monolith at the experts' step count S (equal wall-clock)
-ROW_NAMES = (*ROUTINGS, ORACLE, MONOLITH, AT_EXPERT_STEPS)  # what --eval-rows may name
+ROW_NAMES = (*ROUTINGS, ORACLE, MONOLITH, AT_EXPERT_STEPS)  # the rows evaluated by default
+# The same routings with a second router, one that reads the prompt (EvalConfig.text_router):
+# the same experts, so the two routers are compared on the same images.
+TEXT = "+text"
+TEXT_ROUTINGS = {f"{name}{TEXT}": how for name, how in ROUTINGS.items()}
+ALL_ROWS = (*ROW_NAMES, *TEXT_ROUTINGS)  # what --eval-rows may name
 _AT_STEP = re.compile(rf"{MONOLITH}@(S|[0-9]+)$")  # monolith@S, or monolith@N for a kept step N
 # Resamples per FID interval. At 200 the ends move between sets of resamples by 0.6-0.8 FID (sd)
 # on 408 images and 1.7-4 FID on 27 (measured by re-drawing 20-30 times), under a tenth of the
@@ -99,11 +106,14 @@ class EvalConfig:
     grid_prompts: int = 8
     bootstrap: int = BOOTSTRAP  # resamples per FID interval (0: no intervals)
     diagnostic_images: int = DIAGNOSTIC_IMAGES
+    text_router: str = ""  # checkpoints (a router/ folder) of the router the "+text" rows route with
 
     def __post_init__(self) -> None:
-        unknown = [r for r in self.rows if r not in ROW_NAMES and not _AT_STEP.match(r)]
+        unknown = [r for r in self.rows if r not in ALL_ROWS and not _AT_STEP.match(r)]
         if unknown:
-            raise ValueError(f"unknown evaluation row(s) {unknown}; choose from {list(ROW_NAMES)} (or monolith@N)")
+            raise ValueError(f"unknown evaluation row(s) {unknown}; choose from {list(ALL_ROWS)} (or monolith@N)")
+        if any(r in TEXT_ROUTINGS for r in self.rows) and not self.text_router:
+            raise ValueError("the +text rows need --eval-text-router DIR: checkpoints holding a router/ folder")
         if self.reference not in ("holdout", "train"):
             raise ValueError(f"--eval-reference takes holdout or train, got {self.reference!r}")
         if self.n < 0 or self.steps < 1 or self.batch_size < 1 or self.bootstrap < 0:
@@ -274,7 +284,7 @@ class OracleRouter(torch.nn.Module):
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.config = type("Config", (), {"num_experts": num_experts})()
 
-    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         if x_t.shape[0] != len(self.labels):
             raise ValueError(f"the oracle holds {len(self.labels)} labels, the batch has {x_t.shape[0]} images")
         return oracle_logits(self.labels, self.config.num_experts)
@@ -290,9 +300,9 @@ class RecordingRouter(torch.nn.Module):
         self.config = router.config
         self.path: list[torch.Tensor] = []  # x_t at each step, (keep, C, H, W)
 
-    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         self.path.append(x_t[: self.keep].detach().clone())
-        return self.router(x_t, timestep)
+        return self.router(x_t, timestep, text)
 
 
 def own_cluster_rate(weights_by_step: list[torch.Tensor], labels: list[int]) -> np.ndarray:
@@ -459,9 +469,12 @@ def run_eval(
     holdout = cfg.reference == "holdout"
     sizes = _check_n(manifest, cfg.n, holdout)
     missing = sorted(set(range(ensemble.num_experts)) - set(ensemble.experts))
-    if missing and any(r in ROUTINGS or r == ORACLE for r in cfg.rows):
+    if missing and any(r in ROUTINGS or r in TEXT_ROUTINGS or r == ORACLE for r in cfg.rows):
         raise CheckpointError(f"experts {missing} have no checkpoint under {ckpt_root}; train them first")
     monoliths = _monolith_rows(cfg, ckpt_root, ensemble.num_experts)
+    text_router = None
+    if any(r in TEXT_ROUTINGS for r in cfg.rows):
+        text_router, text_router_ckpt = load_router(Path(cfg.text_router), ensemble.expert_meta)
 
     real, captions, labels, selection = heldout_set(manifest, cfg.n, cfg.seed, holdout)
     drawn = dict(sorted(collections.Counter(labels).items()))
@@ -502,6 +515,11 @@ def run_eval(
         elif name == ORACLE:
             experts = ensemble.experts
             router_for = lambda i, j: OracleRouter(labels[i:j], ensemble.num_experts)  # noqa: E731
+        elif name in TEXT_ROUTINGS:
+            mode, k = TEXT_ROUTINGS[name]
+            experts = ensemble.experts
+            sampler = SamplerConfig(mode, k, cfg.tau, cfg.guidance, cfg.steps, cfg.seed)
+            router_for = lambda i, j: text_router  # noqa: E731
         else:
             mode, k = ROUTINGS[name]
             experts = ensemble.experts
@@ -519,7 +537,7 @@ def run_eval(
         if beside is not None:
             rows[-1].fid_heldout = fid(beside, stats)
         samples[name] = images[: cfg.grid_prompts]
-        if name in ("top-1", "top-2"):
+        if name in ("top-1", "top-2", f"top-1{TEXT}", f"top-2{TEXT}"):
             usage[name] = usage_by_noise(logs, ensemble.num_experts, cfg.steps)
         if recorder is not None:
             weights = [torch.cat([log.weights[s] for log in logs]) for s in range(cfg.steps)]
@@ -529,8 +547,17 @@ def run_eval(
             f"{name}: FID {point:.2f} {fmt_ci(ci)} ({rows[-1].expert_forwards_per_image:.0f} expert forwards/image)"
         )
 
-    accuracy = router_accuracy(ensemble.router, manifest, space.encode, manifest.image_size, cfg.seed)
+    captions_of = CaptionStates(encoder, manifest)
+    text = lambda batch: pool_text(*captions_of(batch))  # noqa: E731  (a router without text ignores it)
+    accuracy = router_accuracy(ensemble.router, manifest, space.encode, manifest.image_size, cfg.seed, text)
+    text_accuracy = text_router_info = None
+    if text_router is not None:
+        preset = text_router_ckpt.meta["router_preset"]
+        text_router_info = {"step": text_router_ckpt.step, "sha256": text_router_ckpt.sha256, "preset": preset}
+        text_accuracy = router_accuracy(text_router, manifest, space.encode, manifest.image_size, cfg.seed, text)
     flops = training_flops(ckpt_root, ensemble, encoder, monoliths)
+    if text_router is not None:
+        flops |= training_flops(Path(cfg.text_router), ensemble, encoder, {}, text_router, ckpt_root)
     end_sd = interval_end_sd([(r.fid, boots[r.name]) for r in rows])
     report = {
         "run": digest,
@@ -554,6 +581,8 @@ def run_eval(
         "rows": [asdict(r) for r in rows],
         "comparisons": comparisons(rows, boots),
         "router_accuracy": accuracy,
+        "text_router_accuracy": text_accuracy,
+        "text_router": text_router_info,
         "usage_by_noise": {
             name: {"t": [round(float(t), 4) for t in times[: cfg.steps]], "fraction": u.round(4).tolist()}
             for name, u in usage.items()
@@ -602,6 +631,7 @@ COMPARISONS = (
     ("equal total compute", "routed", MONOLITH),
     ("equal wall-clock on K machines", "routed", f"{MONOLITH}@"),
     ("what the router loses", "top-1", ORACLE),
+    ("what the router that reads the prompt loses", f"top-1{TEXT}", ORACLE),
     ("what the experts give", ORACLE, MONOLITH),
     ("what the experts give at equal steps", ORACLE, f"{MONOLITH}@"),
 )
@@ -612,7 +642,7 @@ def comparisons(rows: list[Row], boots: dict[str, np.ndarray]) -> list[dict]:
     paired resamples (both rows scored on the same resampled images): negative means a is better."""
     names = [r.name for r in rows]
     fids = {r.name: r.fid for r in rows}
-    routed = [n for n in names if n in ROUTINGS]
+    routed = [n for n in names if n in ROUTINGS or n in TEXT_ROUTINGS]
     out = []
     for what, a_spec, b_spec in COMPARISONS:
         bs = [n for n in names if n == b_spec or (b_spec.endswith("@") and n.startswith(b_spec))]
@@ -652,10 +682,19 @@ def forward_flops(call: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def training_flops(root: Path, ensemble, encoder, monoliths: dict[str, MonolithRow]) -> dict[str, float]:
+def training_flops(
+    root: Path,
+    ensemble,
+    encoder,
+    monoliths: dict[str, MonolithRow],
+    router: torch.nn.Module | None = None,
+    experts_root: Path | None = None,
+) -> dict[str, float]:
     """Training FLOPs spent on what each row samples with (forward + backward = 3x the forward, per
     sample seen): the experts plus the router for the routed rows and the oracle's experts, the
-    monolith's own for each monolith row. Counted on the networks themselves, one sample each."""
+    monolith's own for each monolith row. Counted on the networks themselves, one sample each.
+    With ``router`` (a second router, under ``root``; the experts under ``experts_root``): its
+    routed rows, named with the "+text" suffix."""
     states, mask = encoder.encode(["a"])
     x = torch.zeros(1, *ensemble.shape)
     t = torch.full((1,), 500.0)
@@ -667,12 +706,15 @@ def training_flops(root: Path, ensemble, encoder, monoliths: dict[str, MonolithR
 
     experts = 0.0
     for k, expert in ensemble.experts.items():
-        ck = latest_checkpoint(root / f"expert_{k}")
+        ck = latest_checkpoint((experts_root or root) / f"expert_{k}")
         experts += per_sample(expert) * float(ck.meta.get("samples_seen", 0)) if ck else 0.0
     router_ck = latest_checkpoint(root / "router")
-    net = cpu(ensemble.router)
-    router = 3 * forward_flops(lambda: net(x, t)) * float(router_ck.meta.get("samples_seen", 0) or 0)
-    out = {name: experts + router for name in (*ROUTINGS, ORACLE)}
+    net = cpu(router if router is not None else ensemble.router)
+    text = pool_text(states, mask)
+    spent = 3 * forward_flops(lambda: net(x, t, text)) * float(router_ck.meta.get("samples_seen", 0) or 0)
+    if router is not None:
+        return {name: experts + spent for name in TEXT_ROUTINGS}
+    out = {name: experts + spent for name in (*ROUTINGS, ORACLE)}
     out[ORACLE] = experts
     for name, ck, model in monoliths.values():
         out[name] = per_sample(model) * float(ck.meta.get("samples_seen", 0))

@@ -124,8 +124,9 @@ def markdown_report(report: dict) -> str:
             "steps of one expert) against the routed rows.",
             "- equal wall-clock on K machines: the monolith at the experts' step count — what one machine "
             "trains in the time K machines train the experts side by side — against the routed rows.",
-            "- what the router loses: top-1 against the oracle (each image's own cluster's expert at every "
-            "step); what the experts give: the oracle against the monolith at equal compute, and at equal "
+            "- what the router loses: top-1 (or top-1+text, routed by the router that reads the prompt) "
+            "against the oracle (each image's own cluster's expert at every step); what the experts give: "
+            "the oracle against the monolith at equal compute, and at equal "
             "steps (the monolith at the experts' step count).",
         ]
     routing = report.get("routing_by_step")
@@ -160,6 +161,17 @@ def markdown_report(report: dict) -> str:
         "(the training distribution), by noise level: "
         + ", ".join(f"{k} {v:.2f}" for k, v in acc.items() if k.startswith("t=")),
         "",
+    ]
+    text_acc, text_router = report.get("text_router_accuracy"), report.get("text_router")
+    if text_acc:
+        lines += [
+            "",
+            f"The +text rows route with a second router that also reads the prompt (preset "
+            f"{text_router['preset']['name']}, step {text_router['step']}). Its accuracy on the same images: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in text_acc.items() if k.startswith("t=")),
+        ]
+    lines += [
+        "",
         "One expert forward is one guided call (conditional and unconditional rows together).",
         "",
     ]
@@ -171,6 +183,8 @@ def _row_color(name: str) -> str:
         return "tab:gray"
     if name.startswith(MONOLITH):
         return "silver"
+    if name.endswith("+text"):  # routed by the router that reads the prompt
+        return "tab:cyan"
     return "tab:green" if name == ORACLE else "tab:blue"
 
 

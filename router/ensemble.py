@@ -71,7 +71,11 @@ def _check_compatible(router_meta: dict, expert_meta: dict[int, dict]) -> str:
     encoders = {m["text_encoder"] for m in expert_meta.values()}
     if len(encoders) != 1:
         raise CheckpointError(f"experts disagree on the text encoder: {sorted(encoders)}")
-    return encoders.pop()
+    encoder = encoders.pop()
+    reads = router_meta.get("text_encoder")  # None: the router does not read the prompt
+    if reads is not None and reads != encoder:
+        raise CheckpointError(f"the router reads the prompt through {reads!r}, the experts through {encoder!r}")
+    return encoder
 
 
 def load_checkpoints(ckpt_root: Path, experts: list[int] | None = None) -> tuple[dict[int, Checkpoint], Checkpoint]:
@@ -111,6 +115,16 @@ def load_ensemble(
     router = RouterNet.from_pretrained(router_ckpt.model_dir, low_cpu_mem_usage=False).eval()
     ens = Ensemble(models, expert_meta, router, router_ckpt.meta, enc_name, router_ckpt.meta["space"])
     return ens, encoder or encoder_for(enc_name), space_for(ens.space_name, vae)
+
+
+def load_router(ckpt_root: Path, expert_meta: dict[int, dict]) -> tuple[RouterNet, Checkpoint]:
+    """The latest router under ``ckpt_root`` (its ``router/`` folder), checked against the experts'
+    metadata: a second router for the same experts (one that reads the prompt, say)."""
+    ckpt = latest_checkpoint(router_dir(ckpt_root))
+    if ckpt is None:
+        raise CheckpointError(f"no router checkpoint under {router_dir(ckpt_root)} (train it with --job router)")
+    _check_compatible(ckpt.meta, expert_meta)
+    return RouterNet.from_pretrained(ckpt.model_dir, low_cpu_mem_usage=False).eval(), ckpt
 
 
 def encoder_for(name: str, weights: str = "") -> TextEncoder:

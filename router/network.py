@@ -3,6 +3,11 @@
 Patchify → learned position embeddings → transformer blocks modulated by the timestep through
 adaLN → mean-pool → linear head. ``B/2`` is the Paris router shape (~129M parameters).
 Saved and loaded with diffusers' ``ModelMixin`` (safetensors, config.json).
+
+The ``*-text`` presets (``text_dim > 0``) also read the prompt: its pooled text embedding is added
+to the time embedding that modulates every block. For a text-to-image model the posterior the
+ensemble needs is p(k | x_t, prompt); near t = 1 x_t says nothing about the cluster and the
+prompt says nearly everything, so a router without the text must guess the first, decisive steps.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class RouterNet(ModelMixin, ConfigMixin):
         layers: int = 4,
         heads: int = 4,
         patch: int = 4,
+        text_dim: int = 0,
     ) -> None:
         super().__init__()
         if sample_size % patch:
@@ -63,19 +69,42 @@ class RouterNet(ModelMixin, ConfigMixin):
         self.pos = nn.Parameter(torch.randn(1, tokens, hidden) * 0.02)
         self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(256, hidden)
+        # The prompt enters like the timestep: one vector that modulates every block.
+        self.text_embed = TimestepEmbedding(text_dim, hidden) if text_dim else None
         self.blocks = nn.ModuleList(AdaLNBlock(hidden, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden, eps=1e-6)
         self.head = nn.Linear(hidden, num_experts)
 
-    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    @property
+    def reads_text(self) -> bool:
+        return self.text_embed is not None
+
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """``text``: the prompt's pooled embedding (B, text_dim) from :func:`pool_text`; ignored by a
+        router that does not read text, required by one that does."""
         h = self.patchify(x_t).flatten(2).transpose(1, 2) + self.pos  # (B, N, D)
         c = self.time_embed(self.time_proj(timestep.reshape(-1)).to(h.dtype))  # (B, D)
+        if self.text_embed is not None:
+            if text is None:
+                raise ValueError("this router reads the prompt: pass its pooled text embedding")
+            c = c + self.text_embed(text.to(h.dtype))
         for block in self.blocks:
             h = block(h, c)  # (B, N, D)
         return self.head(self.norm(h.mean(dim=1)))  # (B, K)
 
 
-def build_router(preset: RouterPreset, num_experts: int, channels: int, sample_size: int) -> RouterNet:
+def pool_text(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of a prompt's real token states: (B, L, D), (B, L) → (B, D)."""
+    m = mask.to(states.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def build_router(
+    preset: RouterPreset, num_experts: int, channels: int, sample_size: int, text_dim: int = 0
+) -> RouterNet:
+    """``text_dim``: the text encoder's width, used when the preset reads text."""
+    if preset.text and text_dim < 1:
+        raise ValueError(f"router preset {preset.name!r} reads the prompt: give the text encoder's width")
     return RouterNet(
         num_experts=num_experts,
         in_channels=channels,
@@ -84,6 +113,7 @@ def build_router(preset: RouterPreset, num_experts: int, channels: int, sample_s
         layers=preset.layers,
         heads=preset.heads,
         patch=preset.patch,
+        text_dim=text_dim if preset.text else 0,
     )
 
 

@@ -17,6 +17,7 @@ from experts.device import autocast
 from experts.objectives import TIMESTEP_SCALE, euler_step, network_input, sampling_times, velocity_from_output
 from experts.presets import expert_forward
 from router.combine import MODES, routing_weights
+from router.network import pool_text
 
 
 @dataclass
@@ -150,7 +151,8 @@ def routed_step(
     b = x_t.shape[0]
     tt = torch.full((b,), float(t))
     with torch.no_grad():
-        probs = torch.softmax(router(x_t, TIMESTEP_SCALE * tt).float(), dim=-1)  # (B, K)
+        text = pool_text(states[:b], mask[:b])  # the prompts (cond rows); a router without text ignores it
+        probs = torch.softmax(router(x_t, TIMESTEP_SCALE * tt, text).float(), dim=-1)  # (B, K)
     log = log if log is not None else RoutingLog(probs.shape[-1], 0)
     while True:
         available = torch.zeros(probs.shape[-1], dtype=torch.bool)

@@ -234,6 +234,9 @@ def swarm_ensemble(
         raise SwarmError("no expert could be loaded here or reached on a server")
     if len(encoders) != 1 or len(shapes) != 1:
         raise SwarmError(f"the experts disagree on text encoder {sorted(encoders)} or shape {sorted(shapes)}")
+    reads = router_ckpt.meta.get("text_encoder")  # None: the router does not read the prompt
+    if reads is not None and reads not in encoders:
+        raise SwarmError(f"the router reads the prompt through {reads!r}, the experts through {encoders.pop()!r}")
     ens = ClientEnsemble(
         router,
         experts,

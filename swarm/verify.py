@@ -55,7 +55,15 @@ console = Console(stderr=True, markup=False)
 # Steps per second no machine reaches with a preset (expert and router presets by name). Measured
 # on an H100 the tiny expert does ~30 steps/s at batch 64; the bounds leave a wide margin, so only
 # the impossible (a billion steps in an hour) is refused.
-MAX_STEPS_PER_S = {"tiny": 500.0, "tiny16": 500.0, "small": 300.0, "B/2": 100.0, "XL/2": 30.0}
+MAX_STEPS_PER_S = {
+    "tiny": 500.0,
+    "tiny16": 500.0,
+    "small": 300.0,
+    "B/2": 100.0,
+    "XL/2": 30.0,
+    "tiny-text": 500.0,  # routers that read the prompt: the router's rate, plus a pooling
+    "B/2-text": 100.0,
+}
 LOSS_MARGIN = 0.25  # relative: a checkpoint may be this much worse than the last accepted one
 LOSS_SLACK = 0.01  # and this much in absolute terms (losses near zero)
 

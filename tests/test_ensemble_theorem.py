@@ -45,7 +45,7 @@ def mixture_velocity(x: torch.Tensor, t: float) -> torch.Tensor:
 class PosteriorRouter(torch.nn.Module):
     """The exact posterior p(k | x_t) as logits; reads t back from the timestep."""
 
-    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         t = float(timestep[0]) / TIMESTEP_SCALE
         return log_component_density(x_t.reshape(len(x_t), -1).double(), t)
 

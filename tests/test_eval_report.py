@@ -198,7 +198,7 @@ def test_recording_router_keeps_the_real_sampling_path():
     class Half(torch.nn.Module):  # routes every image to expert 0 with p = 1
         config = type("C", (), {"num_experts": 2})()
 
-        def forward(self, x_t, timestep):
+        def forward(self, x_t, timestep, text=None):
             return torch.tensor([[0.0, float("-inf")]]).expand(len(x_t), 2)
 
     rec = RecordingRouter(Half(), keep=2)

@@ -61,7 +61,7 @@ def test_an_expert_trains_on_stored_states_without_running_the_encoder(small_run
     manifest, digest = load_manifest(small_run / "data")
     cfg = TrainConfig(ckpt_root=str(tmp_path), steps=2, batch_size=8, ckpt_every_steps=10**6)
     job = build_job(manifest, digest, "expert_1", cfg)
-    assert job.stored_text
+    assert job.captions.stored
 
     def refuse(*_a, **_k):
         raise AssertionError("the text encoder ran during training")

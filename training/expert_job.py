@@ -16,6 +16,7 @@ from experts.latent_space import sample_posterior
 from experts.objectives import make_training_batch, sample_train_times
 from experts.presets import ExpertPreset, build_expert, expert_forward, get_preset
 from experts.text_encoder import TextEncoder
+from training.captions import CaptionStates
 from training.loop import TrainConfig
 
 
@@ -57,14 +58,7 @@ class ExpertJob:
         self.warmup_steps = cfg.warmup_steps if cfg.warmup_steps >= 0 else self.preset.warmup_steps
         self.cond_dropout = cfg.cond_dropout
         self.seed = cfg.seed
-        # The shards' stored token states stand in for the encoder when they come from this encoder;
-        # a dropped caption gets the empty prompt's states, encoded once here.
-        empty_states, empty_mask = encoder.encode([""])
-        stored = manifest.text_states
-        self.stored_text = bool(
-            stored and stored["encoder"] == encoder.name and stored["tokens"] == empty_states.shape[1]
-        )
-        self.empty = (empty_states[0], empty_mask[0])
+        self.captions = CaptionStates(encoder, manifest)
 
     def batches(self, start: DataPosition, decode: bool = True) -> Iterator[Batch | RawBatch]:
         clusters = [self.cluster]
@@ -74,14 +68,7 @@ class ExpertJob:
 
     def text(self, batch: Batch, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states and mask of the batch's captions, with the ``drop`` rows made the empty prompt."""
-        device = batch.images.device
-        if self.stored_text and batch.states is not None:
-            keep = ~drop.to(device)
-            states = torch.where(keep[:, None, None], batch.states, self.empty[0].to(device))
-            mask = torch.where(keep[:, None], batch.mask, self.empty[1].to(device))
-            return states, mask
-        captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=True)]
-        return tuple(a.to(device) for a in self.encoder.encode(captions))
+        return self.captions(batch, drop)
 
     def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         # Every random number is drawn for the island's whole global batch (batch.draw), so a

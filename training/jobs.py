@@ -6,6 +6,7 @@ from data.manifest import Manifest
 from experts.latent_space import load_space
 from experts.presets import get_preset
 from experts.text_encoder import TextEncoderConfig, load_text_encoder
+from router.network import get_router_preset
 from training.expert_job import ExpertJob
 from training.loop import TrainConfig
 from training.monolith import MonolithJob
@@ -32,7 +33,10 @@ def build_job(
         space = load_space(vae if preset.space == "latent" else "").to(cfg.device)
         space_name, encode = space.name, space.encode
     if job == "router":
-        return RouterJob(manifest, digest, space_name, encode, cfg, router_preset)
+        if not get_router_preset(router_preset).text:
+            return RouterJob(manifest, digest, space_name, encode, cfg, router_preset)
+        encoder = load_text_encoder(TextEncoderConfig.parse(text_encoder))
+        return RouterJob(manifest, digest, space_name, encode, cfg, router_preset, encoder)
     encoder = load_text_encoder(TextEncoderConfig.parse(text_encoder))
     if job == "monolith":
         return MonolithJob(manifest, digest, encoder, space_name, encode, cfg)

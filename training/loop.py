@@ -166,6 +166,12 @@ def _resume(job: TrainJob, ema: EMAModel, opt: torch.optim.Optimizer, ckpt: Chec
                 f"checkpoint {ckpt.path} was trained with {key}={ckpt.meta.get(key)!r}, this job has "
                 f"{expected[key]!r}; move it away or use another --ckpt-dir"
             )
+    name = lambda meta: (meta.get("router_preset") or {}).get("name")  # noqa: E731
+    if "router_preset" in expected and name(ckpt.meta) != name(expected):
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} is a router of preset {name(ckpt.meta)!r}, this job's is {name(expected)!r}; "
+            "pass that --router-preset or use another --ckpt-dir"
+        )
     tensors = load_train_tensors(ckpt)
     live = job.model.state_dict()
     saved = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}

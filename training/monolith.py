@@ -125,5 +125,5 @@ class SingleExpertRouter(torch.nn.Module):
 
     config = _Config()
 
-    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         return torch.zeros(x_t.shape[0], 1)

@@ -3,12 +3,13 @@
 x_t comes from the same FM forward process the sampler walks (x_t = (1 − t) x0 + t ε), so the
 router learns p(cluster | x_t) along the path it will be asked about. Held-out accuracy is
 reported per noise level: near t = 1 nothing can be told apart (chance), near t = 0 it should
-be high.
+be high. A router that reads text (``*-text`` presets) also gets each caption's pooled token
+states; near t = 1 it has the caption alone to go by.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -16,7 +17,9 @@ from data.manifest import Manifest
 from data.streaming import Batch, DataPosition, RawBatch, stream_batches
 from experts.objectives import TIMESTEP_SCALE, fm_interpolate
 from experts.presets import get_preset
-from router.network import RouterNet, build_router, get_router_preset
+from experts.text_encoder import TextEncoder
+from router.network import RouterNet, build_router, get_router_preset, pool_text
+from training.captions import CaptionStates
 from training.expert_job import clean_x0
 from training.loop import TrainConfig
 
@@ -32,14 +35,23 @@ class RouterJob:
         encode_space,
         cfg: TrainConfig,
         preset: str = "tiny",
+        encoder: TextEncoder | None = None,
     ) -> None:
         self.manifest, self.manifest_sha256 = manifest, manifest_sha256
         self.expert_preset = get_preset(manifest.clusters[0].preset)
         self.preset = get_router_preset(preset)
+        if self.preset.text and encoder is None:
+            raise ValueError(f"router preset {preset!r} reads the prompt: it needs the experts' text encoder")
+        self.encoder = encoder if self.preset.text else None
+        self.captions = CaptionStates(encoder, manifest) if self.encoder is not None else None
         self.space_name, self.encode_space = space_name, encode_space
         self.name = "router"
         self.model: RouterNet = build_router(
-            self.preset, manifest.num_clusters, self.expert_preset.channels, self.expert_preset.sample_size
+            self.preset,
+            manifest.num_clusters,
+            self.expert_preset.channels,
+            self.expert_preset.sample_size,
+            text_dim=self.encoder.dim if self.encoder is not None else 0,
         )
         self.batch_size = cfg.batch_size or self.preset.batch_size
         self.lr = cfg.lr or self.preset.lr
@@ -58,12 +70,19 @@ class RouterJob:
         t = batch.draw(lambda n: torch.rand(n, generator=generator)).to(x0.device)
         noise = batch.draw(lambda n: torch.randn((n, *x0.shape[1:]), generator=generator)).to(x0.device)
         x_t = fm_interpolate(x0, noise, t)
-        return torch.nn.functional.cross_entropy(self.model(x_t, TIMESTEP_SCALE * t), batch.labels)
+        drop = batch.draw(lambda n: torch.rand(n, generator=generator)) < self.preset.text_dropout
+        logits = self.model(x_t, TIMESTEP_SCALE * t, self.text(batch, drop if self.captions is not None else None))
+        return torch.nn.functional.cross_entropy(logits, batch.labels)
+
+    def text(self, batch: Batch, drop: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The captions' pooled embeddings (B, D) for a router that reads text (the ``drop`` rows
+        the empty prompt's), else None."""
+        return None if self.captions is None else pool_text(*self.captions(batch, drop))
 
     def evaluate(self) -> None:
         """Called by the loop on the EMA weights just before each checkpoint."""
         self.last_accuracy = router_accuracy(
-            self.model, self.manifest, self.encode_space, self.expert_preset.image_size, self.seed
+            self.model, self.manifest, self.encode_space, self.expert_preset.image_size, self.seed, self.text
         )
 
     def meta(self) -> dict:
@@ -72,6 +91,7 @@ class RouterJob:
             "num_experts": self.manifest.num_clusters,
             "router_preset": self.preset.to_dict(),
             "space": self.space_name,
+            "text_encoder": None if self.encoder is None else self.encoder.name,
             "manifest_sha256": self.manifest_sha256,
             "batch_size": self.batch_size,
             "lr": self.lr,
@@ -81,9 +101,16 @@ class RouterJob:
 
 @torch.no_grad()
 def router_accuracy(
-    model: RouterNet, manifest: Manifest, encode_space, image_size: int, seed: int = 0, max_samples: int = 2000
+    model: RouterNet,
+    manifest: Manifest,
+    encode_space,
+    image_size: int,
+    seed: int = 0,
+    text: Callable[[Batch], torch.Tensor | None] | None = None,
+    max_samples: int = 2000,
 ) -> dict[str, float]:
-    """Held-out top-1 accuracy at each noise level of ``NOISE_BINS`` (training shards if none are held out)."""
+    """Held-out top-1 accuracy at each noise level of ``NOISE_BINS`` (training shards if none are held
+    out). ``text``: a batch's pooled caption embeddings, for a router that reads the prompt."""
     clusters = list(range(manifest.num_clusters))
     holdout = any(c.holdout for c in manifest.clusters)
     model.eval()
@@ -97,10 +124,11 @@ def router_accuracy(
             x0 = batch.latents[:, 0] * manifest.latents["scale"]
         else:
             x0 = encode_space(batch.images)
+        pooled = text(batch) if text is not None else None
         for t in NOISE_BINS:
             tt = torch.full((len(x0),), t, device=device)
             x_t = fm_interpolate(x0, torch.randn(x0.shape, generator=gen).to(device), tt)
-            correct[t] += (model(x_t, TIMESTEP_SCALE * tt).argmax(-1) == batch.labels).sum().item()
+            correct[t] += (model(x_t, TIMESTEP_SCALE * tt, pooled).argmax(-1) == batch.labels).sum().item()
         n += len(x0)
         if n >= max_samples:
             break
