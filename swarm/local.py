@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from router.presets import ROUTER_PRESETS
+
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
@@ -95,6 +97,7 @@ class LocalSwarmConfig:
     clusters: int = 4
     expert_steps: int = 2000
     router_steps: int = 120
+    router_preset: str = "tiny"  # the trainers' router preset (tiny-text: one that reads the prompt)
     ckpt_every: int = 1000  # steps: each published checkpoint is verified and mirrored (CPU the trainers share)
     prompts: list[str] = field(default_factory=lambda: ["red apple"])
     output: str = "outputs/demo.png"
@@ -146,7 +149,17 @@ def run_local_swarm(cfg: LocalSwarmConfig) -> Path:
             nodes.append(
                 NodeProcess(
                     f"trainer_{i}",
-                    ["--role", "trainer", "--workdir", str(work / f"trainer_{i}"), "--threads", str(threads), *join]
+                    [
+                        "--role",
+                        "trainer",
+                        "--workdir",
+                        str(work / f"trainer_{i}"),
+                        "--threads",
+                        str(threads),
+                        "--router-preset",
+                        cfg.router_preset,
+                        *join,
+                    ]
                     + ["--ckpt-every", str(cfg.ckpt_every)],
                     logs / f"trainer_{i}.log",
                 )
@@ -208,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clusters", type=int, default=d.clusters)
     p.add_argument("--expert-steps", type=int, default=d.expert_steps)
     p.add_argument("--router-steps", type=int, default=d.router_steps)
+    p.add_argument("--router-preset", default=d.router_preset, choices=sorted(ROUTER_PRESETS))
     p.add_argument("--servers", type=int, default=d.servers, help="expert servers after training (0: client runs all)")
     p.add_argument("--output", default=d.output)
     args = p.parse_args(argv)
@@ -220,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         clusters=args.clusters,
         expert_steps=args.expert_steps,
         router_steps=args.router_steps,
+        router_preset=args.router_preset,
         servers=args.servers,
         prompts=args.prompts,
         output=args.output,
