@@ -7,7 +7,9 @@ held-out caption with every routing mode (top-1, top-2, threshold, full ensemble
 at equal total compute and with the monolith at the experts' step count (``monolith@S``: equal
 wall-clock on K machines) — the same initial noise for each, so the rows differ only in who
 denoises — and computes FID against the held-out real images, overall and per cluster, each
-with a 95 % bootstrap interval from the already computed Inception features. It writes:
+with a 95 % bootstrap interval from the already computed Inception features. The ``+text`` rows
+(top-1+text, ...) route the same experts with a second router, one that reads the prompt
+(``--eval-text-router``), so the two routers are compared on the same images. It writes:
 
     eval.json / eval.md   FID [95 % CI] overall and per cluster, the three comparisons (equal
                           compute, equal wall-clock, what the router loses), expert forwards and

@@ -70,8 +70,11 @@ class RouterJob:
         t = batch.draw(lambda n: torch.rand(n, generator=generator)).to(x0.device)
         noise = batch.draw(lambda n: torch.randn((n, *x0.shape[1:]), generator=generator)).to(x0.device)
         x_t = fm_interpolate(x0, noise, t)
-        drop = batch.draw(lambda n: torch.rand(n, generator=generator)) < self.preset.text_dropout
-        logits = self.model(x_t, TIMESTEP_SCALE * t, self.text(batch, drop if self.captions is not None else None))
+        text = None
+        if self.captions is not None:  # drawn only here, so the Paris router's random numbers are as they were
+            drop = batch.draw(lambda n: torch.rand(n, generator=generator)) < self.preset.text_dropout
+            text = self.text(batch, drop)
+        logits = self.model(x_t, TIMESTEP_SCALE * t, text)
         return torch.nn.functional.cross_entropy(logits, batch.labels)
 
     def text(self, batch: Batch, drop: torch.Tensor | None = None) -> torch.Tensor | None:
