@@ -80,6 +80,7 @@ ROW_NAMES = (*ROUTINGS, ORACLE, MONOLITH, AT_EXPERT_STEPS)  # the rows evaluated
 # the same experts, so the two routers are compared on the same images.
 TEXT = "+text"
 TEXT_ROUTINGS = {f"{name}{TEXT}": how for name, how in ROUTINGS.items()}
+ROUTED = {**ROUTINGS, **TEXT_ROUTINGS}  # every row a router routes
 ALL_ROWS = (*ROW_NAMES, *TEXT_ROUTINGS)  # what --eval-rows may name
 _AT_STEP = re.compile(rf"{MONOLITH}@(S|[0-9]+)$")  # monolith@S, or monolith@N for a kept step N
 # Resamples per FID interval. At 200 the ends move between sets of resamples by 0.6-0.8 FID (sd)
@@ -471,10 +472,10 @@ def run_eval(
     holdout = cfg.reference == "holdout"
     sizes = _check_n(manifest, cfg.n, holdout)
     missing = sorted(set(range(ensemble.num_experts)) - set(ensemble.experts))
-    if missing and any(r in ROUTINGS or r in TEXT_ROUTINGS or r == ORACLE for r in cfg.rows):
+    if missing and any(r in ROUTED or r == ORACLE for r in cfg.rows):
         raise CheckpointError(f"experts {missing} have no checkpoint under {ckpt_root}; train them first")
     monoliths = _monolith_rows(cfg, ckpt_root, ensemble.num_experts)
-    text_router = None
+    text_router = text_router_ckpt = None
     if any(r in TEXT_ROUTINGS for r in cfg.rows):
         text_router, text_router_ckpt = load_router(Path(cfg.text_router), ensemble.expert_meta)
 
@@ -517,18 +518,14 @@ def run_eval(
         elif name == ORACLE:
             experts = ensemble.experts
             router_for = lambda i, j: OracleRouter(labels[i:j], ensemble.num_experts)  # noqa: E731
-        elif name in TEXT_ROUTINGS:
-            mode, k = TEXT_ROUTINGS[name]
-            experts = ensemble.experts
-            sampler = SamplerConfig(mode, k, cfg.tau, cfg.guidance, cfg.steps, cfg.seed)
-            router_for = lambda i, j: text_router  # noqa: E731
         else:
-            mode, k = ROUTINGS[name]
+            mode, k = ROUTED[name]
             experts = ensemble.experts
             sampler = SamplerConfig(mode, k, cfg.tau, cfg.guidance, cfg.steps, cfg.seed)
+            router = text_router if name in TEXT_ROUTINGS else ensemble.router
             if name == "top-1" and cfg.diagnostic_images:
-                recorder = RecordingRouter(ensemble.router, cfg.diagnostic_images)
-            router_for = lambda i, j, rec=recorder: rec if (rec is not None and i == 0) else ensemble.router  # noqa: E731
+                recorder = RecordingRouter(router, cfg.diagnostic_images)
+            router_for = lambda i, j, rec=recorder, r=router: rec if (rec is not None and i == 0) else r  # noqa: E731
         images, logs, spi = _generate_all(
             captions, router_for, experts, encoder, space, shape, sampler, cfg.batch_size, name
         )
@@ -557,9 +554,8 @@ def run_eval(
         preset = text_router_ckpt.meta["router_preset"]
         text_router_info = {"step": text_router_ckpt.step, "sha256": text_router_ckpt.sha256, "preset": preset}
         text_accuracy = router_accuracy(text_router, manifest, space.encode, manifest.image_size, cfg.seed, text)
-    flops = training_flops(ckpt_root, ensemble, encoder, monoliths)
-    if text_router is not None:
-        flops |= training_flops(Path(cfg.text_router), ensemble, encoder, {}, text_router, ckpt_root)
+    second = None if text_router is None else (text_router, text_router_ckpt)
+    flops = training_flops(ckpt_root, ensemble, encoder, monoliths, second)
     end_sd = interval_end_sd([(r.fid, boots[r.name]) for r in rows])
     report = {
         "run": digest,
@@ -644,7 +640,7 @@ def comparisons(rows: list[Row], boots: dict[str, np.ndarray]) -> list[dict]:
     paired resamples (both rows scored on the same resampled images): negative means a is better."""
     names = [r.name for r in rows]
     fids = {r.name: r.fid for r in rows}
-    routed = [n for n in names if n in ROUTINGS or n in TEXT_ROUTINGS]
+    routed = [n for n in names if n in ROUTED]
     out = []
     for what, a_spec, b_spec in COMPARISONS:
         bs = [n for n in names if n == b_spec or (b_spec.endswith("@") and n.startswith(b_spec))]
@@ -689,14 +685,12 @@ def training_flops(
     ensemble,
     encoder,
     monoliths: dict[str, MonolithRow],
-    router: torch.nn.Module | None = None,
-    experts_root: Path | None = None,
+    text_router: tuple[torch.nn.Module, Checkpoint] | None = None,
 ) -> dict[str, float]:
     """Training FLOPs spent on what each row samples with (forward + backward = 3x the forward, per
     sample seen): the experts plus the router for the routed rows and the oracle's experts, the
     monolith's own for each monolith row. Counted on the networks themselves, one sample each.
-    With ``router`` (a second router, under ``root``; the experts under ``experts_root``): its
-    routed rows, named with the "+text" suffix."""
+    ``text_router`` (the second router and its checkpoint) is the router of the "+text" rows."""
     states, mask = encoder.encode(["a"])
     x = torch.zeros(1, *ensemble.shape)
     t = torch.full((1,), 500.0)
@@ -706,18 +700,20 @@ def training_flops(
         net = cpu(expert.model)
         return 3 * forward_flops(lambda: expert_forward(net, x, t, states, mask))
 
+    def router_spent(router: torch.nn.Module, ck: Checkpoint) -> float:
+        net, text = cpu(router), pool_text(states, mask)
+        return 3 * forward_flops(lambda: net(x, t, text)) * float(ck.meta.get("samples_seen", 0) or 0)
+
     experts = 0.0
     for k, expert in ensemble.experts.items():
-        ck = latest_checkpoint((experts_root or root) / f"expert_{k}")
+        ck = latest_checkpoint(root / f"expert_{k}")
         experts += per_sample(expert) * float(ck.meta.get("samples_seen", 0)) if ck else 0.0
-    router_ck = latest_checkpoint(root / "router")
-    net = cpu(router if router is not None else ensemble.router)
-    text = pool_text(states, mask)
-    spent = 3 * forward_flops(lambda: net(x, t, text)) * float(router_ck.meta.get("samples_seen", 0) or 0)
-    if router is not None:
-        return {name: experts + spent for name in TEXT_ROUTINGS}
+    spent = router_spent(ensemble.router, latest_checkpoint(root / "router"))
     out = {name: experts + spent for name in (*ROUTINGS, ORACLE)}
     out[ORACLE] = experts
+    if text_router is not None:
+        spent = router_spent(*text_router)
+        out |= {name: experts + spent for name in TEXT_ROUTINGS}
     for name, ck, model in monoliths.values():
         out[name] = per_sample(model) * float(ck.meta.get("samples_seen", 0))
     return out
