@@ -589,7 +589,7 @@ def run_eval(
     }
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "eval.md").write_text(markdown_report(report))
-    plot_fid(rows, out / "fid.png", len(captions))
+    plot_fid(rows, out / "fid.png", len(captions), cfg.reference)
     if usage:
         plot_usage(usage, times[: cfg.steps], out / "usage.png")
     if routing is not None:

@@ -24,7 +24,7 @@ ORACLE = "oracle"  # every image denoised by its own cluster's expert: routing w
 class Row:
     name: str
     fid: float
-    fid_ci95: list[float] | None  # [low, high], bootstrap over the held-out images (None: no resamples)
+    fid_ci95: list[float] | None  # [low, high], bootstrap over the reference images (None: no resamples)
     fid_by_cluster: dict[str, dict]  # cluster → {"fid", "fid_ci95", "n"} (fid None below 2 images)
     expert_forwards_per_image: float  # guided expert calls (cond + uncond each) per image
     seconds_per_image: float
@@ -94,7 +94,7 @@ def markdown_report(report: dict) -> str:
         "rows compare only with each other, on the same images: not with published FIDs, not a per-cluster "
         "FID with the overall one, and not one cluster's with another's (different n).",
         f"Intervals: {boot['resamples']} bootstrap resamples of the already computed Inception features "
-        "(held-out images resampled with replacement within each cluster, each real image paired with the "
+        f"({split} images resampled with replacement within each cluster, each real image paired with the "
         "image generated from its caption; no new sampling). An interval is the resamples' spread around "
         "their own mean placed on the estimate, so it covers the expected FID on this many images; the "
         "resamples' own centre is higher, since a resample repeats images and FID's small-set bias grows. "
@@ -188,7 +188,8 @@ def _row_color(name: str) -> str:
     return "tab:green" if name == ORACLE else "tab:blue"
 
 
-def plot_fid(rows: list[Row], path: Path, n: int) -> None:
+def plot_fid(rows: list[Row], path: Path, n: int, reference: str = "holdout") -> None:
+    """FID per row with its interval; ``reference``: the images scored against (``holdout`` or ``train``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,7 +209,8 @@ def plot_fid(rows: list[Row], path: Path, n: int) -> None:
             va="bottom",
             fontsize=8,
         )
-    ax.set(ylabel="FID (lower is better)", title=f"FID on {n} held-out images, 95 % bootstrap intervals")
+    against = "held-out" if reference == "holdout" else "training"
+    ax.set(ylabel="FID (lower is better)", title=f"FID against {n} {against} images, 95 % bootstrap intervals")
     ax.margins(y=0.2)
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
