@@ -46,7 +46,7 @@ def markdown_report(report: dict) -> str:
     boot = report["bootstrap"]
     end_sd = "–" if boot["end_sd"] is None else f"{boot['end_sd']:.1f}"
     monos = [f"{k} {v['samples_seen']} samples (step {v['step']})" for k, v in ck.items() if k.startswith(MONOLITH)]
-    split = "training" if report.get("reference") == "train" else "held-out"
+    split = split_name(report.get("reference", "holdout"))
     beside = report.get("heldout_reference_images")
     lines = [
         f"# Evaluation of run {report['run'][:12]}",
@@ -188,7 +188,12 @@ def _row_color(name: str) -> str:
     return "tab:green" if name == ORACLE else "tab:blue"
 
 
-def plot_fid(rows: list[Row], path: Path, n: int, reference: str = "holdout") -> None:
+def split_name(reference: str) -> str:
+    """The words for the images a FID is against: ``train`` → "training", ``holdout`` → "held-out"."""
+    return "training" if reference == "train" else "held-out"
+
+
+def plot_fid(rows: list[Row], path: Path, n: int, reference: str) -> None:
     """FID per row with its interval; ``reference``: the images scored against (``holdout`` or ``train``)."""
     import matplotlib
 
@@ -209,8 +214,8 @@ def plot_fid(rows: list[Row], path: Path, n: int, reference: str = "holdout") ->
             va="bottom",
             fontsize=8,
         )
-    against = "held-out" if reference == "holdout" else "training"
-    ax.set(ylabel="FID (lower is better)", title=f"FID against {n} {against} images, 95 % bootstrap intervals")
+    title = f"FID against {n} {split_name(reference)} images, 95 % bootstrap intervals"
+    ax.set(ylabel="FID (lower is better)", title=title)
     ax.margins(y=0.2)
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
