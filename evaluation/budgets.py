@@ -7,14 +7,15 @@ into ``<out>/seed_<s>/budget_<b>/eval.json``. This module reads those reports an
     budgets.md    per budget and row: FID for each seed, their mean and spread, the held-out FID
                   beside it, and the training FLOPs the row's models cost; then what the gap between
                   the ensemble and the monolith is made of, per budget and seed, as paired differences
-                  with their 95 % intervals: what the router loses (top-1 against the oracle), what
+                  with their 95 % intervals: the goal itself (top-2, with either router, against the
+                  monolith at equal compute), what the router loses (top-1 against the oracle), what
                   the experts give at equal compute (oracle against the monolith) and at equal steps
                   (oracle against monolith@S, the monolith at the experts' step count)
     budgets.json  the same numbers
-    fid_flops.png FID (mean over seeds, bars: the seeds' range) against total training FLOPs, one
-                  line each for top-1, top-2, the full ensemble (with either router: +text is the
-                  router that reads the prompt), the oracle and the monolith (and the monolith at the
-                  experts' steps, at its own, smaller, FLOPs)
+    fid_flops.png FID (mean over seeds, bars: the seeds' range; one seed's FID if there is one)
+                  against total training FLOPs, one line each for top-1, top-2, the full ensemble
+                  (with either router: +text is the router that reads the prompt), the oracle and the
+                  monolith (and the monolith at the experts' steps, at its own, smaller, FLOPs)
 
     python -m evaluation.budgets outputs/eval
 """
@@ -36,6 +37,8 @@ AT_STEPS = "monolith@S"
 ROWS = ("top-1", "top-2", "full", "top-1+text", "top-2+text", "full+text", "oracle", "monolith", AT_STEPS)
 # (what it measures, a, b): Δ = FID(a) − FID(b), paired, from each report's comparisons
 GAP = (
+    ("the goal: top-2 at equal compute", "top-2", "monolith"),
+    ("the goal, with the router that reads the prompt", "top-2+text", "monolith"),
     ("what the router loses", "top-1", "oracle"),
     ("what the router that reads the prompt loses", "top-1+text", "oracle"),
     ("the experts at equal compute", "oracle", "monolith"),
@@ -160,6 +163,14 @@ def markdown(summary: list[dict], gaps: list[dict] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seeds_label(summary: list[dict]) -> str:
+    """What the points of the figure are: one seed's FID, or the mean over the seeds with their range."""
+    seeds = sorted({s for e in summary for s in e["seeds"]})
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    return f"mean over seeds {', '.join(map(str, seeds))}, bars: range"
+
+
 def plot(summary: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -178,6 +189,7 @@ def plot(summary: list[dict], path: Path) -> None:
         "monolith": ("black", "D", "-"),
         AT_STEPS: ("tab:orange", "P", ":"),
     }
+    labelled: set[tuple[bool, float]] = set()
     for row in ROWS:
         pts = [s for s in summary if s["row"] == row and s["flops"]]
         if not pts:
@@ -189,14 +201,19 @@ def plot(summary: list[dict], path: Path) -> None:
         width = 2 if row == "monolith" else 1.5
         label = "monolith at the experts' steps" if row == AT_STEPS else row
         ax.errorbar(x, y, yerr=err, color=color, marker=marker, ls=line, capsize=3, label=label, lw=width)
+        # Each budget named once (the routed rows and the monolith share its FLOPs, and one label per
+        # point overlaps); monolith@S sits at its own, smaller FLOPs, so it names its own.
         for s in pts:
-            where = (s["flops"], s["mean"])
-            ax.annotate(f"{s['budget']:g}x", where, textcoords="offset points", xytext=(4, 4), fontsize=7)
+            key = (row == AT_STEPS, s["budget"])
+            if key not in labelled:
+                labelled.add(key)
+                where = (s["flops"], s["mean"])
+                ax.annotate(f"{s['budget']:g}x", where, textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(
         xscale="log",
         xlabel="total training FLOPs (experts + router, or the monolith)",
         ylabel="FID against the training split (lower is better)",
-        title="FID against training compute (mean over seeds, bars: range)",
+        title=f"FID against training compute ({seeds_label(summary)})",
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend()

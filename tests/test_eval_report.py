@@ -453,6 +453,34 @@ def test_fid_against_the_training_split_with_held_out_beside_and_the_flops_figur
     assert budgets.main([str(tmp_path / "nothing")]) == 2
 
 
+def _comparison(a: str, b: str, delta: float) -> dict:
+    return {"comparison": "", "a": a, "b": b, "fid_a": 40 + delta, "fid_b": 40.0, "delta": delta,
+            "delta_ci95": [delta - 1, delta + 1], "verdict": ""}  # fmt: skip
+
+
+def test_budgets_state_the_goal_per_seed_and_name_the_seeds_in_the_figure():
+    """The goal (top-2 at or below the monolith at equal compute) is its own line of the gap table for
+    each seed, with either router; the figure's title says which seeds its points are."""
+    from evaluation import budgets
+
+    found = [
+        (seed, 4.0, {"comparisons": [_comparison("top-2", "monolith", 20.0 + seed),
+                                     _comparison("top-2+text", "monolith", -1.5 + seed),
+                                     _comparison("top-2", "monolith@8000", -5.0)]})
+        for seed in (1, 0)
+    ]  # fmt: skip
+    gaps = budgets.gap(found)
+    goal = [(g["seed"], g["a"], g["delta"]) for g in gaps if g["what"].startswith("the goal")]
+    assert goal == [(0, "top-2", 20.0), (0, "top-2+text", -1.5), (1, "top-2", 21.0), (1, "top-2+text", -0.5)]
+    table = budgets.markdown([], gaps)
+    line = "| 4x | 1 | the goal, with the router that reads the prompt | top-2+text − monolith | -0.5 [-1.5, +0.5] |"
+    assert line in table, table
+    entry = {"budget": 4.0, "row": "top-2", "fids": [60.0], "mean": 60.0, "low": 60.0, "high": 60.0}
+    assert budgets.seeds_label([{**entry, "seeds": [1]}]) == "seed 1"
+    two = [{**entry, "seeds": [0, 1]}, {**entry, "row": "monolith", "seeds": [0]}]
+    assert budgets.seeds_label(two) == "mean over seeds 0, 1, bars: range"
+
+
 def test_labels_are_drawn_with_a_font_that_has_accents():
     """Twemoji's names have accents ("flag: St. Barthélemy"): the label font draws them."""
     from PIL import Image, ImageDraw, ImageFont
