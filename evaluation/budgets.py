@@ -126,11 +126,12 @@ def summarise(entries: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict], gaps: list[dict] = ()) -> str:
+    seeds = f"; {seeds_label(summary, ' and their range')}" if summary else ""
     lines = [
         "# FID against training compute",
         "",
         "FID of each row against the training split (paired: one generated image per training caption), the "
-        "same images' FID against the held-out split beside it; mean over seeds and the seeds' range.",
+        f"same images' FID against the held-out split beside it{seeds}.",
         "",
         "| budget | model | images | FID ↓ per seed | mean [range] | held-out FID | training TFLOPs |",
         "|---:|---|---:|---|---|---:|---:|",
@@ -163,12 +164,13 @@ def markdown(summary: list[dict], gaps: list[dict] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def seeds_label(summary: list[dict]) -> str:
-    """What the points of the figure are: one seed's FID, or the mean over the seeds with their range."""
+def seeds_label(summary: list[dict], spread: str = ", bars: range") -> str:
+    """What a row's FID is: one seed's, or the mean over the seeds (then followed by ``spread``,
+    how their range is shown)."""
     seeds = sorted({s for e in summary for s in e["seeds"]})
     if len(seeds) == 1:
         return f"seed {seeds[0]}"
-    return f"mean over seeds {', '.join(map(str, seeds))}, bars: range"
+    return f"mean over seeds {', '.join(map(str, seeds))}{spread}"
 
 
 def plot(summary: list[dict], path: Path) -> None:

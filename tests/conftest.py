@@ -47,15 +47,17 @@ def node(*args: str, timeout: float = 300, check: bool = True) -> subprocess.Com
     return result
 
 
-def wait_for(pred, timeout: float, what: str, step: float = 0.5):
-    """Poll ``pred`` until it returns something truthy (returned) or fail after ``timeout`` s."""
+def wait_for(pred, timeout: float, what: str, step: float = 0.5, logs: tuple[Path, ...] = ()):
+    """Poll ``pred`` until it returns something truthy (returned) or fail after ``timeout`` s,
+    showing the end of each of ``logs`` so a CI failure says where the nodes were."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = pred()
         if value:
             return value
         time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    tails = "".join(f"\nthe end of {log.name}:\n{log.read_text(errors='replace')[-2000:]}" for log in logs)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{tails}")
 
 
 def wait_in_log(proc: subprocess.Popen, log: Path, text: str, timeout: float, what: str, step: float = 0.5) -> str:

@@ -479,6 +479,9 @@ def test_budgets_state_the_goal_per_seed_and_name_the_seeds_in_the_figure():
     assert budgets.seeds_label([{**entry, "seeds": [1]}]) == "seed 1"
     two = [{**entry, "seeds": [0, 1]}, {**entry, "row": "monolith", "seeds": [0]}]
     assert budgets.seeds_label(two) == "mean over seeds 0, 1, bars: range"
+    assert "against the held-out split beside it; seed 1." in budgets.markdown(
+        [{**entry, "seeds": [1], "images": 8, "heldout_mean": None, "flops": None}]
+    )
 
 
 def test_labels_are_drawn_with_a_font_that_has_accents():
