@@ -52,6 +52,9 @@ class SoakConfig:
     workdir: str = "runs/soak"
     minutes: float = 30.0
     kill_every: tuple[float, float] = (30.0, 60.0)
+    # The churn goes on past `minutes` until this many kills: a SIGTERMed node that takes long to
+    # save and publish on a loaded machine pushes every later kill back (bounded by 3x `minutes`).
+    min_kills: int = 0
     trainers: int = 3
     servers: int = 2
     limit: int = 300  # images in the run (2 clusters)
@@ -78,7 +81,8 @@ class Kill:
 
 @dataclass
 class SoakReport:
-    minutes: float
+    minutes: float  # the churn's length as run
+    kill_every: tuple[float, float] = (30.0, 60.0)
     requested: int = 0
     completed: int = 0
     failures: list[str] = field(default_factory=list)
@@ -120,7 +124,7 @@ class Soak:
         self.nodes: dict[str, NodeProcess] = {}
         self.commands: dict[str, list[str]] = {}
         self.helpers: set[int] = set()
-        self.report = SoakReport(cfg.minutes)
+        self.report = SoakReport(cfg.minutes, tuple(cfg.kill_every))
         self.watcher = LogWatcher()
         self.observer = None
         self._stop = threading.Event()
@@ -251,9 +255,12 @@ class Soak:
         client.start()
         t0 = time.monotonic()
         end = t0 + self.cfg.minutes * 60
+        hard_end = t0 + 3 * self.cfg.minutes * 60
         next_kill = t0 + self.rng.uniform(*self.cfg.kill_every)
         try:
-            while time.monotonic() < end:
+            while time.monotonic() < end or (
+                len(self.report.kills) < self.cfg.min_kills and time.monotonic() < hard_end
+            ):
                 self.watcher.poll(sorted(self.logs.glob("trainer_*.log")))
                 self.settle_takeovers()
                 if not rss0 and time.monotonic() - t0 > 30:  # after start-up
@@ -266,6 +273,7 @@ class Soak:
                     self.report.kills.append(self.kill_one(time.monotonic() - t0))
                     next_kill = time.monotonic() + self.rng.uniform(*self.cfg.kill_every)
                 time.sleep(0.5)
+            self.report.minutes = round((time.monotonic() - t0) / 60, 1)
             self._stop.set()
             client.join(timeout=600)
             self.watcher.poll(sorted(self.logs.glob("trainer_*.log")))
@@ -309,7 +317,8 @@ def markdown(r: SoakReport, machine: str) -> str:
         f"## Churn soak ({r.minutes:g} min, `benchmarks/soak.py`)",
         "",
         f"Machine: {machine}. Bootstrap, preparer, 3 trainers (2 experts + router), 2 servers (both experts, "
-        "`--follow`), a client generating one image after another; every 30–60 s a random trainer or server "
+        "`--follow`), a client generating one image after another; every "
+        f"{r.kill_every[0]:g}–{r.kill_every[1]:g} s a random trainer or server "
         "gets SIGKILL or SIGTERM on its main pid and is restarted.",
         "",
         f"- images: {r.completed} of {r.requested} completed ({100 * r.completed / max(r.requested, 1):.0f} %), "
@@ -357,10 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="runs/soak")
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--kill-every", type=float, nargs=2, default=(30.0, 60.0), metavar=("MIN_S", "MAX_S"))
+    ap.add_argument("--min-kills", type=int, default=0, help="go on past --minutes until this many kills")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
-    cfg = SoakConfig(workdir=args.workdir, minutes=args.minutes, kill_every=tuple(args.kill_every), seed=args.seed)
+    cfg = SoakConfig(
+        workdir=args.workdir,
+        minutes=args.minutes,
+        kill_every=tuple(args.kill_every),
+        min_kills=args.min_kills,
+        seed=args.seed,
+    )
     report = Soak(cfg).run()
     from benchmarks.results import append_section, machine
 

@@ -7,7 +7,9 @@ from benchmarks.soak import Soak, SoakConfig, markdown
 
 
 def test_churn_loses_no_image_no_published_step_and_leaves_nothing(small_run, tmp_path):
-    cfg = SoakConfig(workdir=str(tmp_path / "soak"), minutes=2.0, kill_every=(20.0, 30.0), prepared=str(small_run))
+    cfg = SoakConfig(
+        workdir=str(tmp_path / "soak"), minutes=2.0, kill_every=(20.0, 30.0), min_kills=3, prepared=str(small_run)
+    )
     report = Soak(cfg).run()
     text = markdown(report, "test")
     (tmp_path / "soak.md").write_text(text)  # kept by pytest for a look after a run
