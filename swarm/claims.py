@@ -153,11 +153,13 @@ def candidates(snapshot: Snapshot, job: str) -> list[tuple[bytes, CheckpointReco
 
 
 def latest_checkpoint(snapshot: Snapshot, job: str) -> CheckpointRecord | None:
-    """The most advanced verified checkpoint of ``job`` in this run that a live peer provides
-    (ties: by hash, for determinism). Replicas publish records too, so when the owner's newest is
-    lost with it, the newest one a mirror still holds is the latest."""
-    recs = [r for _, r in candidates(snapshot, job) if verdict(snapshot, job, r)]
-    return max(recs, key=lambda r: (r.step, r.sha256)) if recs else None
+    """The most advanced verified checkpoint of ``job`` in this run that a live peer provides.
+    Replicas publish records too, so when the owner's newest is lost with it, the newest one a
+    mirror still holds is the latest. Ties go by hash, then by the publisher's key: the owner's
+    record and a mirror's copy of the same checkpoint differ only in their providers, and every
+    peer reading the same snapshot must pick the same one, whatever order the DHT listed them in."""
+    recs = [(o, r) for o, r in candidates(snapshot, job) if verdict(snapshot, job, r)]
+    return max(recs, key=lambda p: (p[1].step, p[1].sha256, p[0]))[1] if recs else None
 
 
 def to_mirror(snapshot: Snapshot, job: str, accepted_here: CheckpointRecord | None) -> CheckpointRecord | None:

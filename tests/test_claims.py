@@ -89,6 +89,18 @@ def test_a_checkpoint_nobody_alive_provides_is_neither_latest_nor_done():
     assert latest_checkpoint(nothing, "expert_0") is None and not run_complete(nothing)
 
 
+def test_an_owners_record_and_a_mirrors_copy_of_it_resolve_the_same_way_in_any_order():
+    run = RunRecord("a" * 64, 2, ["tiny"] * 2, ["fm", "fm"], 1234, expert_steps=300)
+    own = CheckpointRecord(run.manifest_sha256, 200, "d" * 64, 1, "fm", "tiny", 0.1, ["owner"])
+    copy = CheckpointRecord(run.manifest_sha256, 200, "d" * 64, 1, "fm", "tiny", 0.1, ["mirror"])
+    providers = {own.sha256: {"owner", "mirror"}}
+    a, b = (
+        latest_checkpoint(Snapshot(run, ckpts={"expert_0": dict(order)}, providers=providers), "expert_0")
+        for order in ([(key(1), own), (key(2), copy)], [(key(2), copy), (key(1), own)])
+    )
+    assert a == b, "the same snapshot listed in another order gives another record"
+
+
 def test_simultaneous_claims_settle_to_one_owner_per_job():
     """Rounds of the protocol on a shared snapshot: everyone claims what it chose, re-reads,
     losers withdraw. Every job ends with exactly one owner and nobody believes otherwise."""
