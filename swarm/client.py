@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from hivemind.p2p import PeerID
@@ -31,6 +32,8 @@ from swarm.dht import SwarmError, SwarmNode
 from swarm.mirror import fetch_published
 from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame, reply_timing
 from swarm.records import ServeRecord
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -198,18 +201,16 @@ def swarm_ensemble(
     if unknown:
         raise SwarmError(f"unknown expert(s) {unknown}; this run has experts 0..{run.num_clusters - 1}")
     remote = [k for k in everyone if k not in local]
-    servers = node.servers(run, remote)
-    deadline = time.monotonic() + server_wait_s
-    if not servers and not local and server_wait_s > 0:
-        print(f"no server is up yet; waiting up to {server_wait_s:.0f}s for one", file=sys.stderr, flush=True)
-        while not servers and time.monotonic() < deadline:  # in a churning swarm one is restarting
-            time.sleep(1.0)
-            servers = node.servers(run, remote)
-    if not servers and not local:
-        raise SwarmError(
-            f"no server is up for any expert of run {run.manifest_sha256[:12]} "
-            "(start one with --role server --expert K, or run experts here with --local-experts 0,1 or all)"
-        )
+
+    def some_server() -> dict[int, list[ServeRecord]]:
+        if not (up := node.servers(run, remote)) and not local:
+            raise SwarmError(
+                f"no server is up for any expert of run {run.manifest_sha256[:12]} "
+                "(start one with --role server --expert K, or run experts here with --local-experts 0,1 or all)"
+            )
+        return up
+
+    servers = _retrying(some_server, server_wait_s, 1.0)  # in a churning swarm one may be restarting
     got = _fetch_router(node, blobs, run, Path(folder), ["router"] + [f"expert_{k}" for k in local], server_wait_s)
     router_ckpt = got["router"]
     router = RouterNet.from_pretrained(router_ckpt.model_dir, low_cpu_mem_usage=False).eval()
@@ -253,18 +254,24 @@ def swarm_ensemble(
 def _fetch_router(node: SwarmNode, blobs: BlobService, run, folder: Path, jobs: list[str], wait_s: float) -> dict:
     """``fetch_published``, retried for up to ``wait_s``: in a churning swarm the router's owner
     may have been killed before any mirror held its newest checkpoint, until it restarts."""
+    return _retrying(lambda: fetch_published(node, blobs, run, folder, jobs), wait_s, 2.0)
+
+
+def _retrying(get: Callable[[], T], wait_s: float, every_s: float) -> T:
+    """``get()``, tried again every ``every_s`` while it raises ``SwarmError``, for up to ``wait_s``
+    (then its error is raised); the first failure is printed once, with how long it will wait."""
     deadline = time.monotonic() + wait_s
     said = False
     while True:
         try:
-            return fetch_published(node, blobs, run, folder, jobs)
+            return get()
         except SwarmError as e:
             if time.monotonic() >= deadline:
                 raise
             if not said:
-                print(f"{e}; waiting up to {wait_s:.0f}s for one", file=sys.stderr, flush=True)
+                print(f"{e}; waiting up to {wait_s:.0f}s", file=sys.stderr, flush=True)
                 said = True
-            time.sleep(2.0)
+            time.sleep(every_s)
 
 
 def run_swarm_client(node: SwarmNode, cfg: ClientConfig) -> Path:
