@@ -354,8 +354,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 def _step_list(text: str) -> tuple[int, ...]:
     """``--keep-steps``: positive step numbers, comma-separated."""
     try:
-        steps = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
+        steps = tuple(_int_list(text, "--keep-steps"))
+    except UsageError:
         steps = ()
     if not steps or min(steps) < 1:
         raise argparse.ArgumentTypeError(f"takes positive steps like 2000 or 2000,8000; got {text!r}")
