@@ -15,7 +15,8 @@ into ``<out>/seed_<s>/budget_<b>/eval.json``. This module reads those reports an
     fid_flops.png FID (mean over seeds, bars: the seeds' range; one seed's FID if there is one)
                   against total training FLOPs, one line each for top-1, top-2, the full ensemble
                   (with either router: +text is the router that reads the prompt), the oracle and the
-                  monolith (and the monolith at the experts' steps, at its own, smaller, FLOPs)
+                  monolith (and the monolith at the experts' steps, at its own, smaller, FLOPs); with
+                  one budget evaluated, each row's FID side by side instead
 
     python -m evaluation.budgets outputs/eval
 """
@@ -173,24 +174,51 @@ def seeds_label(summary: list[dict], spread: str = ", bars: range") -> str:
     return f"mean over seeds {', '.join(map(str, seeds))}{spread}"
 
 
+STYLES = {  # row → (colour, marker, line): a routing mode keeps its colour with either router
+    "top-1": ("tab:blue", "o", "-"),
+    "top-2": ("tab:green", "s", "-"),
+    "full": ("tab:purple", "^", "-"),
+    "top-1+text": ("tab:blue", "o", "-."),
+    "top-2+text": ("tab:green", "s", "-."),
+    "full+text": ("tab:purple", "^", "-."),
+    "oracle": ("tab:gray", "v", "--"),
+    "monolith": ("black", "D", "-"),
+    AT_STEPS: ("tab:orange", "P", ":"),
+}
+
+
+def _label(row: str) -> str:
+    return "monolith at the experts' steps" if row == AT_STEPS else row
+
+
 def plot(summary: list[dict], path: Path) -> None:
+    """Write ``figure(summary)`` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(summary)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(summary: list[dict]):
+    """fid_flops.png: FID against training FLOPs, a line per row over the budgets; with a single
+    budget, whose points would all sit on one vertical line, the rows side by side instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    styles = {
-        "top-1": ("tab:blue", "o", "-"),
-        "top-2": ("tab:green", "s", "-"),
-        "full": ("tab:purple", "^", "-"),
-        "top-1+text": ("tab:blue", "o", "-."),
-        "top-2+text": ("tab:green", "s", "-."),
-        "full+text": ("tab:purple", "^", "-."),
-        "oracle": ("tab:gray", "v", "--"),
-        "monolith": ("black", "D", "-"),
-        AT_STEPS: ("tab:orange", "P", ":"),
-    }
+    budgets = sorted({s["budget"] for s in summary if s["flops"]})
+    if len(budgets) == 1:
+        _plot_one_budget(ax, summary, budgets[0])
+    else:
+        _plot_budgets(ax, summary)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_budgets(ax, summary: list[dict]) -> None:
     labelled: set[tuple[bool, float]] = set()
     for row in ROWS:
         pts = [s for s in summary if s["row"] == row and s["flops"]]
@@ -199,10 +227,9 @@ def plot(summary: list[dict], path: Path) -> None:
         x = np.array([s["flops"] for s in pts])
         y = np.array([s["mean"] for s in pts])
         err = np.array([[s["mean"] - s["low"] for s in pts], [s["high"] - s["mean"] for s in pts]])
-        color, marker, line = styles[row]
+        color, marker, line = STYLES[row]
         width = 2 if row == "monolith" else 1.5
-        label = "monolith at the experts' steps" if row == AT_STEPS else row
-        ax.errorbar(x, y, yerr=err, color=color, marker=marker, ls=line, capsize=3, label=label, lw=width)
+        ax.errorbar(x, y, yerr=err, color=color, marker=marker, ls=line, capsize=3, label=_label(row), lw=width)
         # Each budget named once (the routed rows and the monolith share its FLOPs, and one label per
         # point overlaps); monolith@S sits at its own, smaller FLOPs, so it names its own.
         for s in pts:
@@ -219,9 +246,30 @@ def plot(summary: list[dict], path: Path) -> None:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+
+def _plot_one_budget(ax, summary: list[dict], budget: float) -> None:
+    pts = [s for row in ROWS for s in summary if s["row"] == row and s["budget"] == budget and s["flops"]]
+    for i, s in enumerate(pts):
+        color, marker, _ = STYLES[s["row"]]
+        err = [[s["mean"] - s["low"]], [s["high"] - s["mean"]]]
+        ax.errorbar([s["mean"]], [i], xerr=err, color=color, marker=marker, capsize=3, ls="none")
+        ax.annotate(
+            f"{s['mean']:.1f}  ({s['flops'] / 1e12:.0f} TFLOPs)",
+            (s["mean"], i),
+            textcoords="offset points",
+            xytext=(0, 7),
+            ha="center",
+            fontsize=8,
+        )
+    ax.set_yticks(range(len(pts)), [_label(s["row"]) for s in pts])
+    ax.set_ylim(len(pts) - 0.5, -0.7)  # the first row on top, room for its label
+    ax.set(
+        xlabel="FID against the training split (lower is better)",
+        title=f"FID per row at {budget:g}x the demo's budget\n({seeds_label(summary)})",
+    )
+    ax.margins(x=0.12)  # room for the labels centred on the outermost points
+    ax.grid(alpha=0.3, axis="x")
 
 
 def main(argv: list[str] | None = None) -> int:

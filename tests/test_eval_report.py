@@ -484,6 +484,28 @@ def test_budgets_state_the_goal_per_seed_and_name_the_seeds_in_the_figure():
     )
 
 
+def test_one_budget_draws_the_rows_side_by_side_and_several_draw_fid_against_flops():
+    """With one budget every point of FID against FLOPs would sit on one vertical line: the figure
+    then shows each row's FID side by side; with two budgets it is DDM's figure."""
+    from evaluation import budgets
+
+    def entry(row: str, budget: float, fid: float) -> dict:
+        flops = budget * (1e13 if row == "monolith@S" else 4e13)
+        return {"budget": budget, "row": row, "seeds": [0], "mean": fid, "low": fid - 1, "high": fid + 1,
+                "flops": flops}  # fmt: skip
+
+    one = [entry("monolith", 4.0, 45.0), entry("top-2", 4.0, 67.0), entry("monolith@S", 4.0, 73.0)]
+    fig = budgets.figure(one)
+    ax = fig.axes[0]
+    rows = ["top-2", "monolith", "monolith at the experts' steps"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == rows
+    assert ax.get_xlabel().startswith("FID") and "4x" in ax.get_title()
+    fig = budgets.figure(one + [entry("monolith", 2.0, 70.0), entry("top-2", 2.0, 90.0)])
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_ylabel().startswith("FID")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == rows
+
+
 def test_labels_are_drawn_with_a_font_that_has_accents():
     """Twemoji's names have accents ("flag: St. Barthélemy"): the label font draws them."""
     from PIL import Image, ImageDraw, ImageFont
