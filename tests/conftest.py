@@ -191,3 +191,33 @@ def _seed_torch():
     import torch
 
     torch.manual_seed(0)
+
+
+def stream_session(blobs, peer: str, frames: list[bytes]) -> list[tuple[dict, bytes]]:
+    """Send ``frames`` to ``peer``'s serving protocol on one stream, reading a reply after each."""
+    import asyncio
+
+    from hivemind.p2p import PeerID
+
+    from swarm.protocol import PROTOCOL, read_frame
+
+    async def go():
+        _, reader, writer = await blobs.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL)
+        replies = []
+        try:
+            for f in frames:
+                writer.write(f)
+                await writer.drain()
+                replies.append(await asyncio.wait_for(read_frame(reader, 1 << 24), 30))
+        finally:
+            writer.close()
+        return replies
+
+    # Under load the p2p daemon has handed back a stream already closed, before the server's
+    # handler ever ran (its log showed no session): open a new one, as a client would on failover.
+    for attempt in range(3):
+        try:
+            return blobs.call(go(), timeout=120)
+        except asyncio.IncompleteReadError as e:
+            if e.partial or attempt == 2:
+                raise

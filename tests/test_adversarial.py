@@ -5,7 +5,6 @@ lists them."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import time
@@ -18,7 +17,7 @@ from data.checkpoint import latest_checkpoint, load_train_tensors, save_checkpoi
 from swarm import claims
 from swarm.blobs import BlobService, BlobStore, announce
 from swarm.dht import SwarmConfig, SwarmError, SwarmNode
-from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, frame, parse_reply, read_frame
+from swarm.protocol import DenoiseRequest, encode_request, frame, parse_reply
 from swarm.records import (
     CKPT_TTL_S,
     CheckpointRecord,
@@ -31,7 +30,7 @@ from swarm.records import (
     run_key,
     runs_key,
 )
-from tests.conftest import LOOPBACK, kill_tree, node, spawn, wait_for, wait_in_log
+from tests.conftest import LOOPBACK, kill_tree, node, spawn, stream_session, wait_for, wait_in_log
 
 GRACE_S = 20.0  # the run's claim grace: a claim with no verified checkpoint for this long expires
 
@@ -195,15 +194,15 @@ def test_bogus_and_poisoned_checkpoints_are_refused_and_never_served(attacked):
 
     # Malformed requests get the stranger banned by the server; an honest client is still served.
     server_peer = text.split("server ", 1)[1].split()[0]
-    first = _session(attacked.mallory_blobs, server_peer, [frame({"op": "denoise", "id": 1, "nbytes": 0}, b"")])
+    first = stream_session(attacked.mallory_blobs, server_peer, [frame({"op": "denoise", "id": 1, "nbytes": 0}, b"")])
     assert first[0][0]["ok"] is False
-    again = _session(attacked.mallory_blobs, server_peer, [frame({"op": "denoise", "id": 2, "nbytes": 0}, b"")])
+    again = stream_session(attacked.mallory_blobs, server_peer, [frame({"op": "denoise", "id": 2, "nbytes": 0}, b"")])
     assert "banned" in again[0][0]["error"]
     served = wait_for(lambda: attacked.observer.servers(run, [0]).get(0), 60, "the server's record")[0]
     c, h, w = served.shape
     x, states, mask = torch.randn(1, c, h, w), torch.randn(2, 8, served.text_dim), torch.ones(2, 8)
     req = encode_request(DenoiseRequest(7, 0, served.ckpt, x, torch.full((1,), 0.5), 0.4, states, mask, 3.0))
-    header, payload = _session(attacked.observer_blobs, server_peer, [req])[0]
+    header, payload = stream_session(attacked.observer_blobs, server_peer, [req])[0]
     assert torch.isfinite(parse_reply(header, payload, (1, c, h, w))).all()
 
 
@@ -316,28 +315,3 @@ def test_two_runs_share_one_dht_and_an_allowlist_admits_only_listed_trainers(att
     finally:
         for p in procs:
             kill_tree(p)
-
-
-def _session(blobs: BlobService, peer: str, frames: list[bytes]) -> list[tuple[dict, bytes]]:
-    from hivemind.p2p import PeerID
-
-    async def go():
-        _, reader, writer = await blobs.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL)
-        replies = []
-        try:
-            for f in frames:
-                writer.write(f)
-                await writer.drain()
-                replies.append(await asyncio.wait_for(read_frame(reader, 1 << 24), 30))
-        finally:
-            writer.close()
-        return replies
-
-    # Under load the p2p daemon has handed back a stream already closed, before the server's
-    # handler ever ran (its log showed no session): open a new one, as a client would on failover.
-    for attempt in range(3):
-        try:
-            return blobs.call(go(), timeout=120)
-        except asyncio.IncompleteReadError as e:
-            if e.partial or attempt == 2:
-                raise

@@ -12,7 +12,16 @@ from PIL import Image
 
 from swarm.blobs import BlobService, BlobStore
 from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame
-from tests.conftest import LOOPBACK, kill_tree, node, spawn, start_serving_preparer, wait_for, wait_in_log
+from tests.conftest import (
+    LOOPBACK,
+    kill_tree,
+    node,
+    spawn,
+    start_serving_preparer,
+    stream_session,
+    wait_for,
+    wait_in_log,
+)
 
 
 class Swarm:
@@ -103,24 +112,6 @@ def test_two_servers_route_every_step_and_match_local_experts(swarm):
     assert np.abs(_pixels(swarm.tmp / "remote.png") - _pixels(swarm.tmp / "local.png")).max() <= 2
 
 
-def _session_call(blobs: BlobService, peer: str, frames: list[bytes]) -> list[tuple[dict, bytes]]:
-    from hivemind.p2p import PeerID
-
-    async def go():
-        _, reader, writer = await blobs.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL)
-        replies = []
-        try:
-            for f in frames:
-                writer.write(f)
-                await writer.drain()
-                replies.append(await asyncio.wait_for(read_frame(reader, 1 << 24), 30))
-        finally:
-            writer.close()
-        return replies
-
-    return blobs.call(go(), timeout=120)
-
-
 def test_concurrent_clients_are_batched_and_refusals_keep_the_stream(swarm):
     if "s0" not in swarm.servers:
         swarm.server("s0", "0", "--max-batch", "4")
@@ -160,7 +151,7 @@ def test_concurrent_clients_are_batched_and_refusals_keep_the_stream(swarm):
         assert all(h["ok"] for h, _ in answers), [h.get("error") for h, _ in answers]
     # Requests an honest client may send (over the limit, an older checkpoint) are refused with a
     # reason and the stream goes on; malformed ones get their sender banned (tests/test_adversarial.py).
-    replies = _session_call(
+    replies = stream_session(
         blobs,
         rec.peer,
         [
