@@ -193,9 +193,9 @@ def _label(row: str) -> str:
 
 def plot(summary: list[dict], path: Path) -> None:
     """Write ``figure(summary)`` to ``path``."""
+    fig = figure(summary)  # first: it chooses the Agg backend before pyplot is imported
     import matplotlib.pyplot as plt
 
-    fig = figure(summary)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
