@@ -41,7 +41,7 @@ $(STAMP): requirements.txt
 # and the router and train each to its target step, the live status dashboard, then expert servers
 # for the trained experts and a client that routes every denoising step to them and draws the grid.
 demo: $(STAMP)
-	$(PY) -m swarm.local --workdir $(DEMO) --trainers $(DEMO_TRAINERS) --clusters 4 \
+	$(PY) -m roles.local --workdir $(DEMO) --trainers $(DEMO_TRAINERS) --clusters 4 \
 		--expert-steps $(EXPERT_STEPS) --router-steps $(ROUTER_STEPS) --output outputs/demo.png $(PROMPTS)
 
 # Quality against training compute, DDM's figure: for each seed, the same 4 experts + router trained

@@ -425,7 +425,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     if args.serve:
-        from swarm.preparer import read_admission
+        from roles.preparer import read_admission
         from swarm.records import check_run_name
 
         if args.claim_grace <= 0:
@@ -436,7 +436,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     digest = prepare_and_report(cfg)
     if not args.serve:
         return
-    from swarm.preparer import ServeRunConfig, serve_run
+    from roles.preparer import ServeRunConfig, serve_run
 
     stop = stop_on_signals(args.role)
     node = _swarm_node(args, say_join=False)
@@ -502,7 +502,7 @@ def run_trainer(args: argparse.Namespace) -> None:
     if args.expert is not None and wanted is None:
         wanted = f"expert_{_one_expert(args)}"
     train = _train_config(args, steps=0, minutes=0.0)  # bad flags fail before the heavy imports
-    from swarm.trainer import SwarmTrainer, SwarmTrainerConfig
+    from roles.trainer import SwarmTrainer, SwarmTrainerConfig
 
     cfg = SwarmTrainerConfig(
         work_dir=str(Path(args.workdir) / "swarm"),
@@ -520,7 +520,7 @@ def run_trainer(args: argparse.Namespace) -> None:
     stop = stop_on_signals(args.role)
     island = _island(cfg.train.device)
     if island is not None and not island.main:
-        from swarm.trainer import follow_island
+        from roles.trainer import follow_island
 
         try:
             follow_island(island, stop)  # swarm duties are rank 0's alone
@@ -586,7 +586,7 @@ def run_local_trainer(args: argparse.Namespace) -> None:
 
 def run_server(args: argparse.Namespace) -> None:
     """Serve the denoising forward pass of the published checkpoint(s) of ``--expert K[,K...]``."""
-    from swarm.server import ExpertServer, ServerConfig
+    from roles.server import ExpertServer, ServerConfig
 
     experts = _int_list(args.expert, "--expert")
     if not experts or len(set(experts)) != len(experts) or min(experts) < 0:
@@ -650,7 +650,7 @@ def run_client(args: argparse.Namespace) -> None:
     if not from_swarm:
         run_local_client(cfg)
         return
-    from swarm.client import run_swarm_client
+    from roles.client import run_swarm_client
 
     node = _swarm_node(args, say_join=False)
     try:
@@ -660,7 +660,7 @@ def run_client(args: argparse.Namespace) -> None:
 
 
 def run_status(args: argparse.Namespace) -> None:
-    from swarm.status import run_status as show
+    from roles.status import run_status as show
 
     if not args.initial_peers:
         raise UsageError("status needs --initial-peers of a swarm to look at")

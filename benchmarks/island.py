@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import RESULTS, append_section, machine  # noqa: E402
 from data.checkpoint import latest_checkpoint  # noqa: E402
-from swarm.local import NodeProcess  # noqa: E402
+from roles.local import NodeProcess  # noqa: E402
 
 
 def rate(ckpt_root: Path) -> float:

@@ -39,9 +39,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from roles.local import LOOPBACK, NodeProcess  # noqa: E402
 from swarm import claims  # noqa: E402
 from swarm.lifeline import descendants, is_alive, rss_bytes  # noqa: E402
-from swarm.local import LOOPBACK, NodeProcess  # noqa: E402
 from swarm.records import PeerRecord, peers_key  # noqa: E402
 
 CLAIMED = re.compile(r"claimed (\S+) as")

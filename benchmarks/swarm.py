@@ -28,10 +28,10 @@ import torch  # noqa: E402
 from benchmarks.results import RESULTS, append_section, machine  # noqa: E402
 from data.checkpoint import latest_checkpoint, save_checkpoint  # noqa: E402
 from experts.presets import build_expert, get_preset  # noqa: E402
+from roles.local import LOOPBACK, NodeProcess  # noqa: E402
 from swarm import claims  # noqa: E402
 from swarm.blobs import BlobService, BlobStore  # noqa: E402
 from swarm.dht import SwarmConfig, SwarmNode  # noqa: E402
-from swarm.local import LOOPBACK, NodeProcess  # noqa: E402
 from swarm.records import HEARTBEAT_S  # noqa: E402
 
 LOOP = [LOOPBACK]

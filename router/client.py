@@ -1,7 +1,7 @@
 """The client's core, wherever its experts run: generate images for prompts with a progress bar,
 write the PNG and a routing JSON beside it, and print which expert (and which server) denoised
 how many steps. ``run_local_client`` samples from a run's checkpoints or an export on this
-machine; the swarm client (``swarm.client``) builds the same :class:`ClientEnsemble` with remote
+machine; the swarm client (``roles.client``) builds the same :class:`ClientEnsemble` with remote
 experts and calls :func:`draw`.
 """
 

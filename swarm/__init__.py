@@ -1,2 +1,3 @@
-"""The swarm: DHT join, records and validators, claims, blob transfer, published checkpoints, and
-the swarm roles (trainer, preparer, server, client, status, a local swarm). Beside ``evaluation``."""
+"""The swarm's mechanisms: DHT join, identity, records and validators, the claim rule, checkpoint
+verification, local bans, blob transfer, published checkpoints and mirrors, and the denoising wire
+format. The roles that use them live in ``roles``. Beside ``evaluation``."""

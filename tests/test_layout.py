@@ -19,7 +19,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("data",),  # sources, prepare, manifest, streaming, checkpoint: what is stored and hashed
     ("router",),  # router network, combination, routed sampling, the ensemble, the client's core
     ("training",),  # the loop and the jobs (expert, router, monolith), local training
-    ("evaluation", "swarm"),  # FID and the eval role | DHT, records, claims, blobs, the swarm roles
+    ("evaluation", "swarm"),  # FID and the eval role | DHT, records, claims, blobs, verification, mirrors
+    ("roles",),  # the swarm roles: trainer, preparer, server, client, status, a local swarm
     ("node", "benchmarks"),  # the command line; measurements
 ]
 
@@ -82,7 +83,7 @@ def test_check_catches_upward_and_sideways_imports(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("pkg", ["experts", "data", "router", "training", "evaluation", "swarm"])
+@pytest.mark.parametrize("pkg", ["experts", "data", "router", "training", "evaluation", "swarm", "roles"])
 def test_every_module_says_what_it_is_for(pkg: str) -> None:
     for f in sorted((ROOT / pkg).glob("*.py")):
         if f.name != "__init__.py":

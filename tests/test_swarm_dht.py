@@ -142,8 +142,8 @@ def test_simultaneous_claims_by_six_peers_never_give_two_owners(tmp_path):
     believes it owns it, and the swarm agrees."""
     import threading
 
+    from roles.trainer import try_claim
     from swarm.claims import owners
-    from swarm.trainer import try_claim
 
     first = SwarmNode(SwarmConfig(str(tmp_path / "n0"), host_maddrs=LOOPBACK))
     nodes = [first]
@@ -187,8 +187,8 @@ def test_a_stopping_trainer_waits_for_replicas_but_not_for_a_refused_checkpoint(
     """A trainer leaving its job waits until a mirror holds its last checkpoint (mirrors hold only
     accepted ones), and gives up at once when a trusted verifier refused that checkpoint."""
     from data.checkpoint import Checkpoint
+    from roles.trainer import SwarmTrainer, SwarmTrainerConfig
     from swarm.records import PeerRecord, Verdict, peers_key
-    from swarm.trainer import SwarmTrainer, SwarmTrainerConfig
 
     owner, b = two_nodes
     run = RunRecord("a" * 64, 2, ["tiny", "tiny"], ["fm", "fm"], 100, name=owner.ref.name)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from roles.preparer import AdmissionError, read_admission
 from swarm import claims
 from swarm.claims import Snapshot
-from swarm.preparer import AdmissionError, read_admission
 from swarm.records import (
     CheckpointRecord,
     ClaimRecord,

@@ -3,7 +3,7 @@ live status dashboard, then expert servers for the trained experts and a client 
 denoising step to them and draws a grid — every one a real ``node.py`` process talking over
 127.0.0.1. ``make demo`` runs this.
 
-    python -m swarm.local --workdir runs/demo --trainers 2 --expert-steps 2000 --router-steps 120 \\
+    python -m roles.local --workdir runs/demo --trainers 2 --expert-steps 2000 --router-steps 120 \\
         --output outputs/demo.png "red apple" "rocket"
 
 Each node runs in its own session, logs to ``<workdir>/logs/<name>.log``, and is stopped on exit,
@@ -213,7 +213,7 @@ def _interrupt(*_) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m swarm.local", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m roles.local", description=__doc__.split("\n\n")[0])
     p.add_argument("prompts", nargs="+")
     d = LocalSwarmConfig  # one place for the defaults
     p.add_argument("--workdir", default=d.workdir)
