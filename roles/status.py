@@ -80,7 +80,7 @@ def collect(node: SwarmNode) -> dict:
                 "loss": presence.loss if presence and presence.job == job else (ck.loss if ck else None),
                 "samples_per_s": presence.samples_per_s if presence and presence.job == job else 0.0,
                 "pending": len(
-                    {r.sha256 for _, r in claims.candidates(snap, job) if claims.verdict(snap, job, r) is None}
+                    {r.sha256 for o, r in claims.candidates(snap, job) if claims.verdict(snap, job, r, o) is None}
                 ),
                 "refused": [
                     {"step": v.step, "sha256": v.sha256, "owner": v.owner, "reason": v.reason}

@@ -86,14 +86,19 @@ class ClaimKeeper(threading.Thread):
             try:
                 self.node.store(claim_key(self.job), self.claim, self.cfg.claim_ttl_s)
                 self.run_rec = self.node.run() or self.run_rec  # the owner may change admission
+                # Its own claim is passed along: a read cut short by a flood of records may lack it,
+                # and only a valid claim that beats it may stop this node.
                 if not claims.still_wins(
-                    self.node.snapshot(self.run_rec, [self.job], checkpoints=False), self.job, self.node.owner
+                    self.node.snapshot(self.run_rec, [self.job], checkpoints=False),
+                    self.job,
+                    self.node.owner,
+                    self.claim,
                 ):
                     console.log(f"{self.job}: another node now wins this job; stopping")
                     self.lost.set()
                     return
             except Exception as e:  # a failed renewal is retried next beat; the lease covers 3
-                console.log(f"{self.job}: claim renewal failed: {e!r}")
+                console.log(f"{self.job}: claim renewal failed ({e!r}); still training, trying again next beat")
 
     def stop(self) -> None:
         self._halt.set()
@@ -239,7 +244,13 @@ class SwarmTrainer:
         while True:
             if run is not None and time.monotonic() >= next_verdict:
                 next_verdict = time.monotonic() + 2.0  # a snapshot is several DHT reads
-                no = [v for v in claims.refused(self.node.snapshot(run, [job]), job) if v.sha256 == ckpt.sha256]
+                no = [
+                    v
+                    for v in claims.refused(self.node.snapshot(run, [job]), job)
+                    if v.sha256 == ckpt.sha256
+                    and v.step == ckpt.step
+                    and (v.about == "bytes" or v.owner == self.node.fingerprint)
+                ]  # another key's record of this hash under another step is not this checkpoint
                 if no:
                     console.log(
                         f"{job}: step {ckpt.step} was refused ({no[0].reason}); releasing, the job "
@@ -438,7 +449,7 @@ def try_claim(
     claim = mine or ClaimRecord(run.manifest_sha256, node.peer_id, float(get_dht_time()))
     node.store(claim_key(job), claim, ttl_s)
     (stop or threading.Event()).wait(settle_s)
-    if claims.still_wins(node.snapshot(run, [job], checkpoints=False), job, node.owner):
+    if claims.still_wins(node.snapshot(run, [job], checkpoints=False), job, node.owner, claim):
         return job, claim
     node.withdraw_claim(job, claim)
     return None

@@ -15,15 +15,30 @@ Peers are strangers, so what a decision rests on is checked here too, the same w
   (counted from its t0) has expired for everyone, so a squatter that never trains loses the job;
 - verified checkpoints: a checkpoint counts (for resume, mirrors, servers, "done") only once a
   verifier this node trusts (the run owner, this node itself, and in an allowlist run the listed
-  trainers) has accepted it, and never once one of them refused it.
+  trainers) has accepted it, and never once one of them refused it. A refusal of the bytes holds
+  for every record of that hash and step; a refusal of a record (a step nobody could have reached,
+  a signer that held no claim) holds for its signer's record only, so nobody can get an honest
+  checkpoint refused by republishing its hash;
+- authority: a checkpoint adds steps only when its signer held the job's claim while it trained
+  them (:func:`held_span`, from the live claims and what a verifier saw of them, :class:`Tenure`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
-from swarm.records import CLOCK_SLACK_S, CheckpointRecord, ClaimRecord, RunRecord, Verdict, VerdictsRecord, fingerprint
+from swarm.records import (
+    CLAIM_TTL_S,
+    CLOCK_SLACK_S,
+    CheckpointRecord,
+    ClaimRecord,
+    RunRecord,
+    Verdict,
+    VerdictsRecord,
+    fingerprint,
+)
 
 
 @dataclass
@@ -90,16 +105,19 @@ def verdicts(snap: Snapshot, job: str) -> list[Verdict]:
     ]
 
 
-def verdict(snap: Snapshot, job: str, rec: CheckpointRecord) -> bool | None:
+def verdict(snap: Snapshot, job: str, rec: CheckpointRecord, signer: bytes | None = None) -> bool | None:
     """True: accepted; False: refused; None: not verified yet. A verdict is on (hash, step): a
     record that claims another step for a known hash is judged anew. One trusted refusal is
-    enough to refuse."""
+    enough to refuse: a refusal of the bytes refuses every record of them, a refusal of a record
+    only the records its signer signed (``signer``: who signed ``rec``; ``None``: only refusals of
+    the bytes count)."""
     if snap.verdicts is None:
         return True
     mine = [v for v in verdicts(snap, job) if v.sha256 == rec.sha256 and v.step == rec.step]
-    if any(not v.ok for v in mine):
+    fp = fingerprint(signer) if signer is not None else None
+    if any(not v.ok and (v.about == "bytes" or v.owner == fp) for v in mine):
         return False
-    return True if mine else None
+    return True if any(v.ok for v in mine) else None
 
 
 def refused(snap: Snapshot, job: str) -> list[Verdict]:
@@ -109,9 +127,59 @@ def refused(snap: Snapshot, job: str) -> list[Verdict]:
 
 def last_accepted(snap: Snapshot, job: str) -> Verdict | None:
     """The most advanced checkpoint of ``job`` a trusted verifier accepted (what a new
-    checkpoint's step rate and loss are measured against)."""
+    checkpoint's step rate is measured against)."""
     good = [v for v in verdicts(snap, job) if v.ok]
     return max(good, key=lambda v: (v.step, v.t)) if good else None
+
+
+def best_accepted(snap: Snapshot, job: str) -> Verdict | None:
+    """The accepted checkpoint of ``job`` with the lowest held-out loss: what a new checkpoint's
+    loss is held to. Against the last accepted one a chain of small regressions, each within the
+    margin, would compound; against the best, the second one is refused."""
+    good = [v for v in verdicts(snap, job) if v.ok and v.loss > 0]
+    return min(good, key=lambda v: (v.loss, -v.step)) if good else None
+
+
+@dataclass
+class Tenure:
+    """Who a verifier saw win each job's claim, and until when: a claim lives only while it is
+    renewed, so once its holder has released it (or lost it) the live claims no longer say who
+    trained the steps of a checkpoint still waiting for a verdict. Kept in memory by each verifier;
+    pure bookkeeping of the snapshots it read."""
+
+    since: float = 0.0  # DHT time of the first snapshot observed (0: none yet)
+    held: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # job → fp → (t0, last seen)
+
+    def observe(self, snap: Snapshot, keep: int = 64) -> None:
+        if snap.now == 0.0:
+            return
+        self.since = self.since or snap.now
+        for job in snap.claims:
+            owner = winner(snap, job)
+            if owner is None:
+                continue
+            t0 = snap.live_claims(job)[owner].t0
+            seen = self.held.setdefault(job, {})
+            seen[fingerprint(owner)] = (t0, snap.now)  # a new claim by the same key starts a new tenure
+            if len(seen) > keep:  # many short-lived holders: forget the longest gone
+                for fp, _ in sorted(seen.items(), key=lambda item: item[1][1])[: len(seen) - keep]:
+                    del seen[fp]
+
+    def watched(self, now: float) -> bool:
+        """Long enough to know: a claim that was live when watching began was seen by now."""
+        return self.since > 0.0 and now - self.since >= CLAIM_TTL_S
+
+
+def held_span(snap: Snapshot, job: str, key: bytes, tenure: Tenure | None = None) -> tuple[float, float] | None:
+    """(from, until): when ``key`` held the claim of ``job``, as far as the live claims and
+    ``tenure`` say; ``None`` if it held none. A holder seen last at T may have trained until its
+    claim expired, one claim lifetime later."""
+    if winner(snap, job) == key:
+        return snap.live_claims(job)[key].t0, snap.now
+    seen = tenure.held.get(job, {}).get(fingerprint(key)) if tenure is not None else None
+    if seen is not None:
+        return seen[0], seen[1] + CLAIM_TTL_S
+    return None
 
 
 def stale(snap: Snapshot, job: str, key: bytes, claim: ClaimRecord) -> bool:
@@ -158,7 +226,7 @@ def latest_checkpoint(snapshot: Snapshot, job: str) -> CheckpointRecord | None:
     mirror still holds is the latest. Ties go by hash, then by the publisher's key: the owner's
     record and a mirror's copy of the same checkpoint differ only in their providers, and every
     peer reading the same snapshot must pick the same one, whatever order the DHT listed them in."""
-    recs = [(o, r) for o, r in candidates(snapshot, job) if verdict(snapshot, job, r)]
+    recs = [(o, r) for o, r in candidates(snapshot, job) if verdict(snapshot, job, r, o)]
     return max(recs, key=lambda p: (p[1].step, p[1].sha256, p[0]))[1] if recs else None
 
 
@@ -185,7 +253,7 @@ def pending(snapshot: Snapshot, job: str) -> list[tuple[bytes, CheckpointRecord]
     out = [
         (o, r)
         for o, r in candidates(snapshot, job)
-        if verdict(snapshot, job, r) is None and (best is None or r.step > best.step)
+        if verdict(snapshot, job, r, o) is None and (best is None or r.step > best.step)
     ]
     return sorted(out, key=lambda item: (-item[1].step, item[1].sha256))
 
@@ -226,6 +294,13 @@ def choose_job(snapshot: Snapshot, me: bytes, wanted: str | None = None) -> str 
     return "router" if "router" in free else None
 
 
-def still_wins(snapshot: Snapshot, job: str, me: bytes) -> bool:
-    """Checked after the settle time and at every renewal: keep training only while True."""
+def still_wins(snapshot: Snapshot, job: str, me: bytes, mine: ClaimRecord | None = None) -> bool:
+    """Checked after the settle time and at every renewal: keep training only while True.
+
+    ``mine``: the claim this node has just renewed. A read that came back large, slow or cut short
+    (a flood of records under the key) may lack it; the owner then still wins unless a valid claim
+    that beats its own is in sight. It never stops because it could not see itself."""
+    if mine is not None and me not in snapshot.claims.get(job, {}):
+        seen = {**snapshot.claims.get(job, {}), me: mine}
+        snapshot = dataclasses.replace(snapshot, claims={**snapshot.claims, job: seen})
     return winner(snapshot, job) == me

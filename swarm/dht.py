@@ -40,9 +40,11 @@ from swarm.records import (
     Verdict,
     VerdictsRecord,
     blob_key,
+    canonical_owner,
     check_run_name,
     ckpt_key,
     claim_key,
+    claimed_owner,
     decode,
     encode,
     fingerprint,
@@ -201,6 +203,14 @@ class SwarmNode:
         for owner, item in found.value.items():
             # Only subkeys that name a key are signed (hivemind checks the signature of those).
             if not isinstance(owner, bytes) or not owner.startswith(b"[owner:"):
+                continue
+            if canonical_owner(owner) is None:
+                # One key dressed up as another identity ([owner:KEY]suffix): hivemind checked the
+                # signature, so the key's holder wrote it. Its record never counts, and the key is
+                # ignored here for a while, under the one fingerprint it really has.
+                signer = claimed_owner(owner)
+                if signer is not None:
+                    self.bans.ban(fingerprint(signer), "a record under a subkey beyond its owner marker")
                 continue
             fp = fingerprint(owner)
             if self.bans.banned(fp):

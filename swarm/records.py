@@ -5,7 +5,10 @@ fingerprint is a hash of the RSA key that published it (:func:`fingerprint`), an
 run lives in its own namespace, ``diffswarm_<NAME>_<FINGERPRINT>_<field>``. A follower accepts
 the run record only from the key the fingerprint names, so nobody else can redirect a run.
 Records that a single node owns live under a subkey holding the owner's RSA public key
-(``[owner:...]``), so hivemind's ``RSASignatureValidator`` lets only that node write them;
+(``[owner:...]``), so hivemind's ``RSASignatureValidator`` lets only that node write them. A
+signer's identity is its public key: a subkey must be exactly ``[owner:KEY]`` with KEY in its
+canonical form (:func:`canonical_owner`), or one key could sign under any number of subkeys and
+count as that many peers (refused when stored, :class:`OwnerSubkeyValidator`, and when read);
 ``SchemaValidator`` rejects any value that does not match its schema. Values stay small (far
 below hivemind's 64 KiB limit): checkpoint bytes never go into the DHT.
 
@@ -22,6 +25,7 @@ below hivemind's 64 KiB limit): checkpoint bytes never go into the DHT.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import asdict, dataclass, field
@@ -29,7 +33,10 @@ from typing import Any
 
 import pydantic.v1 as pydantic
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils.crypto import RSAPublicKey
 
 PREFIX = "diffswarm"
 MAX_EXPERTS = 64  # jobs expert_0..expert_63 and router have schema fields
@@ -108,11 +115,15 @@ class PeerSchema(pydantic.BaseModel):
 class VerdictSchema(pydantic.BaseModel):
     sha256: Sha256
     step: pydantic.conint(strict=True, ge=0)
-    owner: Fingerprint  # who published the record that was judged
+    owner: Fingerprint  # who signed the record that was judged
     ok: pydantic.StrictBool
     t: pydantic.confloat(strict=True, ge=0)  # DHT time of the verdict
     loss: pydantic.confloat(strict=True)  # held-out loss the verifier measured (0 when not measured)
     reason: pydantic.constr(max_length=160)
+    # "bytes": the checkpoint itself was judged (every record of this hash and step shares it);
+    # "record": only the signer's record was (its step, its claim), so a stranger republishing an
+    # honest hash under a bogus step harms nobody but itself.
+    about: pydantic.constr(regex=r"^(bytes|record)$") = "bytes"
 
 
 class VerdictsSchema(pydantic.BaseModel):
@@ -162,15 +173,59 @@ def _global_schema() -> type[pydantic.BaseModel]:
     return pydantic.create_model("DiffswarmSchema", runs=(dict[OwnerKey, RunDirSchema] | None, None))
 
 
+@functools.lru_cache(maxsize=4096)
+def canonical_owner(subkey: bytes) -> bytes | None:
+    """``subkey`` if it is exactly ``[owner:KEY]`` with KEY an RSA public key in the form hivemind
+    writes it, else ``None``. hivemind's signature check accepts any subkey that *contains* the
+    marker, so ``[owner:KEY]x``, ``[owner:KEY]y``, ... would all be one key's and look like many."""
+    m = re.fullmatch(rb"\[owner:(.+?)\]", subkey, re.DOTALL)
+    if m is None:
+        return None
+    try:
+        key = RSAPublicKey.from_bytes(m.group(1))
+    except Exception:  # not a key at all: the signature check refuses it anyway
+        return None
+    return subkey if key.to_bytes() == m.group(1) else None
+
+
+def claimed_owner(subkey: bytes) -> bytes | None:
+    """The canonical ``[owner:KEY]`` of the key a non-canonical subkey names (its signer), if any."""
+    m = re.search(rb"\[owner:(.+?)\]", subkey, re.DOTALL)
+    if m is None:
+        return None
+    try:
+        return b"[owner:" + RSAPublicKey.from_bytes(m.group(1)).to_bytes() + b"]"
+    except Exception:
+        return None
+
+
+class OwnerSubkeyValidator(RecordValidatorBase):
+    """Refuses to store (or accept from a peer) a record of this swarm whose subkey names an owner
+    in any form but exactly ``[owner:KEY]``: one key, one identity."""
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.subkey in DHTProtocol.RESERVED_SUBKEYS or b"[owner:" not in record.subkey:
+            return True
+        try:
+            subkey = DHTProtocol.serializer.loads(record.subkey)
+        except Exception:
+            return False
+        return isinstance(subkey, bytes) and canonical_owner(subkey) is not None
+
+    @property
+    def priority(self) -> int:
+        return 11  # checked before the signature (10): a refused subkey costs no RSA verification
+
+
 def validators(rsa: RSASignatureValidator, ref: RunRef | None = None) -> list:
     """The validators every node runs: the global keys' schema, the schema of the run this node
-    follows when it knows it at start (records of other runs are parsed when read), and the
-    signatures. Blob-provider keys are per hash, so not in a schema: they are still owner-signed,
-    and their values are parsed with :class:`ProviderSchema` on read."""
+    follows when it knows it at start (records of other runs are parsed when read), one key one
+    identity, and the signatures. Blob-provider keys are per hash, so not in a schema: they are
+    still owner-signed, and their values are parsed with :class:`ProviderSchema` on read."""
     out = [SchemaValidator(_global_schema(), allow_extra_keys=True, prefix=PREFIX)]
     if ref is not None:
         out.append(SchemaValidator(_run_schema(), allow_extra_keys=True, prefix=ref.namespace))
-    return [*out, rsa]
+    return [*out, OwnerSubkeyValidator(), rsa]
 
 
 # ---------------------------------------------------------------- runs
@@ -330,6 +385,7 @@ class Verdict:
     t: float
     loss: float = 0.0
     reason: str = ""
+    about: str = "bytes"  # "bytes": the checkpoint was judged; "record": only its signer's record
 
 
 @dataclass(frozen=True)

@@ -2,27 +2,30 @@
 
 A checkpoint record is a stranger's claim. A verifier (the preparer, idle trainers, a trainer
 before it resumes, a server before it loads) judges the records of a job that are ahead of its
-latest verified checkpoint, most advanced first, and publishes a signed verdict:
+latest verified checkpoint, most advanced first, each as the record of the key that signed it,
+and publishes a signed verdict:
 
-1. cheap, for every record (no byte fetched): its preset and objective are the run's; its step is
-   reachable from the last accepted checkpoint in the time since, at a rate no hardware reaches
-   for the preset (:data:`MAX_STEPS_PER_S`; the run owner's own records are exempt: it may publish
-   what it trained before);
-2. then for the most advanced record a live peer provides: its blobs are fetched and hash-checked,
-   its metadata is the job's (kind, cluster, objective, manifest, step), its weights fit the run's
-   network, and their held-out loss passes :func:`loss_refusal`: neither its sampling nor its
-   training weights are worse than the untrained network's, and its sampling weights (what is
-   served) are no worse than the last accepted checkpoint's, both beyond :data:`LOSS_MARGIN`.
-   That refuses garbage weights that carry a valid hash.
+1. cheap, for every record (no byte fetched), a verdict on that signer's record alone: its preset
+   and objective are the run's; its signer held the job's claim (the run owner aside: it may
+   publish what it trained before); its step is reachable from the last accepted checkpoint within
+   the time its signer held the claim since then, at a rate no hardware reaches for the preset
+   (:data:`MAX_STEPS_PER_S`);
+2. then for the most advanced record a live peer provides, a verdict on the checkpoint's bytes: its
+   blobs are fetched and hash-checked, its metadata is the job's (kind, cluster, objective,
+   manifest, step), its weights fit the run's network, and their held-out loss passes
+   :func:`loss_refusal`: neither its sampling nor its training weights are worse than the untrained
+   network's, and its sampling weights (what is served) are no worse than the *best* accepted
+   checkpoint's, beyond :data:`LOSS_MARGIN`. That refuses garbage weights that carry a valid hash,
+   and a chain of small regressions by its second link.
 
 A refused checkpoint's copy is deleted, so it is never provided, and its signer is banned locally,
-except when the only fault is a loss above the last accepted one's: training is noisy (a small
-router's raw weights swing by half their loss between checkpoints), so that refuses the
-checkpoint and leaves its honest trainer alone (an owner that shows no accepted checkpoint for
-the run's grace period loses its claim all the same, :func:`claims.stale`). A verifier that
-accepts a checkpoint has fetched it; the mirrors (preparer, idle trainers) then hold and publish
-it at once, so a job whose owner checkpoints faster than it can be judged still shows verified
-progress.
+except when the only fault is a loss above the best accepted one's (training is noisy: that refuses
+the checkpoint and leaves its honest trainer alone; an owner that shows no accepted checkpoint for
+the run's grace period loses its claim all the same, :func:`claims.stale`) or a record signed by a
+key without the claim (an honest mirror may republish what it accepted before others judged it).
+A verifier that accepts a checkpoint has fetched it; the mirrors (preparer, idle trainers) then
+hold and publish it at once, so a job whose owner checkpoints faster than it can be judged still
+shows verified progress.
 A checkpoint that could not be fetched gets no verdict (the provider may only be slow): it stays
 pending and is tried again next round.
 """
@@ -106,34 +109,42 @@ def expected_config(run: RunRecord, job: str) -> tuple[str, str]:
     return run.presets[k], run.objectives[k]
 
 
-def cheap_refusal(snap: claims.Snapshot, job: str, key: bytes, rec: CheckpointRecord) -> str | None:
-    """Why ``rec`` is refused without fetching a byte, or ``None``. Pure: a function of the snapshot."""
+def cheap_refusal(
+    snap: claims.Snapshot, job: str, key: bytes, rec: CheckpointRecord, tenure: claims.Tenure | None = None
+) -> tuple[str, bool] | None:
+    """Why the record ``rec`` signed by ``key`` is refused without fetching a byte, with whether
+    its signer is banned for it; ``None`` if it passes. Pure: a function of the snapshot and what
+    the verifier saw of the job's claims (``tenure``).
+
+    The run owner may publish anything it trained (before the run, or by itself). Anyone else adds
+    steps only while holding the job's claim: its step must be reachable from the last accepted one
+    at :data:`MAX_STEPS_PER_S` within the time it held the claim since then. A record by a key that
+    held no claim is refused (its signer not banned: an honest mirror may republish a checkpoint it
+    accepted before others judged it); a step nobody could have reached is refused and banned."""
     preset, objective = expected_config(snap.run, job)
     if rec.objective != objective or (preset and rec.preset != preset):
-        return f"config {rec.preset}/{rec.objective} is not the run's {preset or 'any'}/{objective}"
+        return f"config {rec.preset}/{rec.objective} is not the run's {preset or 'any'}/{objective}", True
     rate = MAX_STEPS_PER_S.get(rec.preset)
     if rate is None:
-        return f"unknown preset {rec.preset!r}"
+        return f"unknown preset {rec.preset!r}", True
     if fingerprint(key) == snap.owner or snap.now == 0.0:
         return None
+    span = claims.held_span(snap, job, key, tenure)
+    if span is None:
+        return f"its signer does not hold the {job} claim", False
+    held_from, held_until = span
     prev = claims.last_accepted(snap, job)
     step0, t0 = (prev.step, prev.t) if prev else (0, snap.run.started)
-    reachable = rate * (max(0.0, snap.now - t0) + CLOCK_SLACK_S)
+    start = max(t0, held_from)
+    reachable = rate * (max(0.0, held_until - start) + CLOCK_SLACK_S)
     if rec.step - step0 > reachable:
         gap = rec.step - step0
-        return f"step {rec.step} is {gap} steps past {step0} in {snap.now - t0:.0f}s: beyond {rate:.0f} steps/s"
+        return (
+            f"step {rec.step} is {gap} steps past {step0} in the {max(0.0, held_until - start):.0f}s "
+            f"its signer held the claim: beyond {rate:.0f} steps/s",
+            True,
+        )
     return None
-
-
-def publisher(snap: claims.Snapshot, job: str, sha256: str) -> bytes:
-    """Whose record of ``sha256`` a verdict credits: the run owner's, else the job's claim
-    holder's, else any (replicas carry the same hash under mirrors' keys)."""
-    keys = [o for o, r in snap.ckpts.get(job, {}).items() if r.sha256 == sha256]
-    for want in (snap.owner, None):
-        for o in keys:
-            if (want and fingerprint(o) == want) or (want is None and o == claims.winner(snap, job)):
-                return o
-    return keys[0]
 
 
 class CannotJudge(Exception):
@@ -160,7 +171,11 @@ class Verifier:
         self.ensure_data = ensure_data or (lambda clusters: None)
         self._jobs: dict[tuple[str, str], tuple[object, float]] = {}  # (job, preset) → (job, untrained loss)
         self._cannot: set[str] = set()  # hashes this node cannot judge (said once)
-        self._judged: dict[tuple[str, int], Verdict] = {}  # (sha256, step) → this node's verdict
+        # (sha256, step, "") → this node's verdict on the bytes; (sha256, step, fingerprint) → on
+        # one signer's record of them
+        self._judged: dict[tuple[str, int, str], Verdict] = {}
+        self.tenure = claims.Tenure()  # who this node saw hold each job's claim
+        self._best: dict[str, float] = {}  # job → lowest held-out loss this node accepted
         # Per job, the most advanced checkpoint accepted here, fetched into ``folder``: what a
         # mirror holds when the owner's record has moved on before the verdict landed.
         self.accepted: dict[str, CheckpointRecord] = {}
@@ -195,16 +210,24 @@ class Verifier:
         reason: str | None,
         loss: float = 0.0,
         ban: bool = True,
+        about: str = "bytes",
     ) -> Verdict:
-        verdict = Verdict(rec.sha256, rec.step, fingerprint(key), reason is None, get_dht_time(), loss, reason or "")
-        self._judged[(rec.sha256, rec.step)] = verdict
+        """Publish a verdict on ``key``'s record ``rec``: on its bytes (every record of this hash and
+        step shares it) or, with ``about="record"``, on that signer's record alone. A refusal and
+        its ban land on the signer of the record judged, never on another holder of the hash."""
+        fp = fingerprint(key)
+        t = get_dht_time()
+        verdict = Verdict(rec.sha256, rec.step, fp, reason is None, t, loss, reason or "", about)
+        self._judged[(rec.sha256, rec.step, fp if about == "record" else "")] = verdict
         self.node.publish_verdict(job, snap.run, verdict)
         if reason is None:
             console.log(f"verified {job} step {rec.step} ({rec.sha256[:12]}): held-out loss {loss:.4f}")
             if job not in self.accepted or self.accepted[job].step < rec.step:
                 self.accepted[job] = rec
+            if loss > 0:
+                self._best[job] = min(loss, self._best.get(job, math.inf))
         else:
-            console.log(f"refused {job} step {rec.step} ({rec.sha256[:12]}): {reason}")
+            console.log(f"refused {job} step {rec.step} ({rec.sha256[:12]}) signed by {fp[:12]}: {reason}")
             if ban and fingerprint(key) not in (snap.owner, snap.me):
                 self.node.bans.ban(fingerprint(key), f"{job} checkpoint refused: {reason}")
         return verdict
@@ -257,14 +280,22 @@ class Verifier:
             sampling, train = checkpoint_losses(built, ckpt, self.cfg.batches, self.cfg.batch_size, self.cfg.seed)
         except CheckpointError as e:
             return str(e), 0.0, True
-        prev = claims.last_accepted(snap, job)
-        bar = prev.loss if prev is not None and prev.loss > 0 else untrained
+        # Held to the best accepted checkpoint (the trusted verifiers' and this node's own), never
+        # only the last: small regressions each within the margin must not add up.
+        best = claims.best_accepted(snap, job)
+        bar = min([untrained, *([best.loss] if best else []), *([self._best[job]] if job in self._best else [])])
         reason, ban = loss_refusal(sampling, train, untrained, bar, self.cfg.margin)
         return reason, sampling, ban
 
     def verify_pending(self, snap: claims.Snapshot, jobs: list[str] | None = None) -> list[Verdict]:
         """Judge what is pending in ``jobs`` (default: all): every record cheaply, and per job the
-        most advanced one that passes through the full check. Returns the new verdicts."""
+        most advanced one that passes through the full check. Returns the new verdicts.
+
+        Each record is judged as its signer's: who signed it is who a refusal and a ban land on. A
+        record whose signer holds no claim now waits until this node has watched the claims for a
+        claim's lifetime (a verifier that just started cannot tell a holder that has since
+        released from a stranger that never held the claim)."""
+        self.tenure.observe(snap)
         out: list[Verdict] = []
         for job in jobs or snap.run.jobs():
             best = claims.latest_checkpoint(snap, job)
@@ -273,17 +304,23 @@ class Verifier:
                 for o, r in snap.ckpts.get(job, {}).items()
                 if r.run == snap.run.manifest_sha256
                 and snap.admitted(o)
-                and claims.verdict(snap, job, r) is None
+                and claims.verdict(snap, job, r, o) is None
                 and (best is None or r.step > best.step)
             ]
             full_done = False
-            for _, rec in sorted(recs, key=lambda item: (-item[1].step, item[1].sha256)):
-                if (rec.sha256, rec.step) in self._judged:  # judged here already (the DHT may lag)
+            for key, rec in sorted(recs, key=lambda item: (-item[1].step, item[1].sha256, item[0])):
+                fp = fingerprint(key)
+                if (rec.sha256, rec.step, "") in self._judged or (rec.sha256, rec.step, fp) in self._judged:
+                    continue  # judged here already (the DHT may lag)
+                if (
+                    fp != snap.owner
+                    and claims.held_span(snap, job, key, self.tenure) is None
+                    and not self.tenure.watched(snap.now)
+                ):
                     continue
-                key = publisher(snap, job, rec.sha256)
-                reason = cheap_refusal(snap, job, key, rec)
-                if reason is not None:
-                    out.append(self._judge(snap, job, key, rec, reason))
+                refusal = cheap_refusal(snap, job, key, rec, self.tenure)
+                if refusal is not None:
+                    out.append(self._judge(snap, job, key, rec, refusal[0], ban=refusal[1], about="record"))
                     continue
                 if full_done or not claims.available(snap, rec):
                     continue

@@ -144,11 +144,15 @@ def test_a_stranger_cannot_redirect_the_run(attacked):
 
 def test_bogus_and_poisoned_checkpoints_are_refused_and_never_served(attacked):
     """A checkpoint record at step 1e9 with a hash nobody holds, and a poisoned checkpoint (valid
-    hash, garbage weights, a plausible step): both refused with a reason, the poisoner banned, and
-    a new server loads the honest checkpoint."""
+    hash, garbage weights, a plausible step), each published by a stranger holding the job's claim
+    (without one, neither would even be looked at): both refused with a reason, the poisoner
+    banned, and a new server loads the honest checkpoint."""
+    from hivemind.utils import get_dht_time
+
     m, run = attacked.mallory, attacked.run
     honest = claims.latest_checkpoint(attacked.snap(["expert_0"]), "expert_0")
     assert honest is not None
+    m.store(claim_key("expert_0"), ClaimRecord(run.manifest_sha256, m.peer_id, float(get_dht_time())), 30)
     bogus = CheckpointRecord(
         run.manifest_sha256, 10**9, "b" * 64, 1, run.objectives[0], run.presets[0], 0.0, [m.peer_id]
     )
@@ -161,6 +165,7 @@ def test_bogus_and_poisoned_checkpoints_are_refused_and_never_served(attacked):
 
     # The preparer banned Mallory's key for that record: the poisoner comes with a fresh key.
     t, t_blobs = attacked.stranger("trudy")
+    t.store(claim_key("expert_0"), ClaimRecord(run.manifest_sha256, t.peer_id, float(get_dht_time())), 60)
     poison = _poisoned(
         attacked.run_dir / "checkpoints" / "expert_0", attacked.tmp / "poison" / "expert_0", honest.step + 1
     )

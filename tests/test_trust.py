@@ -23,7 +23,7 @@ from swarm.records import (
     run_key,
     runs_key,
 )
-from swarm.verify import cheap_refusal, loss_refusal, publisher
+from swarm.verify import cheap_refusal, loss_refusal
 
 SHA = "a" * 64
 NOW = 10_000.0
@@ -173,21 +173,110 @@ def test_loss_refusal_bans_garbage_and_only_refuses_a_regression():
 
 
 def test_cheap_checks_refuse_impossible_steps_and_foreign_configs():
-    s = snap()
-    assert "steps/s" in cheap_refusal(s, "expert_0", STRANGER, ck(10**9))
-    assert cheap_refusal(s, "expert_0", HONEST, ck(2000)) is None  # 9000 s since the start: plausible
-    assert "config" in cheap_refusal(s, "expert_0", HONEST, ck(10, preset="XL/2"))
-    assert "config" in cheap_refusal(s, "expert_0", HONEST, ck(10, objective="ddpm"))
+    holds = {"expert_0": {HONEST: ClaimRecord(SHA, "h", NOW - 500)}}  # held for 500 s (within the grace)
+    s = snap(claims_=holds)
+    reason, ban = cheap_refusal(s, "expert_0", HONEST, ck(10**9))
+    assert "steps/s" in reason and ban
+    assert cheap_refusal(s, "expert_0", HONEST, ck(2000)) is None  # 4 steps/s over 500 s: plausible
+    assert "config" in cheap_refusal(s, "expert_0", HONEST, ck(10, preset="XL/2"))[0]
+    assert "config" in cheap_refusal(s, "expert_0", HONEST, ck(10, objective="ddpm"))[0]
     assert cheap_refusal(s, "expert_0", OWNER, ck(10**6)) is None  # the owner may publish what it trained before
     # The step is measured from the last accepted checkpoint and its time.
     prev = Verdict("1" * 64, 500, fingerprint(HONEST), True, NOW - 1, 0.4)
-    s = snap(verdicts={"expert_0": judged(OWNER, prev)})
+    s = snap(claims_=holds, verdicts={"expert_0": judged(OWNER, prev)})
     assert cheap_refusal(s, "expert_0", HONEST, ck(600)) is None
-    assert "steps/s" in cheap_refusal(s, "expert_0", HONEST, ck(500 + 10**6))
-    # Verdicts credit the claim holder's record over a mirror's replica of the same hash.
-    c = {"expert_0": {HONEST: ClaimRecord(SHA, "h", NOW - 5)}}
-    k = {"expert_0": {key(7): ck(9, "9" * 64), HONEST: ck(9, "9" * 64)}}
-    assert publisher(snap(claims_=c, ckpts=k), "expert_0", "9" * 64) == HONEST
+    assert "steps/s" in cheap_refusal(s, "expert_0", HONEST, ck(500 + 10**6))[0]
+
+
+def test_only_the_claim_holder_adds_steps_within_the_time_it_held_the_claim():
+    """Checkpoint authority: a key that holds no claim adds nothing (refused, not banned: an honest
+    mirror may republish); the holder adds steps at a plausible rate within its tenure, measured
+    from when it took the claim, and a holder that has released is judged by what a verifier saw."""
+    s = snap()
+    reason, ban = cheap_refusal(s, "expert_0", STRANGER, ck(10))
+    assert "does not hold the expert_0 claim" in reason and not ban
+    # A claim taken 10 s ago: 10 s (+ the clock slack) at 500 steps/s, not the run's 9000 s.
+    late = snap(claims_={"expert_0": {HONEST: ClaimRecord(SHA, "h", NOW - 10)}})
+    assert cheap_refusal(late, "expert_0", HONEST, ck(500 * 70 - 1)) is None
+    assert "steps/s" in cheap_refusal(late, "expert_0", HONEST, ck(500 * 71))[0]
+    # Its holder has released: the live claims no longer name it, a verifier's tenure does.
+    tenure = claims.Tenure()
+    tenure.observe(late)
+    gone = snap()
+    assert claims.held_span(gone, "expert_0", HONEST, tenure) == (NOW - 10, NOW + claims.CLAIM_TTL_S)
+    assert cheap_refusal(gone, "expert_0", HONEST, ck(100), tenure) is None
+    assert cheap_refusal(gone, "expert_0", STRANGER, ck(100), tenure)[0].startswith("its signer does not hold")
+    assert not tenure.watched(NOW) and tenure.watched(NOW + claims.CLAIM_TTL_S)
+
+
+def test_a_refusal_of_a_record_lands_on_its_signer_only():
+    """Republishing an honest hash under a bogus step: the refusal of that record holds for the
+    republisher's record, not for the honest record of the same hash at its own step; a refusal
+    of the bytes holds for every record of them."""
+    good = ck(100, "9" * 64)
+    k = {"expert_0": {HONEST: good, STRANGER: ck(10**9, good.sha256)}}
+    bogus = Verdict(good.sha256, 10**9, fingerprint(STRANGER), False, NOW, 0.0, "steps/s", about="record")
+    s = snap(ckpts=k, verdicts={"expert_0": judged(OWNER, bogus)})
+    assert claims.verdict(s, "expert_0", k["expert_0"][STRANGER], STRANGER) is False
+    assert claims.verdict(s, "expert_0", good, HONEST) is None  # still pending, not refused
+    # The same step republished by the stranger and refused as its record: the honest one is not.
+    same = Verdict(good.sha256, 100, fingerprint(STRANGER), False, NOW, 0.0, "no claim", about="record")
+    s = snap(ckpts=k, verdicts={"expert_0": judged(OWNER, same)})
+    assert claims.verdict(s, "expert_0", good, HONEST) is None
+    assert claims.verdict(s, "expert_0", good, STRANGER) is False
+    garbage = Verdict(good.sha256, 100, fingerprint(HONEST), False, NOW, 9.0, "held-out loss")
+    s = snap(ckpts=k, verdicts={"expert_0": judged(OWNER, garbage)})
+    assert claims.verdict(s, "expert_0", good, HONEST) is False and claims.verdict(s, "expert_0", good) is False
+
+
+def test_the_quality_bar_is_the_best_accepted_checkpoint_so_regressions_do_not_compound():
+    """A chain of 1.2x regressions, each within the 25 % margin of the one before: held to the best
+    accepted loss, the second is refused."""
+    untrained, m = 1.0, 0.25
+    best = Verdict("1" * 64, 100, fingerprint(HONEST), True, NOW - 60, 0.27)
+    first = Verdict("2" * 64, 110, fingerprint(STRANGER), True, NOW - 30, 0.27 * 1.2)
+    s = snap(verdicts={"expert_0": judged(OWNER, best, first)})
+    assert claims.last_accepted(s, "expert_0") == first
+    assert claims.best_accepted(s, "expert_0") == best
+    bar = claims.best_accepted(s, "expert_0").loss
+    reason, ban = loss_refusal(0.27 * 1.2 * 1.2, 0.3, untrained, bar, m)
+    assert "worse than 0.2700" in reason and not ban
+
+
+def test_an_owner_that_cannot_see_its_own_claim_keeps_its_job():
+    """A flood may cut a read short: the owner's own claim missing from it is no reason to stop;
+    only a valid claim that beats it is."""
+    mine = ClaimRecord(SHA, "h", NOW - 100)
+    flood = {"expert_0": {key(100 + i): ClaimRecord(SHA, "x", NOW - 50) for i in range(20)}}
+    s = snap(claims_=flood)
+    assert not claims.still_wins(s, "expert_0", HONEST)
+    assert claims.still_wins(s, "expert_0", HONEST, mine)
+    earlier = {"expert_0": {**flood["expert_0"], STRANGER: ClaimRecord(SHA, "x", NOW - 200)}}
+    assert not claims.still_wins(snap(claims_=earlier), "expert_0", HONEST, mine)
+
+
+def test_one_key_is_one_identity():
+    """A subkey is exactly [owner:KEY]: anything around the marker, or a key written in another
+    form, would let one key sign as many identities."""
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.protocol import DHTProtocol
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from swarm.records import OwnerSubkeyValidator, canonical_owner, claimed_owner
+
+    me = RSASignatureValidator(RSAPrivateKey()).local_public_key
+    assert canonical_owner(me) == me
+    for variant in (me + b"x", b"x" + me, me[:-1] + b" comment]", me + me):
+        assert canonical_owner(variant) is None
+    assert claimed_owner(me + b"suffix") == me
+    check = OwnerSubkeyValidator()
+
+    def record(subkey: bytes) -> DHTRecord:
+        return DHTRecord(b"k", DHTProtocol.serializer.dumps(subkey), b"v", 0.0)
+
+    assert check.validate(record(me)) and not check.validate(record(me + b"1"))
+    assert check.validate(DHTRecord(b"k", DHTProtocol.IS_REGULAR_VALUE, b"v", 0.0))
 
 
 def test_records_round_trip_and_malformed_ones_are_dropped():
