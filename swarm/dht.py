@@ -8,19 +8,29 @@ A node follows one run (``NAME@FINGERPRINT``, :class:`swarm.records.RunRef`): ev
 writes lives in that run's namespace, and the run record counts only when the key named by the
 fingerprint signed it. A node given no run follows the only one the swarm lists, and refuses to
 guess when there are several.
+
+A node that finds itself cut off heals by itself: every ``rejoin_s`` it looks at its routing table,
+and when it holds fewer peers than it has known (down to none), or the run it follows is no longer
+to be seen, it pings its initial peers and every peer it has known and looks up its neighbours
+again, as it did when it joined (:meth:`SwarmNode.rejoin`). A flood that slows the DHT until peers
+drop each other from their tables, or a network that was cut, leaves no lasting split.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.bans import Bans
 from swarm.claims import Snapshot
@@ -56,6 +66,8 @@ from swarm.records import (
     verdicts_key,
 )
 
+KNOWN_S = 3600.0  # a peer not seen in the routing table for this long is no longer tried on a rejoin
+
 
 class SwarmError(RuntimeError):
     """The swarm could not be joined or answered nothing usable."""
@@ -71,6 +83,7 @@ class SwarmConfig:
     op_timeout: float = 60.0  # one DHT read or write; a DHT process that is gone fails at once
     run: str = ""  # NAME@FINGERPRINT of the run to follow ("": the only one the swarm lists)
     own_run: str = ""  # the name of a run this node owns (the preparer): it follows NAME@<its own key>
+    rejoin_s: float = 20.0  # how often to check that this node is still joined (0: never)
 
 
 class OwnedDHT(DHT):
@@ -127,6 +140,54 @@ class SwarmNode:
         self.peer_id = str(self.dht.peer_id)
         self._expiry: dict[str, float] = {}  # key → expiration of our last write under it
         self._lock = threading.RLock()  # heartbeat, publisher and trainer threads share the node
+        self.initial_peers = list(cfg.initial_peers)
+        self._known: dict[str, float] = {}  # peers this node has had in its routing table → when last
+        self._most = 0  # the most peers it has had at once
+        self._last_rejoin = 0.0
+        self._said_alone = False
+        self._saw_run = False
+        self.rejoins = 0  # how many times it re-joined (the status dashboard and tests read it)
+        self._halt = threading.Event()
+        if cfg.rejoin_s > 0:
+            threading.Thread(target=self._watch, args=(cfg.rejoin_s,), name="rejoin", daemon=True).start()
+
+    # ---------------------------------------------------------------- staying joined
+    def routing_peers(self) -> list[str]:
+        """Peers in this node's DHT routing table now."""
+        return self.dht.run_coroutine(_routing_peers)
+
+    def rejoin(self, why: str) -> int:
+        """Ping the initial peers and every peer this node has known, then look up its neighbours
+        again; returns how many answered. At most once every few seconds."""
+        if time.monotonic() - self._last_rejoin < 5.0:
+            return 0
+        self._last_rejoin = time.monotonic()
+        targets = {m.rsplit("/p2p/", 1)[1]: m.rsplit("/p2p/", 1)[0] for m in self.initial_peers if "/p2p/" in m}
+        targets |= {p: targets.get(p, "") for p in self._known if p != self.peer_id}
+        if not targets:
+            return 0
+        answered = self._wait(self.dht.run_coroutine(_Rejoin(targets, self.op_timeout / 2), return_future=True))
+        if answered:
+            self.rejoins += 1
+            print(f"{why}: re-joined through {answered} of {len(targets)} known peer(s)", file=sys.stderr, flush=True)
+        elif not self._said_alone:
+            print(f"{why}: none of {len(targets)} known peer(s) answered; trying again", file=sys.stderr, flush=True)
+        self._said_alone = not answered
+        return answered
+
+    def _watch(self, period: float) -> None:
+        while not self._halt.wait(period):
+            try:
+                peers = self.routing_peers()
+                now = time.monotonic()
+                self._known.update(dict.fromkeys(peers, now))
+                self._known = {p: t for p, t in self._known.items() if now - t < KNOWN_S}
+                self._most = max(self._most, len(peers))
+                if len(peers) < min(self._most, 2) or (self.initial_peers and not peers):
+                    self.rejoin(f"this node sees {len(peers)} peer(s) of the {self._most} it saw")
+            except Exception:  # the DHT is shutting down, or slow: look again next period
+                if not self.dht.is_alive():
+                    return
 
     def maddrs(self) -> list[str]:
         return [str(a) for a in self.dht.get_visible_maddrs()]
@@ -240,12 +301,20 @@ class SwarmNode:
                     + ", ".join(f"{ref} ({r.manifest_sha256[:12]})" for ref, r in sorted(listed.items(), key=str))
                 )
             self.follow(next(iter(listed)))
-        owned = [
+        owned = self._owned_run()
+        if not owned and self._saw_run and self.ref.owner != self.fingerprint:
+            # The run was here and is gone from sight: this node may be cut off from the swarm.
+            if self.rejoin(f"run {self.ref} is out of sight"):
+                owned = self._owned_run()
+        self._saw_run = self._saw_run or bool(owned)
+        return owned[0] if owned else None
+
+    def _owned_run(self) -> list[RunRecord]:
+        return [
             r
             for o, r in self.read(run_key(), RunRecord).items()
             if fingerprint(o) == self.ref.owner and r.name == self.ref.name
         ]
-        return owned[0] if owned else None
 
     def publish_verdict(self, job: str, run: RunRecord, verdict: Verdict) -> None:
         """Add ``verdict`` to this node's signed verdicts on ``job`` (it keeps the newest
@@ -301,4 +370,35 @@ class SwarmNode:
         return out
 
     def shutdown(self) -> None:
+        self._halt.set()
         self.dht.shutdown()
+
+
+async def _routing_peers(_dht: DHT, node) -> list[str]:
+    return [str(p) for p in node.protocol.routing_table.uid_to_peer_id.values()]
+
+
+class _Rejoin:
+    """Run inside the DHT process (``run_coroutine`` pickles it): dial each peer (at its address
+    when one is known), ping it into the routing table, then look up this node's neighbours."""
+
+    def __init__(self, targets: dict[str, str], timeout: float) -> None:
+        self.targets, self.timeout = targets, timeout
+
+    async def __call__(self, _dht: DHT, node) -> int:
+        async def one(peer: str, addr: str) -> bool:
+            pid = PeerID.from_base58(peer)
+            try:
+                if addr:
+                    await asyncio.wait_for(node.p2p._client.connect(pid, [Multiaddr(addr)]), self.timeout)
+                return await asyncio.wait_for(node.protocol.call_ping(pid), self.timeout) is not None
+            except Exception:  # gone, or not reachable now: the others may be
+                return False
+
+        answered = await asyncio.gather(*(one(p, a) for p, a in self.targets.items()))
+        if any(answered):
+            try:
+                await asyncio.wait_for(node.find_nearest_nodes([node.node_id]), self.timeout)
+            except Exception:  # the pings already put peers back in the table
+                pass
+        return sum(answered)

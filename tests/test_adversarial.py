@@ -320,3 +320,168 @@ def test_two_runs_share_one_dht_and_an_allowlist_admits_only_listed_trainers(att
     finally:
         for p in procs:
             kill_tree(p)
+
+
+def _heldout(run_dir: Path, job: str):
+    """The job as a verifier builds it, and a function giving a checkpoint's sampling loss as the
+    verifier measures it (same held-out batches, same seed)."""
+    from data.manifest import load_manifest
+    from training.heldout import checkpoint_losses
+    from training.jobs import build_job
+    from training.loop import TrainConfig
+
+    manifest, digest = load_manifest(run_dir / "data")
+    torch.manual_seed(0)
+    built = build_job(manifest, digest, job, TrainConfig(ckpt_root="", batch_size=32, seed=0))
+    return lambda ck: checkpoint_losses(built, ck, 2, 32, 0)[0]
+
+
+def _noisier(base, dest: Path, step: int, loss_of, factor: float):
+    """``base`` with noise in its sampling weights, scaled (by bisection) until its held-out loss
+    is about ``factor`` times ``base``'s: inside the verifier's margin of the one before."""
+    from diffusers import PixArtTransformer2DModel
+
+    want, lo, hi = loss_of(base) * factor, 0.0, 1.0
+    meta = {k: v for k, v in base.meta.items() if k not in ("step", "files", "saved_at")}
+    tensors = load_train_tensors(base)
+    best = None
+    for i in range(10):
+        sigma = (lo + hi) / 2
+        model = PixArtTransformer2DModel.from_pretrained(base.model_dir)
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * sigma * (p.std() if p.numel() > 1 else p.abs()))
+        shutil.rmtree(dest, ignore_errors=True)
+        ck = save_checkpoint(dest, step, model, meta, tensors)
+        loss = loss_of(ck)
+        if abs(loss / want - 1) < 0.02:
+            return ck, loss
+        lo, hi = (sigma, hi) if loss < want else (lo, sigma)
+        best = (ck, loss)
+    return best
+
+
+def _publish(node_, blobs, ck, run, job: str) -> CheckpointRecord:
+    """Provide a checkpoint and publish its record under ``node_``'s key, as a trainer would."""
+    blobs.store.add_checkpoint(ck)
+    announce(node_, blobs.store)
+    size = sum(p.stat().st_size for p in ck.path.rglob("*") if p.is_file())
+    k = int(job.split("_")[1])
+    rec = CheckpointRecord(
+        run.manifest_sha256, ck.step, ck.sha256, size, run.objectives[k], run.presets[k], 0.1, [node_.peer_id]
+    )
+    assert node_.store(ckpt_key(job), rec, CKPT_TTL_S)
+    return rec
+
+
+def _verdict_on(attacked, job: str, sha: str, step: int):
+    """The trusted verifiers' verdict on (hash, step) of ``job``, once there is one."""
+    s = attacked.snap([job])
+    return next((v for v in claims.verdicts(s, job) if v.sha256 == sha and v.step == step), None)
+
+
+def _preparer_bans(attacked) -> set[str]:
+    from swarm.records import PeerRecord, peers_key
+
+    recs = attacked.observer.read(peers_key(), PeerRecord).values()
+    return {line.split(":")[0] for p in recs if p.role == "preparer" for line in p.bans}
+
+
+@pytest.mark.timeout(900)  # trains a checkpoint and judges four
+def test_a_slow_poisoning_ratchet_is_refused_by_its_second_step_and_republishing_harms_only_the_republisher(
+    attacked,
+):
+    """Checkpoint authority and the quality bar. Rat holds expert_0's claim and publishes a truly
+    trained checkpoint (accepted), then the same with noise at 1.2x its held-out loss (inside the
+    margin: accepted), then that again at 1.2x (1.44x the best): refused by the second link. Eve,
+    holding no claim, republishes rat's hash under step 1e9: the refusal lands on Eve's record
+    alone; rat is not banned and its checkpoint stays accepted. A copy of the checkpoint Eve
+    publishes at a plausible step, without the claim, is refused too."""
+    from hivemind.utils import get_dht_time
+
+    run, job = attacked.run, "expert_0"
+    rat, rat_blobs = attacked.stranger("rat")
+    assert rat.store(claim_key(job), ClaimRecord(run.manifest_sha256, rat.peer_id, float(get_dht_time())), 600)
+    wait_for(lambda: claims.winner(attacked.snap([job]), job) == rat.owner, 30, "rat to hold the claim")
+
+    # A real checkpoint, trained 18 steps past the run's published one on this machine.
+    work = attacked.tmp / "rat_run"
+    shutil.copytree(attacked.run_dir, work, ignore=shutil.ignore_patterns("identity", "mirror"))
+    node("--role", "trainer", "--local", "--workdir", str(work), "--expert", "0", "--steps", "24")
+    trained = latest_checkpoint(work / "checkpoints" / job)
+    assert trained.step == 24
+    base = _publish(rat, rat_blobs, trained, run, job)
+    ok = wait_for(lambda: _verdict_on(attacked, job, base.sha256, 24), 120, "the trained checkpoint's verdict")
+    assert ok.ok, ok.reason
+
+    loss_of = _heldout(attacked.run_dir, job)
+    link1, loss1 = _noisier(trained, attacked.tmp / "ratchet" / "1", 61, loss_of, 1.2)
+    _publish(rat, rat_blobs, link1, run, job)
+    v1 = wait_for(lambda: _verdict_on(attacked, job, link1.sha256, 61), 120, "the first link's verdict")
+    assert v1.ok, v1.reason  # 1.2x: inside the margin of the best
+    link2, loss2 = _noisier(link1, attacked.tmp / "ratchet" / "2", 62, loss_of, 1.2)
+    assert loss2 > 1.3 * ok.loss  # within 1.25x of the last accepted, far from the best
+    _publish(rat, rat_blobs, link2, run, job)
+    v2 = wait_for(lambda: _verdict_on(attacked, job, link2.sha256, 62), 120, "the second link's verdict")
+    assert not v2.ok and "worse than" in v2.reason and "untrained" not in v2.reason, v2
+    wait_for(
+        lambda: claims.latest_checkpoint(attacked.snap([job]), job).sha256 == link1.sha256,
+        60,
+        "the first link (mirrored) to be the job's latest",
+    )
+
+    # Eve republishes rat's accepted hash under a bogus step, and a copy of it without the claim.
+    eve, eve_blobs = attacked.stranger("eve")
+    bogus = replace_step(base, 10**9, eve.peer_id)
+    assert eve.store(ckpt_key(job), bogus, CKPT_TTL_S)
+    no = wait_for(lambda: _verdict_on(attacked, job, base.sha256, 10**9), 60, "the republished record's refusal")
+    assert not no.ok and no.about == "record" and no.owner == eve.fingerprint, no
+    assert rat.fingerprint[:16] not in _preparer_bans(attacked)
+    assert _verdict_on(attacked, job, base.sha256, 24).ok
+    copy = _resaved(trained, attacked.tmp / "eve" / "copy", 63)
+    _publish(eve, eve_blobs, copy, run, job)
+    no = wait_for(lambda: _verdict_on(attacked, job, copy.sha256, 63), 60, "the unclaimed copy's refusal")
+    assert not no.ok and "does not hold" in no.reason and no.about == "record", no
+
+
+def _resaved(base, dest: Path, step: int):
+    """``base``'s weights saved again under another step: a new hash, the same quality."""
+    from diffusers import PixArtTransformer2DModel
+
+    meta = {k: v for k, v in base.meta.items() if k not in ("step", "files", "saved_at")}
+    model = PixArtTransformer2DModel.from_pretrained(base.model_dir)
+    return save_checkpoint(dest, step, model, meta, load_train_tensors(base))
+
+
+def replace_step(rec: CheckpointRecord, step: int, peer: str) -> CheckpointRecord:
+    from dataclasses import replace
+
+    return replace(rec, step=step, providers=[peer])
+
+
+def test_one_key_cannot_sign_as_many_identities(attacked):
+    """A stranger's own DHT node (signatures only, none of the swarm's other checks) writes claims
+    under [owner:KEY]1, [owner:KEY]2, ...: hivemind's signature check passes each, but no honest
+    node stores them and none reads them as a claim: one key is one identity."""
+    from hivemind.dht import DHT
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.utils import get_dht_time
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from swarm.records import encode, in_run
+
+    rsa = RSASignatureValidator(RSAPrivateKey())
+    raw = DHT(initial_peers=attacked.peers, host_maddrs=[LOOPBACK], record_validators=[rsa], start=True)
+    try:
+        key = in_run(claim_key("expert_1"), attacked.ref)
+        value = encode(ClaimRecord(attacked.run.manifest_sha256, str(raw.peer_id), float(get_dht_time())))
+        for i in range(3):
+            raw.store(key, value, get_dht_time() + 60, subkey=rsa.local_public_key + b"%d" % i)
+        time.sleep(2)
+        found = attacked.observer.get(claim_key("expert_1"))
+        subkeys = set(found.value) if found is not None and isinstance(found.value, dict) else set()
+        assert not [s for s in subkeys if isinstance(s, bytes) and s.startswith(rsa.local_public_key)]
+        assert not [o for o in attacked.observer.read(claim_key("expert_1"), ClaimRecord) if rsa.local_public_key in o]
+    finally:
+        raw.shutdown()

@@ -1,6 +1,7 @@
 """Real hivemind peers on 127.0.0.1: signed records, schema validation, persistent identity,
 and a clear error for unreachable peers."""
 
+import functools
 import signal
 import time
 
@@ -209,3 +210,45 @@ def test_a_stopping_trainer_waits_for_replicas_but_not_for_a_refused_checkpoint(
     finally:
         trainer.stop.set()
         trainer.blobs.shutdown()
+
+
+async def _forget(_dht, node, peers):
+    """Drop ``peers`` (every peer, when None) from this node's routing table: what a flood that made
+    peers time out on each other, or a cut network, leaves behind."""
+    table = node.protocol.routing_table
+    for uid, pid in list(table.uid_to_peer_id.items()):
+        if peers is None or str(pid) in peers:
+            del table[uid]
+    return len(table.uid_to_peer_id)
+
+
+def test_a_node_cut_off_from_the_swarm_rejoins_by_itself(tmp_path):
+    """b's routing table is emptied, and the others forget b: nobody would ever contact it again.
+    Within a few of its checks it re-joins through its initial peer and reads what was written
+    while it was cut off."""
+    a = SwarmNode(SwarmConfig(str(tmp_path / "a"), host_maddrs=LOOPBACK, own_run="default"))
+    nodes = [a]
+    try:
+        b = SwarmNode(
+            SwarmConfig(str(tmp_path / "b"), initial_peers=a.maddrs(), host_maddrs=LOOPBACK, run=str(a.ref), rejoin_s=1)
+        )
+        nodes.append(b)
+        c = SwarmNode(SwarmConfig(str(tmp_path / "c"), initial_peers=a.maddrs(), host_maddrs=LOOPBACK, run=str(a.ref)))
+        nodes.append(c)
+        assert a.store(run_key(), RUN, ttl=120)
+        assert b.run() == RUN
+        time.sleep(3)  # b's watch has seen its peers
+        before = b.rejoins
+        for n in (a, c):
+            n.dht.run_coroutine(functools.partial(_forget, peers={b.peer_id}))
+        assert b.dht.run_coroutine(functools.partial(_forget, peers=None)) == 0
+        claim = ClaimRecord(RUN.manifest_sha256, c.peer_id, 5.0)
+        assert c.store(claim_key("expert_1"), claim, ttl=120)
+        deadline = time.time() + 60
+        while time.time() < deadline and not b.read(claim_key("expert_1"), ClaimRecord):
+            time.sleep(1)
+        assert b.rejoins > before
+        assert b.read(claim_key("expert_1"), ClaimRecord) == {c.owner: claim}
+    finally:
+        for n in reversed(nodes):
+            n.shutdown()
