@@ -9,6 +9,8 @@ Layout of ``<dir>/step_<N>/``::
 The checkpoint's sha256 is the sha256 of ``meta.json``'s bytes: since meta lists every file's
 hash, that one digest pins the whole folder (a two-level Merkle tree). Loading re-hashes every
 file and refuses a mismatch, so a flipped byte is never loaded. Nothing here unpickles.
+A checkpoint's size follows from its network's shapes (:func:`max_checkpoint_bytes`), so a peer
+that claims or sends more than that for one is lying.
 """
 
 from __future__ import annotations
@@ -112,6 +114,27 @@ def save_checkpoint(
         if int(old.name.removeprefix("step_")) not in keep_steps:
             shutil.rmtree(old, ignore_errors=True)
     return Checkpoint(final, full_meta, hashlib.sha256(raw).hexdigest())
+
+
+def max_checkpoint_bytes(network: torch.nn.Module) -> int:
+    """An upper bound on the bytes of a checkpoint of ``network`` as the training loop saves it,
+    from its tensors' counts and shapes alone: a network built on the ``meta`` device will do.
+
+    A checkpoint holds, in float32 at most: the sampling weights (``model/``, its state dict) and,
+    in ``train_state.safetensors``, the raw state dict, one EMA copy and AdamW's two moments of
+    every parameter, plus each parameter's step count. The rest is small and bounded: a header
+    entry per tensor (its name, dtype, shape and offsets), the model's config.json and meta.json
+    (hashes, optimizer groups, a loss curve the loop thins to at most ~4,000 points).
+    """
+    state = network.state_dict()
+    params = list(network.parameters())
+    state_numel = sum(t.numel() for t in state.values())
+    param_numel = sum(p.numel() for p in params)
+    tensors = 2 * len(state) + 4 * len(params)  # entries in the safetensors headers
+    data = 4 * (2 * state_numel + 3 * param_numel + len(params))
+    # A header entry is ~150 bytes (a name of up to ~60 characters, dtype, shape, offsets); config.json
+    # and meta.json are tens of kilobytes (a tiny router's checkpoint fits with 4% to spare).
+    return data + 256 * tensors + (1 << 20)
 
 
 def list_checkpoints(root: Path) -> list[Path]:

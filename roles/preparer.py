@@ -4,6 +4,12 @@ the run's manifest and shards by sha256, verifies every published checkpoint (it
 everyone trusts), publishes checkpoints trained here when they are ahead of the swarm's, and
 mirrors every job's latest verified checkpoint, until stopped.
 
+Two threads: the verify and mirror loop, which fetches strangers' checkpoints and may spend a
+while in one fetch, and a :class:`RecordKeeper` that renews this node's own records (the run
+record, the directory entry, its presence with its bans, its provider announcements, its local
+checkpoints' records) on a schedule of its own, so no fetch can let them expire: every other
+job's checkpoints are fetched from the providers it announces.
+
 Admission is the owner's to set while the run lives: with ``--allow FILE`` the run admits only
 the trainer keys (fingerprints) listed in FILE, re-read every round; a FILE that says ``open``
 admits anyone again."""
@@ -11,6 +17,7 @@ admits anyone again."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -69,7 +76,7 @@ def read_admission(path: Path) -> tuple[str, list[str]]:
 class ServeRunConfig:
     expert_steps: int = 0  # an expert job is done at this step (0: never)
     router_steps: int = 0
-    period_s: float = 2.0  # verify and mirror rounds: a stopping trainer waits for one
+    period_s: float = 2.0  # verify and mirror rounds (a stopping trainer waits for one); admission re-reads
     ckpt_dir: Path | None = None  # publish checkpoints trained here when ahead of the swarm's
     allow: Path | None = None  # an allowlist file (None: anyone may train)
     grace_s: float = CLAIM_GRACE_S  # a claim with no verified checkpoint for this long expires
@@ -90,6 +97,54 @@ def _started(data_dir: Path, name: str, digest: str) -> float:
     started = float(get_dht_time())
     path.write_text(json.dumps({"name": name, "manifest_sha256": digest, "started": started}))
     return started
+
+
+class RecordKeeper(threading.Thread):
+    """Keeps the preparer's own records alive, whatever its verify and mirror loop is doing.
+
+    Every ``period_s`` it re-reads the allowlist and shows a changed admission or a new ban at once;
+    every third of the records' lifetime it renews them all: the run record, the runs directory
+    entry, its presence (with its bans), its provider announcements and, with ``ckpt_dir``, the
+    records of checkpoints trained here. :attr:`record` is the run as published now.
+    """
+
+    def __init__(self, node: SwarmNode, store: BlobStore, run: RunRecord, cfg: ServeRunConfig) -> None:
+        super().__init__(name="preparer-records", daemon=True)
+        self.node, self.store, self.cfg = node, store, cfg
+        self.record = run
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        renewed, stored, shown = -math.inf, None, None
+        while True:
+            try:
+                if self.cfg.allow is not None:
+                    self.record = _admission(self.cfg.allow, self.record)
+                run, bans = self.record, self.node.bans.lines()
+                # Read each time (not at import): tests shorten the lifetimes.
+                due = time.monotonic() - renewed > min(RUN_TTL_S, PROVIDER_TTL_S) / 3
+                if due or run != stored:
+                    self.node.store(run_key(), run, RUN_TTL_S)
+                    self.node.store(runs_key(), RunDirRecord(run.name, run.manifest_sha256), RUN_TTL_S)
+                    stored = run
+                if due or bans != shown:
+                    # Trainers hold a job until a mirror has its last checkpoint; this says one is up.
+                    presence = PeerRecord(self.node.peer_id, "preparer", "mirroring", bans=bans)
+                    self.node.store(peers_key(), presence, PROVIDER_TTL_S)
+                    shown = bans
+                if due:
+                    announce(self.node, self.store, ttl=PROVIDER_TTL_S)
+                    renewed = time.monotonic()
+                    if self.cfg.ckpt_dir is not None:
+                        _publish_local(self.node, self.store, run, self.cfg.ckpt_dir)
+            except Exception as e:  # the DHT may fail a write now and then: the next tick tries again
+                console.log(f"renewing the preparer's records failed ({e!r}); trying again")
+            if self._halt.wait(self.cfg.period_s):
+                return
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
 
 
 def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, cfg: ServeRunConfig | None = None) -> None:
@@ -123,30 +178,19 @@ def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, cfg: Serve
     )
     mirror = data_dir.parent / "mirror"
     verifier = Verifier(node, blobs, run, manifest, mirror, VerifyConfig(cfg.text_encoder, cfg.vae))
-    last_announce = 0.0
+    keeper = RecordKeeper(node, store, run, cfg)
+    keeper.start()
     try:
         while True:
-            if cfg.allow is not None:
-                run = _admission(cfg.allow, run)
-            if time.monotonic() - last_announce > min(RUN_TTL_S, PROVIDER_TTL_S) / 3 or run != verifier.run:
-                node.store(run_key(), run, RUN_TTL_S)
-                node.store(runs_key(), RunDirRecord(run.name, digest), RUN_TTL_S)
-                # Trainers hold a job until a mirror has its last checkpoint; this says one is up.
-                presence = PeerRecord(node.peer_id, "preparer", "mirroring", bans=node.bans.lines())
-                node.store(peers_key(), presence, PROVIDER_TTL_S)
-                announce(node, store)
-                if cfg.ckpt_dir is not None:
-                    _publish_local(node, blobs.store, run, cfg.ckpt_dir)
-                last_announce = time.monotonic()
-            verifier.run = run
+            run = verifier.run = keeper.record
             snap = node.snapshot(run)
             if verifier.verify_pending(snap):
-                snap = node.snapshot(run)
-                last_announce = 0.0  # refusals may have banned someone: show it
+                snap = node.snapshot(run)  # (a refusal's ban shows in the presence the keeper renews)
             mirror_checkpoints(node, blobs, snap, mirror, publish=True, accepted=verifier.accepted)
             if stop.wait(cfg.period_s):
                 break
     finally:
+        keeper.stop()
         try:
             node.store(peers_key(), PeerRecord(node.peer_id, "preparer", "offline"), PROVIDER_TTL_S)
         except Exception:  # shutting down; the record expires by itself
