@@ -8,12 +8,18 @@ one honest trainer training expert 0 for the same wall-clock budget:
   every attack of README's threat-model table again and again: a checkpoint record at step 10⁹
   for every job, a poisoned checkpoint (random weights, valid hash, plausible step), a claim with
   t0 = 0 on the honest trainer's job, a plausible claim that never trains, a run record and a
-  directory entry that would redirect the run, junk bytes announced under a shard's hash.
+  directory entry that would redirect the run, junk bytes announced under a shard's hash, the
+  honest trainer's latest hash republished under step 10⁹ (to get the honest key banned) and
+  under the next step without the claim, claims under one key's many subkeys. Once, early on, it
+  floods the DHT: ``--flood`` claims on the honest trainer's job from as many keys, and a fifth as
+  many presence records.
 
 An observer following the run checks every second whether any attack was accepted: a refused or
 bogus checkpoint counted as a job's latest, a squatter owning a job (the t0 = 0 one at once, the
-plausible one after the grace period), the run redirected. Reported: attacks tried, accepted
-(goal 0), and the honest trainer's samples/s attacked ÷ quiet.
+plausible one after the grace period), the run redirected, the honest trainer's key banned by
+the preparer, a republished record counted. Reported: attacks tried, accepted (goal 0), whether
+the honest trainer lost its claim, its samples/s attacked ÷ quiet, and the time of an honest
+``--role status --once`` during the flood ÷ quiet.
 
     .venv/bin/python benchmarks/adversarial.py [--minutes 2]
 """
@@ -33,8 +39,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import re  # noqa: E402
+import subprocess  # noqa: E402
+from dataclasses import astuple, replace  # noqa: E402
+
 import torch  # noqa: E402
-from hivemind.utils import get_dht_time  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
+from hivemind.dht import DHT  # noqa: E402
+from hivemind.dht.crypto import RSASignatureValidator  # noqa: E402
+from hivemind.utils import MSGPackSerializer, get_dht_time  # noqa: E402
+from hivemind.utils.crypto import RSAPrivateKey  # noqa: E402
 
 from benchmarks.results import RESULTS, append_section, machine  # noqa: E402
 from data.checkpoint import latest_checkpoint, save_checkpoint  # noqa: E402
@@ -48,16 +62,100 @@ from swarm.records import (  # noqa: E402
     CKPT_TTL_S,
     CheckpointRecord,
     ClaimRecord,
+    PeerRecord,
     RunDirRecord,
     RunRecord,
     RunRef,
     ckpt_key,
     claim_key,
+    encode,
+    fingerprint,
+    in_run,
+    peers_key,
     run_key,
     runs_key,
 )
 
 GRACE_S = 30.0  # the run's claim grace, short so the plausible squat must expire within a phase
+
+
+class ManyKeys(RSASignatureValidator):
+    """A stranger's signer holding many keys: it signs each record with the key its subkey names
+    (hivemind's own signs only with one). 1024-bit keys: identities are cheap to make."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(RSAPrivateKey())
+        self.keys: dict[bytes, RSAPrivateKey] = {}
+        for _ in range(n):
+            key = RSAPrivateKey.__new__(RSAPrivateKey)
+            key._private_key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+            self.keys[b"[owner:" + key.get_public_key().to_bytes() + b"]"] = key
+
+    def sign_value(self, record) -> bytes:
+        found = re.search(rb"\[owner:.+?\]", record.subkey)
+        key = self.keys.get(found.group(0)) if found else None
+        if key is None:
+            return super().sign_value(record)
+        signature = key.sign(MSGPackSerializer.dumps(astuple(record)))
+        return record.value + self.SIGNATURE_FORMAT.replace(b"_value_", signature)
+
+    def validate(self, record) -> bool:
+        return True  # the stranger's node keeps whatever it is sent
+
+
+class _StoreMany:
+    """Run in the stranger's DHT process: store a batch of records in one go."""
+
+    def __init__(self, keys: list[str], values: list[dict], subkeys: list[bytes], ttl: float) -> None:
+        self.keys, self.values, self.subkeys, self.ttl = keys, values, subkeys, ttl
+
+    async def __call__(self, _dht, node) -> int:
+        exp = get_dht_time() + self.ttl
+        ok = await node.store_many(self.keys, self.values, [exp] * len(self.keys), subkeys=self.subkeys)
+        return sum(bool(v) for v in ok.values())
+
+
+def flood(signer: ManyKeys, peers: list[str], ref: RunRef, run: RunRecord, job: str, ttl: float = 300.0) -> dict:
+    """A claim on ``job`` from each of the signer's keys (t0 now: later than the honest owner's, so
+    none may win), presence records from a fifth of them, and claims under one key's many subkeys
+    (t0 at the run's start: each would win, were it counted). Returns what was stored."""
+    n = len(signer.keys)
+    dht = DHT(initial_peers=peers, host_maddrs=[LOOPBACK], record_validators=[signer], start=True)
+    try:
+        now = float(get_dht_time())
+        subkeys = list(signer.keys)
+        claim = in_run(claim_key(job), ref)
+        values = [encode(ClaimRecord(run.manifest_sha256, f"flood{i}", now)) for i in range(n)]
+        stored = 0
+        for i in range(0, n, 500):
+            stored += dht.run_coroutine(
+                _StoreMany([claim] * len(values[i : i + 500]), values[i : i + 500], subkeys[i : i + 500], ttl)
+            )
+        presence = [encode(PeerRecord(f"flood{i}", "trainer", "training", job, 10**6)) for i in range(n // 5)]
+        stored += dht.run_coroutine(
+            _StoreMany([in_run(peers_key(), ref)] * len(presence), presence, subkeys[: n // 5], ttl)
+        )
+        me = signer.local_public_key
+        early = encode(ClaimRecord(run.manifest_sha256, "one-key", run.started))
+        stored += dht.run_coroutine(_StoreMany([claim] * 8, [early] * 8, [me + b"%d" % i for i in range(8)], ttl))
+        return {"records": n + n // 5 + 8, "stored": stored, "subkey_owner": fingerprint(me)}
+    finally:
+        dht.shutdown()
+
+
+def status_seconds(peers: list[str], ref: RunRef, tmp: Path) -> float:
+    """Wall-clock seconds of an honest ``--role status --once --json`` (a new node joining, reading
+    every record of the run, leaving)."""
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, str(ROOT / "node.py"), "--role", "status", "--once", "--json", "--run", str(ref)]
+        + ["--workdir", str(tmp), "--initial-peers", *peers, "--host-maddrs", LOOPBACK],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
+        check=True,
+    )
+    return time.perf_counter() - t0
 
 
 def prepare(tmp: Path) -> Path:
@@ -81,6 +179,7 @@ class Attacker(threading.Thread):
         self.bad_hashes: set[str] = set()  # checkpoints that must never count
         self.squatters: dict[str, tuple[bytes, float]] = {}  # job → (key, when its squat began)
         self.keys: set[bytes] = set()
+        self.bad_records: set[tuple[str, int]] = set()  # (hash, step) republished: must never count
 
     def _try(self, what: str) -> None:
         self.tried[what] = self.tried.get(what, 0) + 1
@@ -153,6 +252,17 @@ class Attacker(threading.Thread):
                 blobs.store.add_file(junk, sha256_file(Path(shard)))
                 announce(node, blobs.store, only={sha256_file(Path(shard))})
                 self._try("junk bytes under a shard's hash")
+                honest = claims.latest_checkpoint(node.snapshot(run, ["expert_0"]), "expert_0")
+                if honest is not None:
+                    # Under a bogus step (to get its honest signer banned), and under the next step
+                    # without the claim (to count someone else's work as one's own).
+                    node.store(ckpt_key("expert_0"), replace(honest, step=10**9, providers=[node.peer_id]), CKPT_TTL_S)
+                    self._try("honest hash republished at step 1e9")
+                    self.halt.wait(3.0)
+                    nxt = replace(honest, step=honest.step + 1, providers=[node.peer_id])
+                    self.bad_records.add((nxt.sha256, nxt.step))
+                    node.store(ckpt_key("expert_0"), nxt, CKPT_TTL_S)
+                    self._try("checkpoint published without the claim")
                 self.halt.wait(10.0)
             finally:
                 blobs.shutdown()
@@ -160,7 +270,13 @@ class Attacker(threading.Thread):
 
 
 def watch(
-    observer: SwarmNode, run: RunRecord, attacker: Attacker | None, halt: threading.Event, accepted: set[str]
+    observer: SwarmNode,
+    run: RunRecord,
+    attacker: Attacker | None,
+    halt: threading.Event,
+    accepted: set[str],
+    honest_log: Path,
+    flood_owner: list[str],
 ) -> None:
     while not halt.wait(1.0):
         try:
@@ -169,10 +285,19 @@ def watch(
             if attacker is None:
                 continue
             snap = observer.snapshot(run)
+            text = honest_log.read_text(errors="replace") if honest_log.is_file() else ""
+            key = re.search(r"this trainer's key: ([0-9a-f]{32})", text)
+            bans = {ln.split(":")[0] for p in observer.read(peers_key(), PeerRecord).values() for ln in p.bans}
+            if key and key.group(1)[:16] in bans:
+                accepted.add("honest trainer banned")
             for job in run.jobs():
                 ck = claims.latest_checkpoint(snap, job)
                 if ck is not None and ck.sha256 in attacker.bad_hashes:
                     accepted.add(f"bad checkpoint counted for {job}")
+                if ck is not None and (ck.sha256, ck.step) in attacker.bad_records:
+                    accepted.add(f"record published without the claim counted for {job}")
+                if any(fingerprint(o) in flood_owner for o in snap.claims.get(job, {})):
+                    accepted.add(f"a claim under one key's extra subkey counted for {job}")
                 owner = claims.winner(snap, job)
                 squat = attacker.squatters.get(job)
                 if owner in attacker.keys and (squat is None or owner != squat[0]):
@@ -183,7 +308,8 @@ def watch(
             print(f"observer: {e!r}", flush=True)
 
 
-def phase(tmp: Path, data: Path, minutes: float, attacked: bool) -> dict:
+def phase(tmp: Path, data: Path, minutes: float, signer: ManyKeys | None) -> dict:
+    attacked = signer is not None
     shutil.copytree(data, tmp / "run")
     prep = NodeProcess(
         "preparer",
@@ -202,11 +328,6 @@ def phase(tmp: Path, data: Path, minutes: float, attacked: bool) -> dict:
             SwarmConfig(str(tmp / "observer"), initial_peers=peers, host_maddrs=[LOOPBACK], run=str(ref))
         )
         run = observer.run()
-        if attacked:
-            attacker = Attacker(tmp, peers, ref, run, tmp / "run")
-            attacker.start()
-        watcher = threading.Thread(target=watch, args=(observer, run, attacker, halt, accepted), daemon=True)
-        watcher.start()
         honest = NodeProcess(
             "honest",
             ["--role", "trainer", "--workdir", str(tmp / "t"), "--run", str(ref), "--expert", "0", "--threads", "1"]
@@ -214,6 +335,17 @@ def phase(tmp: Path, data: Path, minutes: float, attacked: bool) -> dict:
             tmp / "t.log",
         )
         nodes.append(honest)
+        honest.wait_for("claimed expert_0", 300)
+        stored = {}
+        if attacked:  # the flood first, then every other attack, round after round
+            stored = flood(signer, peers, ref, run, "expert_0")
+            attacker = Attacker(tmp, peers, ref, run, tmp / "run")
+            attacker.start()
+        extra = [stored["subkey_owner"]] if stored else []
+        threading.Thread(
+            target=watch, args=(observer, run, attacker, halt, accepted, tmp / "t.log", extra), daemon=True
+        ).start()
+        status_s = status_seconds(peers, ref, tmp / "status")
         honest.proc.wait(timeout=minutes * 60 + 600)
         halt.set()
         if attacker is not None:
@@ -222,6 +354,8 @@ def phase(tmp: Path, data: Path, minutes: float, attacked: bool) -> dict:
         meta = latest_checkpoint(tmp / "t" / "swarm" / "checkpoints" / "expert_0").meta
         lost = "another node now wins" in (tmp / "t.log").read_text()
         return {
+            "status_s": status_s,
+            "flood": stored,
             "samples_per_s": meta["samples_seen"] / meta["train_seconds"],
             "tried": dict(attacker.tried) if attacker else {},
             "accepted": sorted(accepted) + (["honest trainer lost its claim"] if lost else []),
@@ -237,14 +371,18 @@ def phase(tmp: Path, data: Path, minutes: float, attacked: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=2.0, help="the honest trainer's budget per phase")
+    ap.add_argument("--flood", type=int, default=5000, help="claims in the DHT flood, one key each")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
         tmp = Path(d)
         data = prepare(tmp)
-        quiet = phase(tmp / "quiet", data, args.minutes, attacked=False)
+        t0 = time.perf_counter()
+        signer = ManyKeys(args.flood)  # made before the phases: key making is the stranger's own cost
+        print(f"{args.flood} keys made in {time.perf_counter() - t0:.0f}s", flush=True)
+        quiet = phase(tmp / "quiet", data, args.minutes, None)
         print("quiet:", json.dumps(quiet), flush=True)
-        attacked = phase(tmp / "attacked", data, args.minutes, attacked=True)
+        attacked = phase(tmp / "attacked", data, args.minutes, signer)
         print("attacked:", json.dumps(attacked), flush=True)
     tried = sum(attacked["tried"].values())
     a_rate, q_rate = attacked["samples_per_s"], quiet["samples_per_s"]
@@ -264,8 +402,13 @@ def main() -> None:
         + ".",
         f"Honest trainer (`tiny` expert 0, one thread, {args.minutes:g} min): {a_rate:.0f} samples/s "
         f"attacked, {q_rate:.0f} quiet: ratio {a_rate / q_rate:.2f}.",
+        f"DHT flood: {attacked['flood'].get('records', 0)} records ({args.flood} claims on the honest trainer's job,"
+        f" one key each, {args.flood // 5} presence records, 8 claims under one key's extra subkeys), "
+        f"{attacked['flood'].get('stored', 0)} of them stored by some peer. Honest `--role status --once` during "
+        f"the flood {attacked['status_s']:.1f}s, quiet {quiet['status_s']:.1f}s: ratio "
+        f"{attacked['status_s'] / quiet['status_s']:.2f}.",
         "",
-        f"Command: `.venv/bin/python benchmarks/adversarial.py --minutes {args.minutes:g}`",
+        f"Command: `.venv/bin/python benchmarks/adversarial.py --minutes {args.minutes:g} --flood {args.flood}`",
         "",
     ]
     text = "\n".join(lines)
