@@ -29,7 +29,7 @@ from data.manifest import Manifest, load_manifest
 from swarm import claims
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
 from swarm.dht import SwarmNode
-from swarm.mirror import mirror_checkpoints, publish_checkpoint, sources
+from swarm.mirror import fetch_budget, mirror_checkpoints, publish_checkpoint, sources
 from swarm.records import (
     HEARTBEAT_S,
     PROVIDER_TTL_S,
@@ -203,7 +203,10 @@ class SwarmTrainer:
                 raise CheckpointError(f"{stale} is newer than the published checkpoint; move it away")
         try:
             self.blobs.fetch_checkpoint(
-                rec.sha256, self._sources(rec.sha256, rec.providers), root / f"step_{rec.step:08d}"
+                rec.sha256,
+                self._sources(rec.sha256, rec.providers),
+                root / f"step_{rec.step:08d}",
+                max_bytes=fetch_budget(snap, job, rec),
             )
             return
         except BlobError as e:

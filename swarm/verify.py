@@ -6,10 +6,10 @@ latest verified checkpoint, most advanced first, each as the record of the key t
 and publishes a signed verdict:
 
 1. cheap, for every record (no byte fetched), a verdict on that signer's record alone: its preset
-   and objective are the run's; its signer held the job's claim (the run owner aside: it may
-   publish what it trained before); its step is reachable from the last accepted checkpoint within
-   the time its signer held the claim since then, at a rate no hardware reaches for the preset
-   (:data:`MAX_STEPS_PER_S`);
+   and objective are the run's; its size is within what a checkpoint of that preset takes; its
+   signer held the job's claim (the run owner aside: it may publish what it trained before); its
+   step is reachable from the last accepted checkpoint within the time its signer held the claim
+   since then, at a rate no hardware reaches for the preset (:data:`MAX_STEPS_PER_S`);
 2. then for the most advanced record a live peer provides, a verdict on the checkpoint's bytes: its
    blobs are fetched and hash-checked, its metadata is the job's (kind, cluster, objective,
    manifest, step), its weights fit the run's network, and their held-out loss passes
@@ -47,7 +47,7 @@ from data.manifest import Manifest
 from swarm import claims
 from swarm.blobs import BlobError, BlobService
 from swarm.dht import SwarmNode
-from swarm.mirror import sources
+from swarm.mirror import checkpoint_budget, fetch_budget, sources
 from swarm.records import CLOCK_SLACK_S, CheckpointRecord, RunRecord, Verdict, fingerprint
 from training.heldout import checkpoint_losses, heldout_loss
 from training.jobs import build_job
@@ -127,6 +127,12 @@ def cheap_refusal(
     rate = MAX_STEPS_PER_S.get(rec.preset)
     if rate is None:
         return f"unknown preset {rec.preset!r}", True
+    try:  # a checkpoint's size is a function of its preset: a fetch never goes past it
+        limit = checkpoint_budget(snap.run, job, rec.preset)
+    except ValueError as e:
+        return str(e), True
+    if rec.size > limit:
+        return f"size {rec.size} is over the {limit} bytes a {rec.preset} checkpoint takes", True
     if fingerprint(key) == snap.owner or snap.now == 0.0:
         return None
     span = claims.held_span(snap, job, key, tenure)
@@ -239,7 +245,9 @@ class Verifier:
             try:
                 ckpt = verify_checkpoint(dest, expected_sha256=rec.sha256)
             except CheckpointError:
-                ckpt = self.blobs.fetch_checkpoint(rec.sha256, sources(self.node, rec.sha256, rec.providers), dest)
+                ckpt = self.blobs.fetch_checkpoint(
+                    rec.sha256, sources(self.node, rec.sha256, rec.providers), dest, fetch_budget(snap, job, rec)
+                )
         except CheckpointError as e:  # its bytes arrived and do not add up
             return f"unusable checkpoint: {e}", 0.0, True
         except BlobError as e:
