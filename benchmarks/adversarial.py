@@ -103,6 +103,9 @@ class ManyKeys(RSASignatureValidator):
         return True  # the stranger's node keeps whatever it is sent
 
 
+BATCH = 50  # records per call into the DHT process (a larger message overruns its non-blocking pipe)
+
+
 class _StoreMany:
     """Run in the stranger's DHT process: store a batch of records in one go."""
 
@@ -127,14 +130,16 @@ def flood(signer: ManyKeys, peers: list[str], ref: RunRef, run: RunRecord, job: 
         claim = in_run(claim_key(job), ref)
         values = [encode(ClaimRecord(run.manifest_sha256, f"flood{i}", now)) for i in range(n)]
         stored = 0
-        for i in range(0, n, 500):
+        for i in range(0, n, BATCH):
             stored += dht.run_coroutine(
-                _StoreMany([claim] * len(values[i : i + 500]), values[i : i + 500], subkeys[i : i + 500], ttl)
+                _StoreMany([claim] * len(values[i : i + BATCH]), values[i : i + BATCH], subkeys[i : i + BATCH], ttl)
             )
         presence = [encode(PeerRecord(f"flood{i}", "trainer", "training", job, 10**6)) for i in range(n // 5)]
-        stored += dht.run_coroutine(
-            _StoreMany([in_run(peers_key(), ref)] * len(presence), presence, subkeys[: n // 5], ttl)
-        )
+        for i in range(0, n // 5, BATCH):
+            part = presence[i : i + BATCH]
+            stored += dht.run_coroutine(
+                _StoreMany([in_run(peers_key(), ref)] * len(part), part, subkeys[i : i + BATCH], ttl)
+            )
         me = signer.local_public_key
         early = encode(ClaimRecord(run.manifest_sha256, "one-key", run.started))
         stored += dht.run_coroutine(_StoreMany([claim] * 8, [early] * 8, [me + b"%d" % i for i in range(8)], ttl))

@@ -110,7 +110,7 @@ def mirror_checkpoints(
             if held.parent.resolve() == dest.resolve():
                 out[job] = Checkpoint(dest, json.loads(held.read_bytes()), rec.sha256)
                 if publish:
-                    _publish_replica(node, snap, job, rec, out[job])
+                    _publish_replica(node, blobs.store, snap, job, rec, out[job])
                 _drop_others(folder / job, dest)  # e.g. copies the verifier accepted before this one
             continue  # else held elsewhere (this trainer's own checkpoint): nothing to mirror
         try:
@@ -127,7 +127,7 @@ def mirror_checkpoints(
         out[job] = got
         announce(node, blobs.store, only={got.sha256, *got.meta["files"].values()})
         if publish:
-            _publish_replica(node, snap, job, rec, got)
+            _publish_replica(node, blobs.store, snap, job, rec, got)
         _drop_others(folder / job, dest)
     return out
 
@@ -140,7 +140,9 @@ def _drop_others(folder: Path, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _publish_replica(node: SwarmNode, snap: claims.Snapshot, job: str, rec: CheckpointRecord, ckpt: Checkpoint) -> None:
+def _publish_replica(
+    node: SwarmNode, blobs_store: BlobStore, snap: claims.Snapshot, job: str, rec: CheckpointRecord, ckpt: Checkpoint
+) -> None:
     # The size is the copy's own, never the record's: a stranger's record of the same hash may
     # understate it, and a replica must not pass that on under this node's key (fetch_budget).
     mine = snap.ckpts.get(job, {}).get(node.owner)
@@ -149,6 +151,9 @@ def _publish_replica(node: SwarmNode, snap: claims.Snapshot, job: str, rec: Chec
     except OSError:  # a file of the copy went away (pruned): nothing to vouch for this round
         return
     if mine is None or mine.sha256 != rec.sha256 or mine.providers != [node.peer_id] or mine.size != size:
+        # Provide it before the record names this node: a trainer waiting to release its job
+        # counts the providers, and the periodic announcement may be most of a minute away.
+        announce(node, blobs_store, only={ckpt.sha256, *ckpt.meta["files"].values()})
         node.store(ckpt_key(job), replace(rec, size=size, providers=[node.peer_id]), CKPT_TTL_S)
 
 
