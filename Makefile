@@ -22,7 +22,7 @@ PROMPTS := "red apple" "grinning face" "red heart" "flag: Japan" "dog face" "wom
 export HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv demo eval test lint bench clean
+.PHONY: venv demo eval test lint bench clean netlab-deps
 
 venv: $(STAMP)
 
@@ -79,7 +79,15 @@ eval: $(STAMP) $(EVAL)/data/manifest.json
 $(EVAL)/data/manifest.json: | $(STAMP)
 	$(PY) node.py --role prepare --workdir $(EVAL) --clusters 4 --holdout-fraction $(HOLDOUT)
 
-test: $(STAMP)
+# The network lab's tests (tests/netlab.py) need nft and ip: installed once where missing, as root, quietly
+# and without questions; with no root or no apt-get nothing is installed and those tests skip, saying why.
+netlab-deps:
+	@command -v nft >/dev/null && command -v ip >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+	{ export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq nftables iproute2 </dev/null >/dev/null 2>&1 || \
+	{ apt-get update -qq </dev/null >/dev/null 2>&1 && apt-get install -y -qq nftables iproute2 </dev/null >/dev/null 2>&1; }; } || \
+	echo "make: could not install nftables and iproute2; the network lab's tests will skip"
+
+test: $(STAMP) netlab-deps
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q --durations=20 tests
 
