@@ -88,13 +88,15 @@ class ClaimKeeper(threading.Thread):
                 self.run_rec = self.node.run() or self.run_rec  # the owner may change admission
                 # Its own claim is passed along: a read cut short by a flood of records may lack it,
                 # and only a valid claim that beats it may stop this node.
-                if not claims.still_wins(
-                    self.node.snapshot(self.run_rec, [self.job], checkpoints=False),
-                    self.job,
-                    self.node.owner,
-                    self.claim,
-                ):
-                    console.log(f"{self.job}: another node now wins this job; stopping")
+                snap = self.node.snapshot(self.run_rec, [self.job], checkpoints=False)
+                if not claims.still_wins(snap, self.job, self.node.owner, self.claim):
+                    if claims.stale(snap, self.job, self.node.owner, self.claim):
+                        console.log(
+                            f"{self.job}: no checkpoint of this node was verified within the run's grace "
+                            f"period ({self.run_rec.grace_s:.0f}s), so its claim has lapsed; stopping"
+                        )
+                    else:
+                        console.log(f"{self.job}: another node now wins this job; stopping")
                     self.lost.set()
                     return
             except Exception as e:  # a failed renewal is retried next beat; the lease covers 3

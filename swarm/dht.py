@@ -316,14 +316,25 @@ class SwarmNode:
             if fingerprint(o) == self.ref.owner and r.name == self.ref.name
         ]
 
-    def publish_verdict(self, job: str, run: RunRecord, verdict: Verdict) -> None:
-        """Add ``verdict`` to this node's signed verdicts on ``job`` (it keeps the newest
-        accepted and refused ones apart, so a flood of refusals cannot push out the progress)."""
+    def publish_verdict(self, job: str, run: RunRecord, *verdicts: Verdict) -> None:
+        """Add ``verdicts`` to this node's signed verdicts on ``job``, in one write. It keeps the
+        newest accepted and refused ones apart, so a flood of refusals cannot push out the
+        progress; a verdict replaces only one on the same thing (the same bytes, or the same
+        signer's record of them), so a stranger's record of a hash refused never erases the
+        acceptance of that hash at its own step."""
+        if not verdicts:
+            return
+
+        def same(v: Verdict) -> tuple:
+            return (v.sha256, v.step, v.owner if v.about == "record" else "")
+
         with self._lock:
-            old = [v for v in self._verdicts.get(job, []) if v.sha256 != verdict.sha256]
-            good = [v for v in old if v.ok][-(MAX_VERDICTS - 1) :]
-            bad = [v for v in old if not v.ok][-(MAX_VERDICTS - 1) :]
-            self._verdicts[job] = good + bad + [verdict]
+            new = {same(v) for v in verdicts}
+            old = [v for v in self._verdicts.get(job, []) if same(v) not in new]
+            fresh = [*old, *verdicts]
+            good = [v for v in fresh if v.ok][-MAX_VERDICTS:]
+            bad = [v for v in fresh if not v.ok][-MAX_VERDICTS:]
+            self._verdicts[job] = good + bad
             entries = list(self._verdicts[job])
         self.store(verdicts_key(job), VerdictsRecord(run.manifest_sha256, entries), VERDICT_TTL_S)
 

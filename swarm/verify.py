@@ -48,7 +48,7 @@ from swarm import claims
 from swarm.blobs import BlobError, BlobService
 from swarm.dht import SwarmNode
 from swarm.mirror import checkpoint_budget, fetch_budget, sources
-from swarm.records import CLOCK_SLACK_S, CheckpointRecord, RunRecord, Verdict, fingerprint
+from swarm.records import CLOCK_SLACK_S, MAX_VERDICTS, CheckpointRecord, RunRecord, Verdict, fingerprint
 from training.heldout import checkpoint_losses, heldout_loss
 from training.jobs import build_job
 from training.loop import TrainConfig
@@ -217,6 +217,7 @@ class Verifier:
         loss: float = 0.0,
         ban: bool = True,
         about: str = "bytes",
+        publish: bool = True,
     ) -> Verdict:
         """Publish a verdict on ``key``'s record ``rec``: on its bytes (every record of this hash and
         step shares it) or, with ``about="record"``, on that signer's record alone. A refusal and
@@ -225,7 +226,8 @@ class Verifier:
         t = get_dht_time()
         verdict = Verdict(rec.sha256, rec.step, fp, reason is None, t, loss, reason or "", about)
         self._judged[(rec.sha256, rec.step, fp if about == "record" else "")] = verdict
-        self.node.publish_verdict(job, snap.run, verdict)
+        if publish:  # else the caller publishes it with the others of its round, in one write
+            self.node.publish_verdict(job, snap.run, verdict)
         if reason is None:
             console.log(f"verified {job} step {rec.step} ({rec.sha256[:12]}): held-out loss {loss:.4f}")
             if job not in self.accepted or self.accepted[job].step < rec.step:
@@ -316,6 +318,7 @@ class Verifier:
                 and (best is None or r.step > best.step)
             ]
             full_done = False
+            cheap: list[Verdict] = []  # refused without a byte fetched: published together, one write
             for key, rec in sorted(recs, key=lambda item: (-item[1].step, item[1].sha256, item[0])):
                 fp = fingerprint(key)
                 if (rec.sha256, rec.step, "") in self._judged or (rec.sha256, rec.step, fp) in self._judged:
@@ -328,7 +331,9 @@ class Verifier:
                     continue
                 refusal = cheap_refusal(snap, job, key, rec, self.tenure)
                 if refusal is not None:
-                    out.append(self._judge(snap, job, key, rec, refusal[0], ban=refusal[1], about="record"))
+                    cheap.append(
+                        self._judge(snap, job, key, rec, refusal[0], ban=refusal[1], about="record", publish=False)
+                    )
                     continue
                 if full_done or not claims.available(snap, rec):
                     continue
@@ -336,4 +341,7 @@ class Verifier:
                 result = self._full(snap, job, rec)
                 if result is not None:
                     out.append(self._judge(snap, job, key, rec, *result))
+            # Many strangers' records cost this node CPU, not one DHT write each.
+            self.node.publish_verdict(job, snap.run, *cheap[-MAX_VERDICTS:])
+            out += cheap
         return out
