@@ -4,25 +4,35 @@
     → serve ``swarm.protocol`` on the node's libp2p endpoint, announce ``serve_expert_K``
     every ~15 s (state, requests/s, queue, checkpoint, step), provide the checkpoint's blobs.
 
-Requests from all clients go through one bounded queue to the worker loop, which batches the
-requests waiting for the same checkpoint up to ``max_batch`` images into one forward pass (each
-request keeps its own guidance scale). The worker loop runs on the process's main thread and
-announcing on a helper thread: torch's OpenMP thread team is fast from the main thread, while the
-same forward called from another thread measured twice as slow (2 cores, ``tiny``).
+Requests from all clients go through one queue that is fair across peers
+(:class:`roles.fair_queue.FairQueue`) to the worker loop, which batches the requests waiting for the
+same checkpoint up to ``max_batch`` images into one forward pass (each request keeps its own
+guidance scale). A peer — however many streams it opens — may have ``max_peer_rows`` images
+waiting; beyond that, or when the whole queue (``max_queue`` requests) is full and that peer holds
+the most of it, its request is answered "busy" at once (the payload is not even checked when the
+header already says so), so a client can go to another replica; nobody is banned for a valid
+request. Each batch starts with the peer served least recently and shares its rows evenly among
+the peers waiting for that checkpoint; while several peers are active a forward pass is kept to
+about ``fair_quantum_s`` (its cost measured as it runs; a large request is then served in slices),
+so a flooder's full batches cannot make an honest one-image request wait long at every step.
 
-A request that waits past its timeout gets an error reply;
-a full queue answers "busy" at once, so a client can go to another replica. A malformed request
-gets an error reply and the server keeps serving. With ``follow`` a newer published checkpoint is
-fetched and loaded beside the old one: requests naming the old hash are still answered until the
-old one has gone unused for ``keep_old_s`` — a generation in flight finishes on the weights it
-started with, however long it takes.
+A request can be no larger than the run can produce: ``max_batch`` images, and no more text
+tokens than the served checkpoints' text encoder makes (``swarm.protocol.encoder_tokens``); a frame
+announcing more is refused before its payload is read, and its sender banned like any malformed
+request's. The worker loop runs on the process's main thread and announcing on a helper thread:
+torch's OpenMP thread team is fast from the main thread, while the same forward called from
+another thread measured twice as slow (2 cores, ``tiny``).
+
+A request that waits past its timeout gets an error reply. A malformed request gets an error reply
+and the server keeps serving. With ``follow`` a newer published checkpoint is fetched and loaded
+beside the old one: requests naming the old hash are still answered until the old one has gone
+unused for ``keep_old_s`` — a generation in flight finishes on the weights it started with,
+however long it takes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +42,7 @@ import torch
 from rich.console import Console
 
 from data.checkpoint import Checkpoint
+from roles.fair_queue import Busy, FairQueue, ForwardCost, Slice
 from router.sampling import LocalExpert
 from swarm import claims
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
@@ -39,12 +50,15 @@ from swarm.dht import SwarmError, SwarmNode
 from swarm.mirror import mirror_checkpoints
 from swarm.protocol import (
     PROTOCOL,
+    DenoiseRequest,
     ExpectedInput,
     ProtocolError,
     RequestRefused,
     encode_reply,
+    encoder_tokens,
     parse_request,
-    read_frame,
+    read_header,
+    request_rows,
 )
 from swarm.records import PROVIDER_TTL_S, SERVE_ANNOUNCE_S, SERVE_TTL_S, RunRecord, ServeRecord, serve_key
 from swarm.rundata import fetch_manifest, fetch_shards
@@ -58,7 +72,10 @@ class ServerConfig:
     experts: list[int]
     work_dir: str  # fetched checkpoints go in <work_dir>/expert_K/step_N
     max_batch: int = 32  # images per forward pass (and per request)
-    max_queue: int = 64  # requests waiting; beyond that a request is answered "busy"
+    max_queue: int = 64  # requests waiting in all; when full, the peer holding the most gives way ("busy")
+    max_peer_rows: int = 64  # images one peer may have waiting (at least max_batch); beyond that "busy"
+    fair_quantum_s: float = 0.025  # with several peers active, a forward pass is kept about this short
+    busy_pause_s: float = 0.5  # a stream answered "busy" is read again after this (an honest client moves on)
     request_timeout_s: float = 30.0
     announce_s: float = SERVE_ANNOUNCE_S
     follow: bool = False  # load newer published checkpoints of the served experts
@@ -81,11 +98,13 @@ class Served:
     last_used: float = field(default_factory=time.monotonic)
 
 
-@dataclass(eq=False)  # compared by identity: requests hold tensors
+@dataclass(eq=False)  # compared and hashed by identity: requests hold tensors
 class _Job:
-    req: object  # DenoiseRequest
+    req: DenoiseRequest
     future: asyncio.Future
     deadline: float
+    out: torch.Tensor | None = None  # the velocities of a request served in slices, as they come
+    forward_s: float = 0.0  # the forward passes its rows were in
 
 
 class ExpertServer:
@@ -96,7 +115,8 @@ class ExpertServer:
         self.served: dict[int, list[Served]] = {}  # newest first
         self._verify: Verifier | None = None
         self._lock = threading.Lock()
-        self.queue: queue.Queue[_Job] = queue.Queue(maxsize=cfg.max_queue)
+        self.fair: FairQueue[_Job] = FairQueue(max(cfg.max_peer_rows, cfg.max_batch), cfg.max_queue)
+        self.cost = ForwardCost()  # seconds per forward pass, to keep contended ones short
         self.answered = 0
         self._window = (time.monotonic(), 0)
         try:
@@ -110,6 +130,7 @@ class ExpertServer:
             raise
         first = self.served[cfg.experts[0]][0].ckpt.meta
         self.text_encoder = first["text_encoder"]
+        self.max_tokens = encoder_tokens(self.text_encoder)
         self.text_dim = int(self.served[cfg.experts[0]][0].runner.model.config.caption_channels)
         preset = first["preset"]
         self.shape = (int(preset["channels"]), int(preset["sample_size"]), int(preset["sample_size"]))
@@ -208,7 +229,7 @@ class ExpertServer:
                 k: [s.ckpt.sha256 for i, s in enumerate(v) if i == 0 or now - s.last_used < self.cfg.keep_old_s]
                 for k, v in self.served.items()
             }
-        return ExpectedInput(hashes, self.shape, self.text_dim, self.cfg.max_batch)
+        return ExpectedInput(hashes, self.shape, self.text_dim, self.cfg.max_batch, self.max_tokens)
 
     def _runner(self, expert: int, sha256: str) -> LocalExpert:
         with self._lock:
@@ -218,8 +239,6 @@ class ExpertServer:
 
     # ---------------------------------------------------------------- the stream handler
     async def _serve(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        expected = self.expected()
         peer = str(getattr(info, "peer_id", ""))
         console.log(f"session from {peer[:16]}…")
         try:
@@ -227,86 +246,94 @@ class ExpertServer:
                 writer.write(encode_reply(-1, error="this server has banned your peer id for a while"))
                 await writer.drain()
                 return
-            while True:
-                try:
-                    header, payload = await read_frame(reader, expected.max_payload())
-                    received = time.perf_counter()
-                except ProtocolError as e:  # framing is lost: answer once, ban, close the stream
-                    self.node.bans.ban(peer, f"malformed request: {e}")
-                    writer.write(encode_reply(-1, error=str(e)))
-                    await writer.drain()
-                    return
-                req_id = header.get("id") if isinstance(header.get("id"), int) else -1
-                try:
-                    expected = self.expected()
-                    req = parse_request(header, payload, expected)
-                except RequestRefused as e:  # well-formed, just not for this server now
-                    writer.write(encode_reply(req_id, error=str(e)))
-                    await writer.drain()
-                    continue
-                except ProtocolError as e:  # malformed: no honest client sends it
-                    self.node.bans.ban(peer, f"malformed request: {e}")
-                    writer.write(encode_reply(req_id, error=str(e)))
-                    await writer.drain()
-                    return
-                job = _Job(req, loop.create_future(), time.monotonic() + self.cfg.request_timeout_s)
-                try:
-                    self.queue.put_nowait(job)
-                except queue.Full:
-                    writer.write(encode_reply(req_id, error=f"busy: {self.cfg.max_queue} requests are waiting"))
-                    await writer.drain()
-                    continue
-                try:
-                    v, forward_s = await asyncio.wait_for(job.future, self.cfg.request_timeout_s)
-                    # Timings let a client tell network and queueing from compute.
-                    timing = {"forward_ms": forward_s * 1e3, "server_ms": (time.perf_counter() - received) * 1e3}
-                    reply = encode_reply(req_id, v, timing=timing)
-                except TimeoutError:
-                    reply = encode_reply(req_id, error=f"timed out after {self.cfg.request_timeout_s:.0f}s")
-                except Exception as e:  # the forward pass failed: tell the client, keep serving
-                    reply = encode_reply(req_id, error=f"forward failed: {e}")
-                writer.write(reply)
-                await writer.drain()
+            while await self._one_request(peer, reader, writer):
+                pass
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client finished or went away
         finally:
             writer.close()
 
+    async def _one_request(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Read, check, queue and answer one request of ``peer``; False when the stream is to close."""
+        expected = self.expected()
+        try:
+            header = await read_header(reader, expected.max_payload())
+        except ProtocolError as e:  # framing is lost (or the frame is larger than any valid one): ban, close
+            self.node.bans.ban(peer, f"malformed request: {e}")
+            writer.write(encode_reply(-1, error=str(e)))
+            await writer.drain()
+            return False
+        req_id = header.get("id") if isinstance(header.get("id"), int) else -1
+        rows = request_rows(header)
+        if 0 < rows <= expected.max_batch and not self.fair.admits(peer, rows):
+            # Over its share already: read past the payload without checking it, to keep the framing.
+            await reader.readexactly(header["nbytes"])
+            await self._busy(writer, req_id, f"busy: your share of this queue is full ({self.fair.rows(peer)} images)")
+            return True
+        payload = await reader.readexactly(header["nbytes"])
+        received = time.perf_counter()
+        try:
+            req = parse_request(header, payload, expected)
+        except RequestRefused as e:  # well-formed, just not for this server now
+            writer.write(encode_reply(req_id, error=str(e)))
+            await writer.drain()
+            return True
+        except ProtocolError as e:  # malformed: no honest client sends it
+            self.node.bans.ban(peer, f"malformed request: {e}")
+            writer.write(encode_reply(req_id, error=str(e)))
+            await writer.drain()
+            return False
+        job = _Job(req, asyncio.get_running_loop().create_future(), time.monotonic() + self.cfg.request_timeout_s)
+        try:
+            pushed_out = self.fair.put(peer, job, len(req.x), (req.expert, req.ckpt))
+        except Busy as e:
+            await self._busy(writer, req_id, str(e))
+            return True
+        for other in pushed_out:  # another peer's newest request gave way to this one
+            self._resolve(other, error=Busy("busy: the queue is full and your peer id holds the most of it"))
+        try:
+            v, forward_s = await asyncio.wait_for(job.future, self.cfg.request_timeout_s)
+            # Timings let a client tell network and queueing from compute.
+            timing = {"forward_ms": forward_s * 1e3, "server_ms": (time.perf_counter() - received) * 1e3}
+            reply = encode_reply(req_id, v, timing=timing)
+        except Busy as e:
+            await self._busy(writer, req_id, str(e))
+            return True
+        except TimeoutError:
+            reply = encode_reply(req_id, error=f"timed out after {self.cfg.request_timeout_s:.0f}s")
+        except Exception as e:  # the forward pass failed: tell the client, keep serving
+            reply = encode_reply(req_id, error=f"forward failed: {e}")
+        finally:
+            self.fair.discard(job)  # whatever of it is still queued (timed out): its share is free again
+        writer.write(reply)
+        await writer.drain()
+        return True
+
+    async def _busy(self, writer: asyncio.StreamWriter, req_id: int, why: str) -> None:
+        """Answer "busy" at once, then leave the stream unread a moment: an honest client goes to
+        another replica, while a flooder resending at once would keep this loop parsing its frames."""
+        writer.write(encode_reply(req_id, error=why, busy=True))
+        await writer.drain()
+        await asyncio.sleep(self.cfg.busy_pause_s)
+
     # ---------------------------------------------------------------- the worker
     def _work(self) -> None:
-        pending: collections.deque[_Job] = collections.deque()
         while not self.stop.is_set():
-            if not pending:
-                try:
-                    pending.append(self.queue.get(timeout=0.2))
-                except queue.Empty:
-                    continue
-            while True:  # everything waiting now is a candidate for this batch
-                try:
-                    pending.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            first = pending.popleft()
-            key = (first.req.expert, first.req.ckpt)
-            batch, rows, rest = [first], len(first.req.x), collections.deque()
-            while pending:
-                j = pending.popleft()
-                if (j.req.expert, j.req.ckpt) == key and rows + len(j.req.x) <= self.cfg.max_batch:
-                    batch.append(j)
-                    rows += len(j.req.x)
-                else:
-                    rest.append(j)
-            pending = rest
-            now = time.monotonic()
-            live = [j for j in batch if j.deadline > now and not j.future.done()]
-            for j in batch:
-                if j not in live:
-                    self._resolve(j, error=TimeoutError("waited past its timeout"))
-            if live:
-                self._forward(live)  # never raises: a failed batch becomes error replies
+            # With several peers active a forward pass is kept short (a quantum of measured cost), so
+            # another peer's request never waits long behind it; alone, a peer gets full batches.
+            quantum = self.cost.rows_within(self.cfg.fair_quantum_s, self.cfg.max_batch)
+            batch, late = self.fair.take(self.cfg.max_batch, quantum, timeout=0.2, live=self._live)
+            for j in late:
+                self._resolve(j, error=TimeoutError("waited past its timeout"))
+            if batch:
+                self._forward(batch)  # never raises: a failed batch becomes error replies
 
-    def _forward(self, batch: list[_Job]) -> None:
-        reqs = [j.req for j in batch]
+    @staticmethod
+    def _live(job: _Job) -> bool:
+        return job.deadline > time.monotonic() and not job.future.done()
+
+    def _forward(self, batch: list[Slice[_Job]]) -> None:
+        reqs = [_rows(s.item.req, s.start, s.stop) for s in batch]
         try:
             runner = self._runner(reqs[0].expert, reqs[0].ckpt)
             if len(reqs) == 1:  # nothing to pad or join: the common case of one waiting client
@@ -316,14 +343,24 @@ class ExpertServer:
             else:
                 t0, v = self._batched_forward(runner, reqs)
         except Exception as e:  # noqa: BLE001 (one failed batch must not stop the server)
-            for j in batch:
-                self._resolve(j, error=e)
+            for s in batch:
+                self.fair.discard(s.item)  # the rest of a sliced request is not worth computing
+                self._resolve(s.item, error=e)
             return
         forward_s = time.perf_counter() - t0
-        sizes = [len(r.x) for r in reqs]
-        for j, part in zip(batch, torch.split(v, sizes), strict=True):
-            self._resolve(j, value=(part.contiguous(), forward_s))
-        self.answered += len(batch)
+        self.cost.add(len(v), forward_s)
+        for s, part in zip(batch, torch.split(v, [s.rows for s in batch]), strict=True):
+            job = s.item
+            job.forward_s += forward_s
+            if s.start == 0 and s.last:  # the whole request in this batch
+                job.out = part.contiguous()
+            else:
+                if job.out is None:
+                    job.out = torch.empty((len(job.req.x), *part.shape[1:]), dtype=part.dtype)
+                job.out[s.start : s.stop] = part
+            if s.last:
+                self._resolve(job, value=(job.out, job.forward_s))
+                self.answered += 1
 
     @staticmethod
     def _batched_forward(runner: LocalExpert, reqs: list) -> tuple[float, torch.Tensor]:
@@ -371,7 +408,7 @@ class ExpertServer:
             self.node.peer_id,
             state,
             round(rps, 3),
-            self.queue.qsize(),
+            len(self.fair),
             cur.sha256,
             cur.step,
             cur.meta["objective"],
@@ -420,3 +457,23 @@ class ExpertServer:
     def shutdown(self) -> None:
         self.stop.set()
         self.blobs.shutdown()
+
+
+def _rows(req: DenoiseRequest, start: int, stop: int) -> DenoiseRequest:
+    """Images ``start:stop`` of a request, as a request of its own (a slice for one batch): their
+    conditional text rows and their unconditional ones."""
+    b = len(req.x)
+    if start == 0 and stop == b:
+        return req
+    cond, uncond = slice(start, stop), slice(b + start, b + stop)
+    return DenoiseRequest(
+        req.id,
+        req.expert,
+        req.ckpt,
+        req.x[start:stop],
+        req.t[start:stop],
+        req.t_next,
+        torch.cat([req.states[cond], req.states[uncond]]),
+        torch.cat([req.mask[cond], req.mask[uncond]]),
+        req.guidance,
+    )

@@ -10,9 +10,15 @@ a byte of payload is trusted.
               "t": [B floats], "t_next", "guidance", "nbytes"}
              payload: x float32 | states float32 | mask uint8 (2B×L)
     reply    {"id", "ok": true, "v": [B,C,H,W], "nbytes", "forward_ms", "server_ms"}  payload: v float32
-             (forward_ms: the forward pass of the batch the request was in; server_ms: from the
+             (forward_ms: the forward passes the request's rows were in; server_ms: from the
              request's arrival to its reply, queueing included)
-             {"id", "ok": false, "error": "...", "nbytes": 0}
+             {"id", "ok": false, "error": "...", "nbytes": 0[, "busy": true]}
+
+A request is bounded by what the run can produce: at most ``max_batch`` images and at most as many
+text tokens L as the served experts' text encoder makes (:func:`encoder_tokens`: 16 for MiniLM, 77
+for CLIP), so :meth:`ExpectedInput.max_payload` is the largest valid frame, and a header announcing
+more is refused before its payload is read. ``"busy": true`` marks a refusal for the server's load
+(:class:`ServerBusy` at the client): the request was valid, another replica may take it.
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from experts.text_encoder import MINILM, TextEncoderConfig
+
 PROTOCOL = "diffswarm-denoise-v1"
 MAX_HEADER = 16 << 10
-MAX_TEXT_LEN = 512
+MAX_TEXT_LEN = 512  # the ceiling for a text encoder this module does not know
+CLIP_TOKENS = 77  # open_clip's text context: every CLIP prompt is this many token states
 
 
 class ProtocolError(ValueError):
@@ -38,6 +47,21 @@ class ProtocolError(ValueError):
 class RequestRefused(ProtocolError):
     """A well-formed request this server cannot take (another expert, an older checkpoint, a
     batch over its limit): an honest client meets these, so they are not held against it."""
+
+
+class ServerBusy(RequestRefused):
+    """A reply marked busy: the server refused a valid request for its load (the sender's share of
+    its queue is full); another replica may take it, and the sender is not banned for it."""
+
+
+def encoder_tokens(text_encoder: str) -> int:
+    """The most token states per prompt that the named text encoder (a checkpoint's
+    ``meta["text_encoder"]``) produces: a longer ``states`` comes from no honest client."""
+    if text_encoder == MINILM:
+        return TextEncoderConfig().max_tokens  # every MiniLM run encodes with the default
+    if text_encoder.startswith("clip:"):
+        return CLIP_TOKENS
+    return MAX_TEXT_LEN
 
 
 @dataclass
@@ -75,10 +99,16 @@ def encode_request(req: DenoiseRequest) -> bytes:
 
 
 def encode_reply(
-    req_id: int, v: torch.Tensor | None = None, error: str | None = None, timing: dict[str, float] | None = None
+    req_id: int,
+    v: torch.Tensor | None = None,
+    error: str | None = None,
+    timing: dict[str, float] | None = None,
+    busy: bool = False,
 ) -> bytes:
+    """A reply: the velocity ``v``, or an ``error`` (``busy``: refused for the server's load)."""
     if v is None:
-        return frame({"id": req_id, "ok": False, "error": (error or "failed")[:500], "nbytes": 0}, b"")
+        header = {"id": req_id, "ok": False, "error": (error or "failed")[:500], "nbytes": 0}
+        return frame(header | ({"busy": True} if busy else {}), b"")
     payload = _f32(v)
     times = {k: round(float(t), 3) for k, t in (timing or {}).items()}
     return frame({"id": req_id, "ok": True, "v": list(v.shape), "nbytes": len(payload), **times}, payload)
@@ -100,6 +130,14 @@ def frame(header: dict, payload: bytes) -> bytes:
 
 async def read_frame(reader: asyncio.StreamReader, max_payload: int) -> tuple[dict, bytes]:
     """One frame; a header or payload over the limits is refused before it is read."""
+    header = await read_header(reader, max_payload)
+    return header, await reader.readexactly(header["nbytes"])
+
+
+async def read_header(reader: asyncio.StreamReader, max_payload: int) -> dict:
+    """A frame's header, its ``nbytes`` checked against ``max_payload``; the payload is left to be
+    read (:func:`read_frame` reads both). A server looks at a request's size here, before it reads
+    the payload."""
     (n,) = struct.unpack(">I", await reader.readexactly(4))
     if n > MAX_HEADER:
         raise ProtocolError(f"header of {n} bytes is over the {MAX_HEADER}-byte limit")
@@ -114,7 +152,16 @@ async def read_frame(reader: asyncio.StreamReader, max_payload: int) -> tuple[di
         raise ProtocolError("header lacks a valid nbytes")
     if nbytes > max_payload:
         raise ProtocolError(f"payload of {nbytes} bytes is over this server's {max_payload}-byte limit")
-    return header, await reader.readexactly(nbytes)
+    return header
+
+
+def request_rows(header: dict) -> int:
+    """The images a request header says it carries; 0 if it says nothing valid (then
+    :func:`parse_request` refuses the request)."""
+    x = header.get("x")
+    if isinstance(x, list) and len(x) == 4 and isinstance(x[0], int) and not isinstance(x[0], bool) and x[0] > 0:
+        return x[0]
+    return 0
 
 
 def _shape(header: dict, key: str, ndim: int) -> tuple[int, ...]:
@@ -154,10 +201,10 @@ def parse_request(header: dict, payload: bytes, expected: ExpectedInput) -> Deno
     if (c, h, w) != expected.shape:
         raise ProtocolError(f"x must be (B, {', '.join(map(str, expected.shape))}), got {(b, c, h, w)}")
     b2, length, dim = _shape(header, "states", 3)
-    if b2 != 2 * b or dim != expected.text_dim or length > MAX_TEXT_LEN:
-        raise ProtocolError(
-            f"states must be (2B={2 * b}, L<={MAX_TEXT_LEN}, {expected.text_dim}), got {(b2, length, dim)}"
-        )
+    if b2 != 2 * b or dim != expected.text_dim:
+        raise ProtocolError(f"states must be (2B={2 * b}, L, {expected.text_dim}), got {(b2, length, dim)}")
+    if length > expected.max_tokens:
+        raise ProtocolError(f"states hold {length} tokens; its text encoder makes at most {expected.max_tokens}")
     t = header.get("t")
     if not (isinstance(t, list) and len(t) == b and all(isinstance(v, int | float) and 0 < v <= 1 for v in t)):
         raise ProtocolError(f"'t' must hold {b} times in (0, 1]")
@@ -195,7 +242,8 @@ def parse_request(header: dict, payload: bytes, expected: ExpectedInput) -> Deno
 def parse_reply(header: dict, payload: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     """The velocity from a reply, checked like any peer data; a server's error becomes ProtocolError."""
     if header.get("ok") is not True:
-        raise ProtocolError(str(header.get("error", "the server refused the request"))[:500])
+        error = str(header.get("error", "the server refused the request"))[:500]
+        raise ServerBusy(error) if header.get("busy") is True else ProtocolError(error)
     if tuple(header.get("v") or ()) != tuple(shape) or len(payload) != 4 * math.prod(shape):
         raise ProtocolError(f"reply shape {header.get('v')} does not match the request's {list(shape)}")
     v = np.frombuffer(payload, "<f4")
@@ -206,17 +254,20 @@ def parse_reply(header: dict, payload: bytes, shape: tuple[int, ...]) -> torch.T
 
 @dataclass
 class ExpectedInput:
-    """What a server accepts: per expert the checkpoint hashes it can serve (newest first)."""
+    """What a server accepts: per expert the checkpoint hashes it can serve (newest first), the
+    sample shape, the text states' width and most tokens (:func:`encoder_tokens`), images per request."""
 
     experts: dict[int, list[str]]
     shape: tuple[int, int, int]
     text_dim: int
     max_batch: int
+    max_tokens: int = MAX_TEXT_LEN
 
     def current(self, expert: int) -> str:
         return self.experts[expert][0]
 
     def max_payload(self) -> int:
+        """Bytes of the largest valid request: ``max_batch`` images with ``max_tokens`` tokens each."""
         c, h, w = self.shape
         b = self.max_batch
-        return b * c * h * w * 4 + 2 * b * MAX_TEXT_LEN * (self.text_dim * 4 + 1)
+        return b * c * h * w * 4 + 2 * b * self.max_tokens * (self.text_dim * 4 + 1)
