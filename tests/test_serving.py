@@ -245,6 +245,19 @@ def test_follow_loads_a_newer_checkpoint_without_dropping_a_generation_in_flight
     try:
         sf_log = swarm.servers["sf"][1]
         wait_for(lambda: "session from" in sf_log.read_text(), 120, "the client's session with sf", step=0.05)
+        # Published as a trainer would: only while holding the job's claim does a checkpoint add steps.
+        from hivemind.utils import get_dht_time
+
+        from swarm import claims
+        from swarm.records import ClaimRecord, claim_key
+
+        mine = ClaimRecord(run.manifest_sha256, swarm.observer.peer_id, float(get_dht_time()))
+        swarm.observer.store(claim_key("expert_1"), mine, 120)
+        wait_for(
+            lambda: claims.winner(swarm.observer.snapshot(run, ["expert_1"]), "expert_1") == swarm.observer.owner,
+            30,
+            "the observer to hold expert_1's claim",
+        )
         publish_checkpoint(swarm.observer, swarm.blobs.store, run, "expert_1", newer)
         wait_in_log(swarm.servers["sf"][0], sf_log, "expert 1: serving step 8", 90, "sf")
         assert client.poll() is None, "the generation should still be in flight during the reload"
