@@ -2,10 +2,8 @@
 velocity (with its own classifier-free guidance), and their weighted sum takes one Euler step.
 
 A step is a pure function of (x_t, t, t_next, text states): nothing is carried between steps
-but x, so any step can be served by a local expert or a remote one through the same
-``ExpertRunner`` interface. A runner may also say what happened while it served a step (a remote
-one: a server caught answering wrong, the step redone elsewhere): the routing log keeps those notes
-with the step they belong to.
+but x, so any step can be served by a local expert or (later) a remote one through the same
+``ExpertRunner`` interface.
 """
 
 from __future__ import annotations
@@ -42,9 +40,7 @@ class SamplerConfig:
 
 
 # An expert runner maps (x_t (B,C,H,W), t (B,), states (2B,L,D), mask (2B,L), guidance, t_next) → v (B,C,H,W).
-# It raises ExpertUnavailable when it cannot serve (a remote expert with no replica left). It may
-# have ``where`` (who served its last call) and ``take_notes()`` (what happened since it was last
-# asked, as dicts; see RoutingLog.notes).
+# It raises ExpertUnavailable when it cannot serve (a remote expert with no replica left).
 ExpertRunner = Callable[..., torch.Tensor]
 
 
@@ -131,7 +127,6 @@ class RoutingLog:
     where: list[dict[int, str]] = field(default_factory=list)  # per step: expert → who served it
     reroutes: list[tuple[int, int, str]] = field(default_factory=list)  # (step, expert, reason)
     unavailable: set[int] = field(default_factory=set)  # experts that could not serve (kept out)
-    notes: list[dict] = field(default_factory=list)  # runners' notes, each with its "step" and "expert"
 
     def __post_init__(self) -> None:
         self.usage = [0] * self.num_experts
@@ -159,7 +154,6 @@ def routed_step(
         text = pool_text(states[:b], mask[:b])  # the prompts (cond rows); a router without text ignores it
         probs = torch.softmax(router(x_t, TIMESTEP_SCALE * tt, text).float(), dim=-1)  # (B, K)
     log = log if log is not None else RoutingLog(probs.shape[-1], 0)
-    step = len(log.per_step)
     while True:
         available = torch.zeros(probs.shape[-1], dtype=torch.bool)
         available[[k for k in experts if k not in log.unavailable]] = True
@@ -174,15 +168,12 @@ def routed_step(
                 if len(rows) == 0:
                     continue
                 idx = torch.cat([rows, rows + b])  # the cond and the uncond row of each selected sample
-                try:
-                    v_k = experts[k](x_t[rows], tt[rows], states[idx], mask[idx], cfg.guidance, t_next=t_next)
-                finally:  # what the runner saw is kept even when it could not serve
-                    _take_notes(experts[k], step, k, log)
+                v_k = experts[k](x_t[rows], tt[rows], states[idx], mask[idx], cfg.guidance, t_next=t_next)
                 v[rows] += w[rows, k].reshape(-1, 1, 1, 1).to(v.dtype) * v_k
                 served[k] = (len(rows), getattr(experts[k], "where", "local"))
         except ExpertUnavailable as e:
             log.unavailable.add(e.expert)
-            log.reroutes.append((step, e.expert, e.reason))
+            log.reroutes.append((len(log.per_step), e.expert, e.reason))
             continue
         break
     for k, (n, where) in served.items():
@@ -192,12 +183,6 @@ def routed_step(
     log.where.append({k: where for k, (_, where) in served.items()})
     log.weights.append(w)
     return euler_step(x_t, v, t, t_next)
-
-
-def _take_notes(runner: ExpertRunner, step: int, expert: int, log: RoutingLog) -> None:
-    take = getattr(runner, "take_notes", None)
-    if take is not None:
-        log.notes.extend({**note, "step": step, "expert": expert} for note in take())
 
 
 def generate(
