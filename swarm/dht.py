@@ -146,7 +146,7 @@ class SwarmNode:
         self._last_rejoin = 0.0
         self._said_alone = False
         self._saw_run = False
-        self.rejoins = 0  # how many times it re-joined (the status dashboard and tests read it)
+        self.rejoins = 0  # how many times a rejoin reached some peer
         self._halt = threading.Event()
         if cfg.rejoin_s > 0:
             threading.Thread(target=self._watch, args=(cfg.rejoin_s,), name="rejoin", daemon=True).start()
@@ -154,7 +154,7 @@ class SwarmNode:
     # ---------------------------------------------------------------- staying joined
     def routing_peers(self) -> list[str]:
         """Peers in this node's DHT routing table now."""
-        return self.dht.run_coroutine(_routing_peers)
+        return self._wait(self.dht.run_coroutine(_routing_peers, return_future=True))
 
     def rejoin(self, why: str) -> int:
         """Ping the initial peers and every peer this node has known, then look up its neighbours
