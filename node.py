@@ -72,6 +72,10 @@ def _swarm(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"], help="addresses to listen on")
     g.add_argument("--announce-maddrs", nargs="*", default=[], help="addresses to tell other peers")
     g.add_argument("--join-timeout", type=float, default=30.0, help="seconds to reach the initial peers")
+    if p.prog.endswith("bootstrap"):
+        g.add_argument("--no-relay", action="store_true", help="do not relay for peers behind NAT")
+    else:
+        g.add_argument("--relay", action="store_true", help="relay for peers behind NAT (a public node)")
     if p.prog.endswith(("trainer", "server", "client", "status")):
         g.add_argument(
             "--run",
@@ -382,8 +386,10 @@ def _swarm_node(args: argparse.Namespace, say_join: bool = True):
             join_timeout=args.join_timeout,
             run=getattr(args, "run", "") if args.role != "prepare" else "",
             own_run=args.run if args.role == "prepare" else "",
+            relay=not args.no_relay if args.role == "bootstrap" else args.relay,
         )
     )
+    print(node.reach_line(), flush=True)
     if say_join and not args.initial_peers:
         print(f"started a new swarm; other nodes join with:\n  {node.initial_peers_line()}", flush=True)
     return node

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -36,13 +36,28 @@ from swarm.bans import Bans
 from swarm.claims import Snapshot
 from swarm.identity import identity_paths, load_or_create_rsa_key
 from swarm.lifeline import detach_and_watch
+from swarm.reach import (
+    RELAY_DATA_LIMIT,
+    RELAY_TIME_LIMIT_S,
+    Probe,
+    Reach,
+    ServeProbes,
+    is_relayed,
+    listen_ports,
+    observed_ip,
+    pick_relays,
+    relay_peers,
+    start_line,
+)
 from swarm.records import (
     CLAIM_TTL_S,
     MAX_VERDICTS,
+    RELAY_TTL_S,
     VERDICT_TTL_S,
     CheckpointRecord,
     ClaimRecord,
     ProviderRecord,
+    RelayRecord,
     RunDirRecord,
     RunRecord,
     RunRef,
@@ -59,6 +74,8 @@ from swarm.records import (
     encode,
     fingerprint,
     in_run,
+    is_global,
+    relays_key,
     run_key,
     runs_key,
     serve_key,
@@ -82,6 +99,10 @@ class SwarmConfig:
     join_timeout: float = 30.0  # seconds to reach the initial peers before giving up
     op_timeout: float = 60.0  # one DHT read or write; a DHT process that is gone fails at once
     run: str = ""  # NAME@FINGERPRINT of the run to follow ("": the only one the swarm lists)
+    relay: bool = False  # relay for peers behind NAT (when this node is public) and list itself as a relay
+    # "auto": ask an initial peer to dial this node back, and go behind relays if it cannot;
+    # "public" / "private": take this node to be reachable, or not, without asking
+    reachability: str = "auto"
     own_run: str = ""  # the name of a run this node owns (the preparer): it follows NAME@<its own key>
     rejoin_s: float = 20.0  # how often to check that this node is still joined (0: never)
 
@@ -90,20 +111,38 @@ class OwnedDHT(DHT):
     """hivemind's DHT process, tied to the node that forked it: it ignores the signals meant for
     the node and ends itself and its p2pd when the node is gone (see :mod:`swarm.lifeline`)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, p2pd_extra: dict | None = None, **kwargs) -> None:
         self._node_pid = os.getpid()  # set before DHT.__init__, which forks at once
+        self._p2pd_extra = dict(p2pd_extra or {})
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
         detach_and_watch(self._node_pid)
+        if self._p2pd_extra:
+            _extend_p2pd_flags(self._p2pd_extra)
         super().run()
+
+
+def _extend_p2pd_flags(extra: dict) -> None:
+    """Pass p2pd flags hivemind's ``P2P.create`` has no parameter for (relay service and its limits;
+    static relays without p2pd's relay discovery, which waits minutes for four candidates before it
+    reserves anything). Called in the DHT process only, before it starts its p2pd."""
+    make = P2P._make_process_args
+
+    def with_extra(*args, **kwargs):
+        kwargs.update(extra)
+        if kwargs.get("trustedRelays"):
+            kwargs["relayDiscovery"] = False
+        return make(*args, **kwargs)
+
+    P2P._make_process_args = staticmethod(with_extra)
 
 
 class SwarmNode:
     """One DHT participant; every record it writes is signed and owned by its RSA key."""
 
     def __init__(self, cfg: SwarmConfig) -> None:
-        p2p_key, rsa_path = identity_paths(cfg.identity_dir)
+        _, rsa_path = identity_paths(cfg.identity_dir)
         self.rsa = RSASignatureValidator(load_or_create_rsa_key(rsa_path))
         self.owner: bytes = self.rsa.local_public_key
         self.fingerprint = fingerprint(self.owner)
@@ -112,31 +151,9 @@ class SwarmNode:
             self.ref = RunRef(check_run_name(cfg.own_run), self.fingerprint)
         self.bans = Bans()
         self._verdicts: dict[str, list[Verdict]] = {}  # job → this node's own recent verdicts
-        kwargs = dict(
-            initial_peers=cfg.initial_peers or None,
-            start=True,
-            host_maddrs=cfg.host_maddrs,
-            identity_path=str(p2p_key),
-            record_validators=validators(self.rsa, self.ref),
-            await_ready=True,
-        )
-        if cfg.announce_maddrs:
-            kwargs["announce_maddrs"] = cfg.announce_maddrs
-        pool = concurrent.futures.ThreadPoolExecutor(1)
-        future = pool.submit(OwnedDHT, **kwargs)
-        try:
-            self.dht = future.result(timeout=cfg.join_timeout)
-        except concurrent.futures.TimeoutError:
-            raise SwarmError(
-                f"could not join the swarm within {cfg.join_timeout:.0f}s: "
-                f"initial peers {cfg.initial_peers} did not answer"
-            ) from None
-        except Exception as e:  # hivemind raises several types here; all mean "cannot join"
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SwarmError(f"could not join the swarm via {cfg.initial_peers}: {reason}") from None
-        finally:
-            pool.shutdown(wait=False)
         self.op_timeout = cfg.op_timeout
+        self._cfg = cfg
+        self.dht = self._start(cfg, relays=None)
         self.peer_id = str(self.dht.peer_id)
         self._expiry: dict[str, float] = {}  # key → expiration of our last write under it
         self._lock = threading.RLock()  # heartbeat, publisher and trainer threads share the node
@@ -148,8 +165,131 @@ class SwarmNode:
         self._saw_run = False
         self.rejoins = 0  # how many times a rejoin reached some peer
         self._halt = threading.Event()
+        self.reach = self._find_reach(cfg)
+        self._relay_listed = 0.0
+        if cfg.relay and self.reach.kind == "direct":
+            self._list_as_relay()
         if cfg.rejoin_s > 0:
             threading.Thread(target=self._watch, args=(cfg.rejoin_s,), name="rejoin", daemon=True).start()
+
+    def _start(self, cfg: SwarmConfig, relays: list[str] | None) -> DHT:
+        """Start the DHT process and its p2pd: directly reachable, or (with ``relays``) behind those
+        relays, in DHT client mode. Raises SwarmError when the swarm cannot be joined."""
+        kwargs = dict(
+            initial_peers=cfg.initial_peers or None,
+            start=True,
+            host_maddrs=cfg.host_maddrs,
+            identity_path=str(identity_paths(cfg.identity_dir)[0]),
+            record_validators=validators(self.rsa, self.ref),
+            await_ready=True,
+            p2pd_extra={"relayService": bool(cfg.relay)},
+        )
+        if cfg.relay:
+            kwargs["p2pd_extra"].update(relayDataLimit=RELAY_DATA_LIMIT, relayTimeLimit=f"{RELAY_TIME_LIMIT_S}s")
+        if cfg.announce_maddrs:
+            kwargs["announce_maddrs"] = cfg.announce_maddrs
+        if relays is not None:
+            # Behind NAT: hold reservations with these relays at once (static relays: p2pd's own
+            # relay discovery would wait minutes for more candidates), say so without waiting for
+            # AutoNAT, and hold no DHT keys (client mode): others could not reach them here.
+            kwargs.update(
+                use_auto_relay=True,
+                trusted_relays=relays,
+                force_reachability="private",
+                client_mode=True,
+                check_if_identity_free=False,  # this node held the identity a moment ago
+            )
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        future = pool.submit(OwnedDHT, **kwargs)
+        try:
+            dht = future.result(timeout=cfg.join_timeout)
+        except concurrent.futures.TimeoutError:
+            raise SwarmError(
+                f"could not join the swarm within {cfg.join_timeout:.0f}s: "
+                f"initial peers {cfg.initial_peers} did not answer"
+            ) from None
+        except Exception as e:  # hivemind raises several types here; all mean "cannot join"
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SwarmError(f"could not join the swarm via {cfg.initial_peers}: {reason}") from None
+        finally:
+            pool.shutdown(wait=False)
+        dht.run_coroutine(ServeProbes())  # every node answers dial-back probes
+        return dht
+
+    # ---------------------------------------------------------------- reachability
+    def _find_reach(self, cfg: SwarmConfig) -> Reach:
+        """Ask an initial peer to dial this node back; behind NAT, restart behind relays."""
+        ports = tuple(listen_ports(self.maddrs()))
+        if cfg.reachability == "public":
+            return Reach("direct", tuple(a for a in self._direct_maddrs()), ports=ports)
+        if cfg.reachability == "auto":
+            askable = [m.rsplit("/p2p/", 1)[1] for m in cfg.initial_peers if "/p2p/" in m]
+            askable = [p for p in dict.fromkeys(askable) if p != self.peer_id]
+            if not askable:
+                return Reach("unknown", ports=ports)
+            announced = listen_ports(cfg.announce_maddrs) if cfg.announce_maddrs else []
+            probe = Probe(askable, announced or list(ports), self.op_timeout / 4)
+            reached = self._wait(self.dht.run_coroutine(probe, return_future=True))
+            if reached:
+                return Reach("direct", tuple(reached), ports=ports)
+            if reached is None:  # nobody answered the probe at all: say unknown rather than guess
+                return Reach("unknown", ports=ports)
+        relays = pick_relays(cfg.initial_peers, self._listed_relays())
+        if not relays:
+            return Reach("unreachable", ports=ports)
+        self.dht.shutdown()
+        self.dht = self._start(cfg, relays=relays)
+        self.peer_id = str(self.dht.peer_id)
+        deadline = time.monotonic() + min(self.op_timeout, 20.0)
+        while time.monotonic() < deadline:  # a reservation takes a round trip or two
+            reach = self._relay_reach()
+            if reach.kind == "relayed":
+                return reach
+            time.sleep(0.5)
+        return self._relay_reach()
+
+    def _relay_reach(self) -> Reach:
+        maddrs = self.maddrs(latest=True)
+        relays = relay_peers(maddrs)
+        return Reach("relayed" if relays else "unreachable", relays=tuple(relays), ports=tuple(listen_ports(maddrs)))
+
+    def _direct_maddrs(self) -> list[str]:
+        return [a for a in self.maddrs() if not is_relayed(a) and "/127.0.0.1/" not in a] or self.maddrs()
+
+    def _listed_relays(self) -> list[str]:
+        """Relay addresses the DHT lists now (each relay's own record, signed by it)."""
+        try:
+            return [a for r in self.read(relays_key(), RelayRecord).values() for a in r.addrs]
+        except SwarmError:
+            return []
+
+    def _list_as_relay(self) -> None:
+        """Publish this public node's addresses as a relay (renewed by the watch thread)."""
+        addrs = [a for a in self.reach.direct if observed_ip(a) is not None][:4]
+        if not addrs:
+            addrs = [a.rsplit("/p2p/", 1)[0] for a in self._direct_maddrs() if observed_ip(a) is not None][:4]
+        if addrs:
+            try:
+                self.store(relays_key(), RelayRecord([f"{a}/p2p/{self.peer_id}" for a in addrs]), RELAY_TTL_S)
+                self._relay_listed = time.monotonic()
+            except SwarmError:  # the DHT is slow now: the watch thread tries again
+                pass
+
+    def reach_line(self) -> str:
+        """The one line that tells a user how others reach this node."""
+        return start_line(self.reach, announce=bool(self._cfg.announce_maddrs))
+
+    def _watch_reach(self) -> None:
+        """Say when a relayed node loses its last relay, or gets one back; keep a relay listed."""
+        if self.reach.kind in ("relayed", "unreachable"):
+            now = self._relay_reach()
+            if now.kind != self.reach.kind:
+                self.reach = now
+                print(self.reach_line(), file=sys.stderr, flush=True)
+            elif now.relays != self.reach.relays:
+                self.reach = now
+        if self._cfg.relay and self.reach.kind == "direct" and time.monotonic() - self._relay_listed > RELAY_TTL_S / 3:
+            self._list_as_relay()
 
     # ---------------------------------------------------------------- staying joined
     def routing_peers(self) -> list[str]:
@@ -185,12 +325,15 @@ class SwarmNode:
                 self._most = max(self._most, len(peers))
                 if len(peers) < min(self._most, 2) or (self.initial_peers and not peers):
                     self.rejoin(f"this node sees {len(peers)} peer(s) of the {self._most} it saw")
+                self._watch_reach()
             except Exception:  # the DHT is shutting down, or slow: look again next period
                 if not self.dht.is_alive():
                     return
 
-    def maddrs(self) -> list[str]:
-        return [str(a) for a in self.dht.get_visible_maddrs()]
+    def maddrs(self, latest: bool = False) -> list[str]:
+        """This node's addresses as its p2pd announces them (``latest``: asked again, so relay
+        addresses that came or went since the start show)."""
+        return [str(a) for a in self.dht.get_visible_maddrs(latest=latest)]
 
     def initial_peers_line(self) -> str:
         loopback_last = sorted(self.maddrs(), key=lambda a: ("/127.0.0.1/" in a, a))
@@ -212,7 +355,7 @@ class SwarmNode:
 
     def _key(self, key: str) -> str:
         """``key`` inside the followed run's namespace (global keys as they are)."""
-        if key == runs_key() or key.startswith("diffswarm_blob_"):
+        if is_global(key):
             return key
         if self.ref is None:
             self.run()  # follows the only run the swarm lists, if there is one

@@ -14,6 +14,7 @@ below hivemind's 64 KiB limit): checkpoint bytes never go into the DHT.
 
     runs                owner → RunDirRecord      (global) the runs on this DHT, one per owner key
     blob_<sha256>       owner → ProviderRecord    (global) who can send a blob (manifest, shard, checkpoint)
+    relays              owner → RelayRecord       (global) public peers that relay for peers behind NAT
   per run:
     run                 owner → RunRecord         the run: manifest sha256, K, targets, admission
     claim_<job>         owner → ClaimRecord       who trains a job; renewed every heartbeat
@@ -45,6 +46,7 @@ CLAIM_TTL_S = 3 * HEARTBEAT_S  # a claim not renewed for ~3 heartbeats has expir
 RUN_TTL_S = 600.0  # the preparer re-publishes the run record well within this
 CKPT_TTL_S = 24 * 3600.0  # checkpoint records outlive their trainer: others resume from them
 PROVIDER_TTL_S = 120.0  # a provider re-announces its blobs while it is up
+RELAY_TTL_S = 300.0  # a relay re-announces itself well within this while it is up
 SERVE_PERIOD_S = 15.0  # a server's record lives this long, so a killed server leaves clients' view by then
 SERVE_ANNOUNCE_S = SERVE_PERIOD_S / 3  # and is renewed this often: two missed renewals are tolerated
 SERVE_TTL_S = SERVE_PERIOD_S
@@ -61,6 +63,8 @@ PeerId = pydantic.constr(min_length=1, max_length=128)
 
 Fingerprint = pydantic.constr(regex=r"^[0-9a-f]{32}$")
 RunName = pydantic.constr(regex=r"^[A-Za-z0-9-]{1,32}$")
+Reach = pydantic.constr(regex=r"^(|direct|relayed|unreachable|unknown)$")  # "": not said
+RelayAddr = pydantic.constr(regex=r"^/ip4/[0-9.]{7,15}/tcp/[0-9]{1,5}/p2p/[1-9A-HJ-NP-Za-km-z]{32,60}$")
 
 
 class RunDirSchema(pydantic.BaseModel):
@@ -110,6 +114,11 @@ class PeerSchema(pydantic.BaseModel):
     loss: pydantic.confloat(strict=True)
     samples_per_s: pydantic.confloat(strict=True, ge=0)
     bans: pydantic.conlist(pydantic.constr(max_length=160), max_items=16)  # this node's local bans
+    reach: Reach = ""  # how others reach it: direct, relayed (through a relay) or unreachable
+
+
+class RelaySchema(pydantic.BaseModel):
+    addrs: pydantic.conlist(RelayAddr, min_items=1, max_items=4)
 
 
 class VerdictSchema(pydantic.BaseModel):
@@ -144,6 +153,7 @@ class ServeSchema(pydantic.BaseModel):
     text_dim: pydantic.conint(strict=True, ge=1, le=1 << 16)
     shape: pydantic.conlist(pydantic.conint(strict=True, ge=1, le=4096), min_items=3, max_items=3)
     max_batch: pydantic.conint(strict=True, ge=1, le=4096)
+    reach: Reach = ""  # direct or relayed: a client prefers a direct server
 
 
 class ProviderSchema(pydantic.BaseModel):
@@ -170,7 +180,11 @@ def _run_schema() -> type[pydantic.BaseModel]:
 
 
 def _global_schema() -> type[pydantic.BaseModel]:
-    return pydantic.create_model("DiffswarmSchema", runs=(dict[OwnerKey, RunDirSchema] | None, None))
+    return pydantic.create_model(
+        "DiffswarmSchema",
+        runs=(dict[OwnerKey, RunDirSchema] | None, None),
+        relays=(dict[OwnerKey, RelaySchema] | None, None),
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -264,7 +278,7 @@ def check_run_name(name: str) -> str:
 
 def in_run(key: str, ref: RunRef) -> str:
     """The DHT key of ``key`` inside run ``ref``'s namespace (global keys stay as they are)."""
-    if key == runs_key() or key.startswith(f"{PREFIX}_blob_"):
+    if is_global(key):
         return key
     return f"{ref.namespace}_{key[len(PREFIX) + 1 :]}"
 
@@ -272,6 +286,15 @@ def in_run(key: str, ref: RunRef) -> str:
 # ---------------------------------------------------------------- keys
 def runs_key() -> str:
     return f"{PREFIX}_runs"
+
+
+def relays_key() -> str:
+    return f"{PREFIX}_relays"
+
+
+def is_global(key: str) -> bool:
+    """Whether ``key`` is shared by every run of the DHT rather than inside one run's namespace."""
+    return key in (runs_key(), relays_key()) or key.startswith(f"{PREFIX}_blob_")
 
 
 def run_key() -> str:
@@ -374,6 +397,7 @@ class PeerRecord:
     loss: float = 0.0
     samples_per_s: float = 0.0
     bans: list[str] = field(default_factory=list)
+    reach: str = ""
 
 
 @dataclass(frozen=True)
@@ -408,6 +432,12 @@ class ServeRecord:
     text_dim: int
     shape: list[int]
     max_batch: int
+    reach: str = ""
+
+
+@dataclass(frozen=True)
+class RelayRecord:
+    addrs: list[str]  # where a relayed node dials this relay: /ip4/X/tcp/P/p2p/ID
 
 
 @dataclass(frozen=True)
@@ -425,6 +455,7 @@ _SCHEMAS = {
     ProviderRecord: ProviderSchema,
     PeerRecord: PeerSchema,
     ServeRecord: ServeSchema,
+    RelayRecord: RelaySchema,
 }
 
 

@@ -4,16 +4,19 @@ Topology (each box is a network namespace; nothing is configured in the root nam
 network is never touched and the lab's traffic never leaves its namespaces)::
 
     public host "pub"      internet namespace "<prefix>_inet"      NAT router "<prefix>-home_nat"
-    <prefix>-pub           bridge br0, one port (p0, p1, ...)       wan0 10.99.0.x --+-- lan0 192.168.N.1/24
-    eth0 10.99.0.x ------- per public host or router WAN ---------- (masquerade out,  |
+    <prefix>-pub           bridge br0, one port (p0, p1, ...)       wan0 11.99.0.x --+-- lan0 192.168.N.1/24
+    eth0 11.99.0.x ------- per public host or router WAN ---------- (masquerade out,  |
                                                                     no new conn. in)  +-- home host <prefix>-home
                                                                                           eth0 192.168.N.2/24,
                                                                                           default via 192.168.N.1
 
-- The "internet" is one flat IPv4 subnet, 10.99.0.0/24, on a bridge in a namespace of its own. Public hosts
+- The "internet" is one flat IPv4 subnet, 11.99.0.0/24, on a bridge in a namespace of its own. Public hosts
   and home routers have an address there; there is no default route on it (a destination outside it fails
   at once with "network unreachable", as a private 192.168.x address dialled across the internet would
-  never arrive).
+  never arrive). The subnet is a globally routed one on purpose: libp2p treats private ranges (10/8 and the
+  like) as a LAN, and neither announces relay addresses nor relays through peers it only knows there, so a
+  private "internet" would hide exactly what the lab is for. Nothing leaves the lab: the internet namespace
+  has no link to the host or anywhere else.
 - A home is one host behind a NAT router: the router masquerades what leaves through its WAN leg
   (nftables) and drops every new connection arriving on it (``ct state new`` on input and forward), so a
   home host can dial out and be answered, and nobody outside can dial in: not public hosts, not other
@@ -66,7 +69,7 @@ from typing import Any
 
 import pytest
 
-INTERNET = ipaddress.ip_network("10.99.0.0/24")
+INTERNET = ipaddress.ip_network("11.99.0.0/24")  # routed-looking on purpose: see the docstring
 # Every lab's namespaces start with this; the pid says whose they are, so leftovers of a dead run are found.
 _AUTO_PREFIX = re.compile(r"^nl(\d+)x[0-9a-f]{4}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,23}$")
