@@ -31,6 +31,7 @@ from swarm.blobs import BlobService, BlobStore
 from swarm.dht import SwarmError, SwarmNode
 from swarm.mirror import fetch_published
 from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame, reply_timing
+from swarm.reach import is_relayed
 from swarm.records import ServeRecord
 
 T = TypeVar("T")
@@ -58,6 +59,7 @@ class RemotePool:
         self.discover = discover  # expert → its servers online now (re-read from the DHT)
         self.servers = {k: list(v) for k, v in servers.items() if v}
         self.sessions: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+        self.paths: dict[str, str] = {}  # server → "direct" or "relayed", as its stream's address says
         self.banned: dict[str, float] = {}
         self.last: dict[int, str] = {}
         self.events: list[str] = []  # failovers, for the summary
@@ -70,8 +72,15 @@ class RemotePool:
     def _candidates(self, k: int) -> list[ServeRecord]:
         now = time.monotonic()
         live = [r for r in self.servers[k] if self.banned.get(r.peer, 0.0) <= now]
-        # The server already used keeps the stream warm; otherwise the least loaded first.
-        return sorted(live, key=lambda r: (r.peer != self.last.get(k), r.queue, r.peer))
+        # A server reached directly before one reached through a relay (each step through a relay
+        # costs the relay's hops and its bandwidth); among those, the one already used keeps the
+        # stream warm; otherwise the least loaded first.
+        return sorted(live, key=lambda r: (self.path_of(r) == "relayed", r.peer != self.last.get(k), r.queue, r.peer))
+
+    def path_of(self, rec: ServeRecord) -> str:
+        """How this client reaches a server: what its stream showed, else what the server announced
+        (a server announcing itself direct but reached through a relay is ranked by what was seen)."""
+        return self.paths.get(rec.peer) or ("relayed" if rec.reach in ("relayed", "unreachable") else "direct")
 
     def call(self, k: int, x: torch.Tensor, t: torch.Tensor, states, mask, guidance: float, t_next: float):
         # Padding tokens are masked out of attention anyway: leave them off the wire (a short
@@ -130,11 +139,12 @@ class RemotePool:
 
     async def _request(self, peer: str, req: DenoiseRequest, shape) -> tuple[torch.Tensor, dict]:
         if peer not in self.sessions:
-            _, reader, writer = await asyncio.wait_for(
+            info, reader, writer = await asyncio.wait_for(
                 self.service.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL),
                 self.cfg.connect_timeout_s,
             )
             self.sessions[peer] = (reader, writer)
+            self.paths[peer] = "relayed" if is_relayed(str(info.addr)) else "direct"
         reader, writer = self.sessions[peer]
         writer.write(encode_request(req))
         await writer.drain()
@@ -173,6 +183,11 @@ class RemoteExpert:
     @property
     def where(self) -> str:
         return self.pool.last.get(self.expert, "remote")
+
+    @property
+    def path(self) -> str:
+        """How the latest step reached its server: direct or relayed."""
+        return self.pool.paths.get(self.pool.last.get(self.expert, ""), "direct")
 
     def __call__(self, x_t, t, states, mask, guidance, t_next: float = 0.0) -> torch.Tensor:
         return self.pool.call(self.expert, x_t, t, states, mask, guidance, t_next)

@@ -58,7 +58,7 @@ def collect(node: SwarmNode) -> dict:
         for rec in recs:
             out["servers"].append(
                 {"expert": k, "peer": rec.peer, "state": rec.state, "rps": rec.rps, "queue": rec.queue}
-                | {"step": rec.step, "ckpt": rec.ckpt, "max_batch": rec.max_batch}
+                | {"step": rec.step, "ckpt": rec.ckpt, "max_batch": rec.max_batch, "reach": rec.reach}
             )
     out["servers"].sort(key=lambda r: (r["expert"], r["state"] != "online", r["peer"]))
     snap = node.snapshot(run)
@@ -153,12 +153,13 @@ def render(data: dict) -> Group:
     if data["servers"]:
         online = sum(1 for r in data["servers"] if r["state"] == "online")
         servers = Table(title=f"expert servers: {online} online")
-        for col in ("expert", "server", "state", "req/s", "queue", "serving"):
+        for col in ("expert", "server", "reach", "state", "req/s", "queue", "serving"):
             servers.add_column(col, justify="right" if col in ("req/s", "queue") else "left")
         for r in data["servers"]:
             servers.add_row(
                 str(r["expert"]),
                 r["peer"][:16],
+                _reach(r["reach"]),
                 r["state"] if r["state"] == "online" else f"[dim]{r['state']}[/]",
                 f"{r['rps']:.1f}",
                 str(r["queue"]),
@@ -166,10 +167,10 @@ def render(data: dict) -> Group:
             )
         tables.append(servers)
     peers = Table(title=f"{len(data['peers'])} peers up")
-    for col in ("peer", "role", "state", "job"):
+    for col in ("peer", "reach", "role", "state", "job"):
         peers.add_column(col)
     for p in data["peers"]:
-        peers.add_row(p["peer"][:16], p["role"], p["state"], p["job"] or "-")
+        peers.add_row(p["peer"][:16], _reach(p.get("reach", "")), p["role"], p["state"], p["job"] or "-")
     tables.append(peers)
     bans = [("this node", b) for b in data["bans"]] + [(p["peer"][:16], b) for p in data["peers"] for b in p["bans"]]
     if bans:
@@ -180,6 +181,12 @@ def render(data: dict) -> Group:
             banned.add_row(by, escape(line))  # peers' words: shown, never interpreted
         tables.append(banned)
     return Group(*tables)
+
+
+def _reach(kind: str) -> str:
+    """How others reach a peer, as the peer says: direct, relayed (through a relay: slower, and it
+    costs the relay's bandwidth) or unreachable (behind NAT with no relay left)."""
+    return {"direct": "direct", "relayed": "[yellow]relayed[/]", "unreachable": "[red]unreachable[/]"}.get(kind, "-")
 
 
 LOG_EVERY_S = 30.0  # without a terminal

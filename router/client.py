@@ -137,6 +137,7 @@ def draw(ens: ClientEnsemble, cfg: ClientConfig) -> Path:
         "usage": log.usage,
         "per_step": log.per_step,
         "where": [{str(k): w for k, w in step.items()} for step in log.where],
+        "paths": [{str(k): w for k, w in step.items()} for step in log.paths],
         "reroutes": [{"step": s, "expert": k, "reason": r} for s, k, r in log.reroutes],
         "failovers": ens.failovers,
     }
@@ -156,10 +157,14 @@ def _routing_table(ens: ClientEnsemble, sampler: SamplerConfig, images: int, log
             table.add_row(str(k), "-", "unavailable", "0")
             continue
         peers = sorted((w, n) for (kk, w), n in log.by_peer.items() if kk == k)
+        path = {}  # server → the path (direct or relayed) its latest step took
+        for step_w, step_p in zip(log.where, log.paths, strict=True):
+            if k in step_w and step_p.get(k, "local") != "local":
+                path[step_w[k]] = step_p[k]
         table.add_row(
             str(k),
             ens.objectives.get(k, "-"),
-            "\n".join(w[:16] for w, _ in peers) or ens.served_by[k],
+            "\n".join(w[:16] + (f" ({path[w]})" if w in path else "") for w, _ in peers) or ens.served_by[k],
             "\n".join(str(n) for _, n in peers) or "0",
         )
     return table

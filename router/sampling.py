@@ -125,6 +125,7 @@ class RoutingLog:
     weights: list[torch.Tensor] = field(default_factory=list)  # (B, K) weights at each step
     by_peer: dict[tuple[int, str], int] = field(default_factory=dict)
     where: list[dict[int, str]] = field(default_factory=list)  # per step: expert → who served it
+    paths: list[dict[int, str]] = field(default_factory=list)  # per step: expert → local, direct or relayed
     reroutes: list[tuple[int, int, str]] = field(default_factory=list)  # (step, expert, reason)
     unavailable: set[int] = field(default_factory=set)  # experts that could not serve (kept out)
 
@@ -161,7 +162,7 @@ def routed_step(
             raise ExpertUnavailable(-1, "no expert at all can serve this step")
         w = routing_weights(probs, cfg.mode, cfg.k, cfg.tau, available)  # (B, K)
         v = torch.zeros_like(x_t)
-        served: dict[int, tuple[int, str]] = {}
+        served: dict[int, tuple[int, str, str]] = {}
         try:
             for k in sorted(experts):
                 rows = (w[:, k] > 0).nonzero().flatten()
@@ -170,17 +171,18 @@ def routed_step(
                 idx = torch.cat([rows, rows + b])  # the cond and the uncond row of each selected sample
                 v_k = experts[k](x_t[rows], tt[rows], states[idx], mask[idx], cfg.guidance, t_next=t_next)
                 v[rows] += w[rows, k].reshape(-1, 1, 1, 1).to(v.dtype) * v_k
-                served[k] = (len(rows), getattr(experts[k], "where", "local"))
+                served[k] = (len(rows), getattr(experts[k], "where", "local"), getattr(experts[k], "path", "local"))
         except ExpertUnavailable as e:
             log.unavailable.add(e.expert)
             log.reroutes.append((len(log.per_step), e.expert, e.reason))
             continue
         break
-    for k, (n, where) in served.items():
+    for k, (n, where, _) in served.items():
         log.usage[k] += n
         log.by_peer[(k, where)] = log.by_peer.get((k, where), 0) + n
     log.per_step.append(sorted(served))
-    log.where.append({k: where for k, (_, where) in served.items()})
+    log.where.append({k: where for k, (_, where, _) in served.items()})
+    log.paths.append({k: path for k, (_, _, path) in served.items()})
     log.weights.append(w)
     return euler_step(x_t, v, t, t_next)
 

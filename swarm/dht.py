@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import sys
 import threading
@@ -56,6 +57,7 @@ from swarm.records import (
     VERDICT_TTL_S,
     CheckpointRecord,
     ClaimRecord,
+    PeerRecord,
     ProviderRecord,
     RelayRecord,
     RunDirRecord,
@@ -165,6 +167,7 @@ class SwarmNode:
         self._saw_run = False
         self.rejoins = 0  # how many times a rejoin reached some peer
         self._halt = threading.Event()
+        self.reach = Reach("unknown")
         self.reach = self._find_reach(cfg)
         self._relay_listed = 0.0
         if cfg.relay and self.reach.kind == "direct":
@@ -376,6 +379,8 @@ class SwarmNode:
         previous one this node made under the same key.
         """
         key = self._key(key)
+        if isinstance(record, PeerRecord | ServeRecord) and not record.reach:
+            record = dataclasses.replace(record, reach=self.reach.kind)  # every presence says how others reach it
         with self._lock:
             expiration = max(get_dht_time() + ttl, self._expiry.get(key, 0.0) + 1e-3)
             pending = self.dht.store(key, encode(record), expiration, subkey=self.owner, return_future=True)
