@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from hivemind.p2p import PeerID
 
 from router.client import ClientConfig, ClientEnsemble, draw
 from router.ensemble import encoder_for, space_for
@@ -31,7 +30,7 @@ from swarm.blobs import BlobService, BlobStore
 from swarm.dht import SwarmError, SwarmNode
 from swarm.mirror import fetch_published
 from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame, reply_timing
-from swarm.reach import is_relayed
+from swarm.proxy import open_stream
 from swarm.records import ServeRecord
 
 T = TypeVar("T")
@@ -139,12 +138,9 @@ class RemotePool:
 
     async def _request(self, peer: str, req: DenoiseRequest, shape) -> tuple[torch.Tensor, dict]:
         if peer not in self.sessions:
-            info, reader, writer = await asyncio.wait_for(
-                self.service.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL),
-                self.cfg.connect_timeout_s,
-            )
+            path, reader, writer = await open_stream(self.service.p2p, peer, PROTOCOL, self.cfg.connect_timeout_s)
             self.sessions[peer] = (reader, writer)
-            self.paths[peer] = "relayed" if is_relayed(str(info.addr)) else "direct"
+            self.paths[peer] = path
         reader, writer = self.sessions[peer]
         writer.write(encode_request(req))
         await writer.drain()

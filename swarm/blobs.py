@@ -27,11 +27,10 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from hivemind.p2p import PeerID
-
 from data.checkpoint import META_NAME, Checkpoint, verify_checkpoint
 from data.manifest import sha256_file
 from swarm.bans import Bans
+from swarm.proxy import open_stream
 
 PROTOCOL = "diffswarm-blob-v1"
 CHUNK = 1 << 20
@@ -151,9 +150,7 @@ class BlobService:
     async def _fetch_one(self, peer: str, digest: str, dest: Path, max_bytes: int) -> None:
         # A dead provider must cost seconds, not the whole transfer budget: bound the connect and
         # every silence separately; a live but slow one is judged by its rate (below).
-        _, reader, writer = await asyncio.wait_for(
-            self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL), self.connect_timeout
-        )
+        _, reader, writer = await open_stream(self.p2p, peer, PROTOCOL, self.connect_timeout)
         tmp = dest.with_name(dest.name + ".part")
         try:
             writer.write(bytes.fromhex(digest) + struct.pack(">Q", 0))

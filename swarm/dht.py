@@ -37,6 +37,7 @@ from swarm.bans import Bans
 from swarm.claims import Snapshot
 from swarm.identity import identity_paths, load_or_create_rsa_key
 from swarm.lifeline import detach_and_watch
+from swarm.proxy import ServeProxy
 from swarm.reach import (
     RELAY_DATA_LIMIT,
     RELAY_TIME_LIMIT_S,
@@ -217,6 +218,8 @@ class SwarmNode:
         finally:
             pool.shutdown(wait=False)
         dht.run_coroutine(ServeProbes())  # every node answers dial-back probes
+        if cfg.relay:
+            dht.run_coroutine(ServeProxy())  # and a relay carries bulk streams to the peers behind it
         return dht
 
     # ---------------------------------------------------------------- reachability

@@ -139,3 +139,60 @@ def test_clients_generate_through_a_server_behind_nat_and_prefer_a_direct_one(la
         assert {w["0"] for w in routing["where"]}.isdisjoint({w["1"] for w in routing["where"]})
         assert "(relayed)" in routing["stdout"] or "(direct)" in routing["stdout"]
     assert home_peer is None or all(w["1"].startswith(home_peer.group(1)[:8]) for w in home["where"])
+
+
+def _status(swarm: Nodes, host: str, peers: list[str], tmp: Path) -> dict:
+    res = swarm.run(host, "--role", "status", "--json", "--workdir", str(tmp / f"status-{host}"),
+                    "--initial-peers", *peers, timeout=120)  # fmt: skip
+    return json.loads(res.stdout[res.stdout.index("{") :])
+
+
+def test_an_owner_at_home_and_trainers_in_other_homes_train_take_over_and_serve(lab, swarm, tmp_path):
+    """(e) the run's owner behind NAT, only the bootstrap peer public: trainers in two other homes fetch
+    the manifest and shards through the relay, train, and one takes the other's job over after a kill;
+    (a) their checkpoints are verified and mirrored by the owner and loaded by a server in a fourth home."""
+    lab.add_public("boot")
+    for host in ("owner", "t1", "t2", "srv"):
+        lab.add_home(host)
+    swarm.start("boot", "boot", "--role", "bootstrap", "--workdir", str(tmp_path / "boot"))
+    peers = swarm.peers("boot")  # the only public address anyone is given
+    swarm.start(
+        "owner", "owner", "--role", "prepare", "--serve", "--workdir", str(tmp_path / "run"), "--limit", "160",
+        "--clusters", "2", "--expert-steps", "20", "--router-steps", "6", "--initial-peers", *peers,
+    )  # fmt: skip
+    swarm.wait("owner", "trainers join with", 240)
+    assert reach_line(swarm.text("owner")).startswith("behind NAT: reachable through relay")
+    trainer = ("--role", "trainer", "--heartbeat", "2", "--batch-size", "8", "--ckpt-every", "5", "--initial-peers")
+    for t in ("t1", "t2"):
+        swarm.start(t, t, *trainer[:1], *trainer[1:-1], "--workdir", str(tmp_path / t), trainer[-1], *peers)
+    for t in ("t1", "t2"):
+        swarm.wait(t, "claimed ", 240)
+        assert reach_line(swarm.text(t)).startswith("behind NAT: reachable through relay")
+
+    # Once the owner has verified (and so holds) a checkpoint of t1's job, t1 dies; t2 takes the job
+    # over from that checkpoint, fetched from the owner at home.
+    victim_job = re.search(r"claimed (\w+) as", swarm.text("t1")).group(1)
+    swarm.wait("owner", f"verified {victim_job} step 5 ", 300)
+    swarm.kill("t1")
+    swarm.wait("t2", f"{victim_job}: fetching published checkpoint step", 300)
+    assert int(re.search(rf"{victim_job}: fetching published checkpoint step (\d+)", swarm.text("t2")).group(1)) >= 5
+    swarm.wait("t2", "resumed from step", 120)
+
+    # Every job reaches its target; every checkpoint was verified (none refused) and mirrored by the owner.
+    swarm.run("boot", "--role", "status", "--until-done", "--workdir", str(tmp_path / "done"),
+              "--initial-peers", *peers, timeout=400)  # fmt: skip
+    data = _status(swarm, "boot", peers, tmp_path)
+    assert data["complete"]
+    owner_peer = re.search(r"serving run \S+ \(\w+\) as (\w+)", swarm.text("owner")).group(1)
+    for job in data["jobs"]:
+        assert job["checkpoint"]["step"] == job["target"] and not job["refused"] and not job["pending"], job
+        assert owner_peer in job["checkpoint"]["providers"], job
+    reaches = {p["role"]: p["reach"] for p in data["peers"]}
+    assert reaches.get("preparer") == "relayed", data["peers"]
+
+    # A server in a fourth home fetches and verifies an expert from the homes and serves it.
+    swarm.start("srv", "srv", "--role", "server", "--expert", "0", "--workdir", str(tmp_path / "srv"),
+                "--initial-peers", *peers)  # fmt: skip
+    swarm.wait("srv", " serving", 240)
+    data = _status(swarm, "boot", peers, tmp_path)
+    assert [s["reach"] for s in data["servers"] if s["state"] == "online"] == ["relayed"], data["servers"]
