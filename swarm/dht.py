@@ -39,8 +39,6 @@ from swarm.identity import identity_paths, load_or_create_rsa_key
 from swarm.lifeline import detach_and_watch
 from swarm.proxy import ServeProxy
 from swarm.reach import (
-    RELAY_DATA_LIMIT,
-    RELAY_TIME_LIMIT_S,
     Probe,
     Reach,
     ServeProbes,
@@ -127,7 +125,7 @@ class OwnedDHT(DHT):
 
 
 def _extend_p2pd_flags(extra: dict) -> None:
-    """Pass p2pd flags hivemind's ``P2P.create`` has no parameter for (relay service and its limits;
+    """Pass p2pd flags hivemind's ``P2P.create`` has no parameter for (the relay service on or off;
     static relays without p2pd's relay discovery, which waits minutes for four candidates before it
     reserves anything). Called in the DHT process only, before it starts its p2pd."""
     make = P2P._make_process_args
@@ -188,8 +186,6 @@ class SwarmNode:
             await_ready=True,
             p2pd_extra={"relayService": bool(cfg.relay)},
         )
-        if cfg.relay:
-            kwargs["p2pd_extra"].update(relayDataLimit=RELAY_DATA_LIMIT, relayTimeLimit=f"{RELAY_TIME_LIMIT_S}s")
         if cfg.announce_maddrs:
             kwargs["announce_maddrs"] = cfg.announce_maddrs
         if relays is not None:

@@ -17,9 +17,9 @@ handshake. Every node serves these probes (:class:`ServeProbes`), a few at a tim
   and libp2p keeps trying the relays it was given.
 
 Public peers relay for the others: a bootstrap peer by default, any other public node started with
-``--relay``. A relayed connection lasts up to :data:`RELAY_TIME_LIMIT_S` and carries up to
-:data:`RELAY_DATA_LIMIT` bytes each way, so the largest checkpoint a fetch accepts fits one
-connection; p2pd's own defaults are used for the rest.
+``--relay``. A libp2p relayed connection carries only 128 KiB each way (p2pd keeps go-libp2p's
+default limits whatever its flags say), enough for a probe or a DHT request; blobs and denoising
+sessions to a relayed peer go through its relay's stream proxy (:mod:`swarm.proxy`).
 """
 
 from __future__ import annotations
@@ -38,10 +38,6 @@ MAX_REQUEST = 512  # bytes of a probe request
 DIAL_TIMEOUT_S = 3.0  # a NAT drops the dial-back's SYN: this is what a node behind one waits
 HANDSHAKE = b"/multistream/1.0.0"  # what a libp2p listener says first on every new connection
 CONCURRENT_PROBES = 4  # a peer answers this many probes at once and tells the rest it is busy
-# A relayed connection's limits at a relay this node runs: the largest checkpoint a fetch accepts
-# (swarm.blobs.MAX_CHECKPOINT, 16 GiB) fits one connection at the blob floor rate of 1 MB/s.
-RELAY_DATA_LIMIT = 16 << 30
-RELAY_TIME_LIMIT_S = 5 * 3600
 MAX_RELAYS = 6  # static relays a relayed node is given: its initial peers first, then listed ones
 
 

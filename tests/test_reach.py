@@ -11,11 +11,8 @@ import struct
 
 import pytest
 
-from swarm.blobs import MAX_CHECKPOINT, MIN_RATE
 from swarm.reach import (
     MAX_PORTS,
-    RELAY_DATA_LIMIT,
-    RELAY_TIME_LIMIT_S,
     Reach,
     listen_ports,
     observed_ip,
@@ -78,11 +75,6 @@ def test_relays_are_the_initial_peers_first_then_a_random_few_of_those_listed():
     assert relays[0] == initial[0] and len(relays) == 6
     assert MADDRS[0] not in relays  # a relayed address is no relay
     assert len({tuple(pick_relays(initial, listed)) for _ in range(20)}) > 1  # not always the same listed ones
-
-
-def test_a_relayed_connection_carries_the_largest_checkpoint():
-    assert RELAY_DATA_LIMIT >= MAX_CHECKPOINT
-    assert RELAY_TIME_LIMIT_S >= MAX_CHECKPOINT / MIN_RATE
 
 
 def test_a_relay_record_holds_dialable_relay_addresses_only():
