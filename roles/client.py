@@ -289,6 +289,7 @@ def run_swarm_client(node: SwarmNode, cfg: ClientConfig) -> Path:
     """Draw ``cfg.prompts`` with the swarm's router and experts: the ones in ``cfg.local_experts``
     run here, every other one on its servers. Returns the PNG's path."""
     blobs = BlobService(node.dht, BlobStore(), bans=node.bans)
+    node.on_restart(blobs.rebind)
     pool = None
     try:
         ens, pool = swarm_ensemble(

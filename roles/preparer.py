@@ -161,6 +161,7 @@ def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, cfg: Serve
             if Path(url).is_file():
                 store.add_file(Path(url), entry.sha256)
     blobs = BlobService(node.dht, store, bans=node.bans)
+    node.on_restart(blobs.rebind)
     admission, allowed = read_admission(cfg.allow) if cfg.allow else ("open", [])
     run = RunRecord(
         digest,

@@ -112,6 +112,7 @@ class ExpertServer:
         self.node, self.cfg = node, cfg
         self.stop = stop or threading.Event()
         self.blobs = BlobService(node.dht, BlobStore(), bans=node.bans)
+        node.on_restart(self.blobs.rebind)
         self.served: dict[int, list[Served]] = {}  # newest first
         self._verify: Verifier | None = None
         self._lock = threading.Lock()

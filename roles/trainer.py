@@ -120,6 +120,7 @@ class SwarmTrainer:
         self.stop = stop or threading.Event()
         self.store = BlobStore()
         self.blobs = BlobService(node.dht, self.store, bans=node.bans)
+        node.on_restart(self.blobs.rebind)
         self.work = Path(cfg.work_dir)
         self.presence = PeerRecord(node.peer_id, "trainer", "joining")
         self.verifier: Verifier | None = None  # built once the run and its manifest are known

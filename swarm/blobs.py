@@ -110,7 +110,7 @@ class BlobService:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="blob-service", daemon=True)
         self._thread.start()
-        self._extra: list[str] = []
+        self._handlers = {PROTOCOL: self._serve}  # every protocol this endpoint serves
         self.p2p = self._run(dht.replicate_p2p())
         self._run(self.p2p.add_binary_stream_handler(PROTOCOL, self._serve))
 
@@ -124,7 +124,18 @@ class BlobService:
     def add_stream_handler(self, protocol: str, handler) -> None:
         """Serve another binary stream protocol on the same libp2p endpoint (e.g. denoising)."""
         self._run(self.p2p.add_binary_stream_handler(protocol, handler))
-        self._extra.append(protocol)
+        self._handlers[protocol] = handler
+
+    def rebind(self, dht) -> None:
+        """Serve and fetch through ``dht``'s p2p daemon from now on (its node restarted it: see
+        :meth:`swarm.dht.SwarmNode.on_restart`); every handler is registered there again."""
+        old, self.p2p = self.p2p, self._run(dht.replicate_p2p())
+        for protocol, handler in self._handlers.items():
+            self._run(self.p2p.add_binary_stream_handler(protocol, handler))
+        try:
+            self._run(old.shutdown(), timeout=5)
+        except Exception:  # its daemon is gone already
+            pass
 
     async def _serve(self, _info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -267,7 +278,7 @@ class BlobService:
 
     def shutdown(self) -> None:
         try:
-            for protocol in [PROTOCOL, *self._extra]:
+            for protocol in list(self._handlers):
                 self._run(self.p2p.remove_binary_stream_handler(protocol), timeout=5)
             self._run(self.p2p.shutdown(), timeout=5)
         except Exception:  # shutting down: the daemon may already be gone

@@ -22,9 +22,11 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import os
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hivemind.dht import DHT
@@ -84,6 +86,8 @@ from swarm.records import (
     verdicts_key,
 )
 
+REACH_EVERY_S = 5.0  # how often a relayed node looks at its relay reservations
+RELAY_RETRY_S = 15.0  # with none left, how often it looks for a relay that answers again
 KNOWN_S = 3600.0  # a peer not seen in the routing table for this long is no longer tried on a rejoin
 
 
@@ -167,6 +171,10 @@ class SwarmNode:
         self.rejoins = 0  # how many times a rejoin reached some peer
         self._halt = threading.Event()
         self.reach = Reach("unknown")
+        self._restart_hooks: list[Callable[[DHT], None]] = []
+        self._lost_relays = 0.0
+        self._pending_restart = False
+        self._relays_seen: list[str] = []  # relay addresses this node was given, for a restart
         self.reach = self._find_reach(cfg)
         self._relay_listed = 0.0
         if cfg.relay and self.reach.kind == "direct":
@@ -240,6 +248,7 @@ class SwarmNode:
         if not relays:
             return Reach("unreachable", ports=ports)
         self.dht.shutdown()
+        self._relays_seen = list(relays)
         self.dht = self._start(cfg, relays=relays)
         self.peer_id = str(self.dht.peer_id)
         deadline = time.monotonic() + min(self.op_timeout, 20.0)
@@ -277,19 +286,59 @@ class SwarmNode:
             except SwarmError:  # the DHT is slow now: the watch thread tries again
                 pass
 
+    def _back_behind_relays(self) -> None:
+        """With no relay reservation left, look for a relay that answers (a plain TCP connect, so the p2p
+        daemon's own back-off, up to an hour for a relay it failed to reach, does not count), and if one
+        does, restart the p2p daemon behind the relays that answer, as at the start."""
+        relays = pick_relays(self.initial_peers, self._listed_relays() if not self._pending_restart else [])
+        relays += [a for a in self._relays_seen if a not in relays]
+        alive = [a for a in relays if _answers(a)]
+        if not alive:
+            return
+        # Join through what answers: the initial peers may be the relays that died.
+        cfg = dataclasses.replace(self._cfg, initial_peers=alive)
+        with self._lock:
+            if not self._pending_restart:
+                self.dht.shutdown()
+            self._pending_restart = True  # until a new DHT runs, the watch does only this
+            try:
+                self.dht = self._start(cfg, relays=alive)
+            except SwarmError as e:
+                print(f"could not restart behind relays: {e}; trying again", file=sys.stderr, flush=True)
+                return
+            self._pending_restart = False
+        for hook in self._restart_hooks:
+            try:
+                hook(self.dht)
+            except Exception as e:  # one holder failing must not keep the others on the old daemon
+                print(f"after a restart: {e}", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + 20.0
+        while time.monotonic() < deadline and (now := self._relay_reach()).kind != "relayed":
+            time.sleep(0.5)
+        self.reach = now
+        print(self.reach_line(), file=sys.stderr, flush=True)
+
     def reach_line(self) -> str:
         """The one line that tells a user how others reach this node."""
         return start_line(self.reach, announce=bool(self._cfg.announce_maddrs))
+
+    def on_restart(self, hook: Callable[[DHT], None]) -> None:
+        """Call ``hook(new_dht)`` whenever this node restarts its DHT process and p2pd (a node behind
+        NAT does, once a relay answers again after it had none): what holds a replica of the old
+        p2p daemon binds to the new one (:meth:`swarm.blobs.BlobService.rebind`)."""
+        self._restart_hooks.append(hook)
 
     def _watch_reach(self) -> None:
         """Say when a relayed node loses its last relay, or gets one back; keep a relay listed."""
         if self.reach.kind in ("relayed", "unreachable"):
             now = self._relay_reach()
-            if now.kind != self.reach.kind:
-                self.reach = now
+            if (now.kind, now.relays) != (self.reach.kind, self.reach.relays):
+                self.reach = now  # a relay gone, another one found, or none left: say so
+                self._lost_relays = time.monotonic() if now.kind == "unreachable" else 0.0
                 print(self.reach_line(), file=sys.stderr, flush=True)
-            elif now.relays != self.reach.relays:
-                self.reach = now
+            if now.kind == "unreachable" and time.monotonic() - self._lost_relays > RELAY_RETRY_S:
+                self._lost_relays = time.monotonic()
+                self._back_behind_relays()
         if self._cfg.relay and self.reach.kind == "direct" and time.monotonic() - self._relay_listed > RELAY_TTL_S / 3:
             self._list_as_relay()
 
@@ -318,8 +367,16 @@ class SwarmNode:
         return answered
 
     def _watch(self, period: float) -> None:
-        while not self._halt.wait(period):
+        looked = time.monotonic()
+        while not self._halt.wait(min(period, REACH_EVERY_S)):
+            if self._pending_restart:  # the last restart failed: there is no DHT until one works
+                self._back_behind_relays()
+                continue
             try:
+                self._watch_reach()  # cheap (one question to p2pd): more often than the routing table
+                if time.monotonic() - looked < period:
+                    continue
+                looked = time.monotonic()
                 peers = self.routing_peers()
                 now = time.monotonic()
                 self._known.update(dict.fromkeys(peers, now))
@@ -327,7 +384,6 @@ class SwarmNode:
                 self._most = max(self._most, len(peers))
                 if len(peers) < min(self._most, 2) or (self.initial_peers and not peers):
                     self.rejoin(f"this node sees {len(peers)} peer(s) of the {self._most} it saw")
-                self._watch_reach()
             except Exception:  # the DHT is shutting down, or slow: look again next period
                 if not self.dht.is_alive():
                     return
@@ -382,7 +438,10 @@ class SwarmNode:
             record = dataclasses.replace(record, reach=self.reach.kind)  # every presence says how others reach it
         with self._lock:
             expiration = max(get_dht_time() + ttl, self._expiry.get(key, 0.0) + 1e-3)
-            pending = self.dht.store(key, encode(record), expiration, subkey=self.owner, return_future=True)
+            try:
+                pending = self.dht.store(key, encode(record), expiration, subkey=self.owner, return_future=True)
+            except OSError:  # its pipe is closed: the DHT process is gone, or being restarted
+                raise SwarmError("this node's DHT process is not running now") from None
             ok = bool(self._wait(pending))
             if ok:
                 self._expiry[key] = expiration
@@ -399,7 +458,11 @@ class SwarmNode:
         """hivemind's latest value under ``key`` (subkey → ValueWithExpiration), or None."""
         key = self._key(key)
         with self._lock:
-            return self._wait(self.dht.get(key, latest=True, return_future=True))
+            try:
+                pending = self.dht.get(key, latest=True, return_future=True)
+            except OSError:  # its pipe is closed: the DHT process is gone, or being restarted
+                raise SwarmError("this node's DHT process is not running now") from None
+            return self._wait(pending)
 
     def read(self, key: str, cls) -> dict[bytes, object]:
         """Live, well-formed, signed records under ``key`` by owner. A malformed record gets its
@@ -530,6 +593,16 @@ class SwarmNode:
     def shutdown(self) -> None:
         self._halt.set()
         self.dht.shutdown()
+
+
+def _answers(maddr: str, timeout: float = 3.0) -> bool:
+    """Whether something accepts a TCP connection at ``/ip4/X/tcp/P/...``."""
+    parts = maddr.split("/")
+    try:
+        with socket.create_connection((parts[2], int(parts[4])), timeout=timeout):
+            return True
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 async def _routing_peers(_dht: DHT, node) -> list[str]:

@@ -37,9 +37,9 @@ class Nodes:
     def log(self, name: str) -> Path:
         return self.tmp / f"{name}.log"
 
-    def start(self, host: str, name: str, *args: str) -> subprocess.Popen:
-        out = open(self.log(name), "w")
-        cmd = [sys.executable, str(ROOT / "node.py"), *args, "--host-maddrs", ANY]
+    def start(self, host: str, name: str, *args: str, listen: str = ANY) -> subprocess.Popen:
+        out = open(self.log(name), "a")  # a restarted node goes on in the same log
+        cmd = [sys.executable, str(ROOT / "node.py"), *args, "--host-maddrs", listen]
         self.procs[name] = self.lab.popen(host, cmd, cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT)
         return self.procs[name]
 
@@ -52,14 +52,15 @@ class Nodes:
     def text(self, name: str) -> str:
         return self.log(name).read_text(errors="replace")
 
-    def wait(self, name: str, text: str, timeout: float) -> str:
+    def wait(self, name: str, text: str, timeout: float, after: int = 0) -> str:
+        """Wait until ``name``'s log shows ``text`` (past its first ``after`` characters); returns the log."""
         proc = self.procs[name]
 
         def seen() -> str | None:
             if proc.poll() is not None:
                 raise AssertionError(f"{name} exited {proc.returncode}:\n{self.text(name)[-3000:]}")
             content = self.text(name)
-            return content if text in content else None
+            return content if text in content[after:] else None
 
         return wait_for(seen, timeout, f"{name} to print {text!r}", logs=(self.log(name),))
 
@@ -89,14 +90,19 @@ def swarm(lab, tmp_path):
 
 def test_clients_generate_through_a_server_behind_nat_and_prefer_a_direct_one(lab, swarm, small_run, tmp_path):
     """(b) NAT to NAT, (c) public client to a server behind NAT, (d) a direct server preferred to a relayed
-    one for the same expert, with the path of each step in the routing JSON."""
-    for host in ("boot", "owner", "direct", "pub-client"):
+    one for the same expert, with the path of each step in the routing JSON; then the relays die one after
+    the other: a node behind NAT goes on through the other public relay, says so when none is left, keeps
+    running, and is reachable again once a relay is back."""
+    for host in ("boot", "owner", "direct", "pub-client", "relay2"):
         lab.add_public(host)
     for host in ("home-server", "home-client"):
         lab.add_home(host)
     swarm.start("boot", "boot", "--role", "bootstrap", "--workdir", str(tmp_path / "boot"))
     peers = swarm.peers("boot")
     assert reach_line(swarm.text("boot")).startswith("reachability unknown")  # the first node: nobody to ask
+    relay2 = ("relay2", "relay2", "--role", "bootstrap", "--workdir", str(tmp_path / "relay2"), "--initial-peers")
+    swarm.start(*relay2, *peers, listen="/ip4/0.0.0.0/tcp/4001")  # a second public relay, listed in the DHT
+    swarm.wait("relay2", "--initial-peers", 120)
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
     swarm.start(
@@ -139,6 +145,24 @@ def test_clients_generate_through_a_server_behind_nat_and_prefer_a_direct_one(la
         assert {w["0"] for w in routing["where"]}.isdisjoint({w["1"] for w in routing["where"]})
         assert "(relayed)" in routing["stdout"] or "(direct)" in routing["stdout"]
     assert home_peer is None or all(w["1"].startswith(home_peer.group(1)[:8]) for w in home["where"])
+    relays = reach_line(swarm.text("home-server")).split("through relay ", 1)[1].split(";")[0].split(", ")
+    assert len(relays) == 2, relays  # the bootstrap peer, and the relay it found listed
+
+    # The bootstrap peer dies: the home server goes on through the other relay, and a client at home
+    # that knows both generates NAT to NAT through it.
+    swarm.kill("boot")
+    swarm.wait("home-server", f"behind NAT: reachable through relay {swarm.peers('relay2')[0].rsplit('/', 1)[1]};", 60)
+    peers = peers + swarm.peers("relay2")
+    again = generate("home-client", "home-client-2")
+    assert {w["1"] for w in again["where"]} == {w["1"] for w in home["where"]}
+
+    # The last relay dies: one line, and the node keeps running; when the relay is back, so is the node.
+    swarm.kill("relay2")
+    swarm.wait("home-server", "behind NAT and no relay answers", 60)
+    assert swarm.procs["home-server"].poll() is None
+    said = len(swarm.text("home-server"))
+    swarm.start(*relay2, *swarm.peers("owner"), listen="/ip4/0.0.0.0/tcp/4001")
+    swarm.wait("home-server", "reachable through relay", 120, after=said)
 
 
 def _status(swarm: Nodes, host: str, peers: list[str], tmp: Path) -> dict:
