@@ -104,6 +104,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/adversarial.py
 	$(PY) benchmarks/island.py
 	$(PY) benchmarks/shard_memory.py --preset B/2
+	$(PY) -m benchmarks.nat
+	$(PY) -m benchmarks.bootstrap_memory
 
 clean:
 	rm -rf runs outputs exports

@@ -145,6 +145,26 @@ def test_clients_generate_through_a_server_behind_nat_and_prefer_a_direct_one(la
         assert {w["0"] for w in routing["where"]}.isdisjoint({w["1"] for w in routing["where"]})
         assert "(relayed)" in routing["stdout"] or "(direct)" in routing["stdout"]
     assert home_peer is None or all(w["1"].startswith(home_peer.group(1)[:8]) for w in home["where"])
+
+    # The direct server is cut off from everyone mid-generation: the client fails over to the relayed
+    # replica of expert 0 and the image completes.
+    said = len(swarm.text("direct"))
+    out = tmp_path / "cut.png"
+    swarm.start(
+        "pub-client", "cut", "--role", "client", "red apple", "--workdir", str(tmp_path / "cut"), "--initial-peers",
+        *peers, "--steps", "12", "--output", str(out), "--k", "2",
+    )  # fmt: skip
+    swarm.wait("direct", "session from", 120, after=said)
+    lab.partition("direct")
+    assert swarm.procs["cut"].wait(timeout=240) == 0, swarm.text("cut")[-3000:]
+    cut = json.loads(out.with_suffix(".json").read_text())
+    servers_of_0 = [w["0"] for w in cut["where"]]
+    assert len(servers_of_0) == 12 and len(set(servers_of_0)) == 2, servers_of_0  # one server, then the other
+    assert any("failed" in f for f in cut["failovers"]), cut["failovers"]
+    # (the path to the home server is relayed, or direct where the home server had dialled out to this
+    # client itself: libp2p reuses whatever connection is open)
+    assert home_peer is None or servers_of_0[-1].startswith(home_peer.group(1)[:8])
+
     relays = reach_line(swarm.text("home-server")).split("through relay ", 1)[1].split(";")[0].split(", ")
     assert len(relays) == 2, relays  # the bootstrap peer, and the relay it found listed
 
