@@ -165,8 +165,13 @@ async def open_stream(p2p, peer: str, protocol: str, timeout: float) -> tuple[st
     reachable only through a relay, ``("relayed", ...)`` carried by that relay's proxy."""
     relay = _via.get(peer)
     if relay is None:
-        opening = p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
-        info, reader, writer = await asyncio.wait_for(opening, timeout)
+        try:
+            opening = p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
+            info, reader, writer = await asyncio.wait_for(opening, timeout)
+        except Exception:  # a dial that lost a race to another ("concurrent active dial succeeded"), or a
+            await asyncio.sleep(0.5)  # lost SYN: the connection is often there a moment later
+            opening = p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
+            info, reader, writer = await asyncio.wait_for(opening, timeout)
         if not is_relayed(str(info.addr)):
             return "direct", reader, writer
         writer.close()  # a relayed connection would be cut after 128 KiB: ask its relay to carry the stream

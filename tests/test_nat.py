@@ -194,15 +194,18 @@ def _status(swarm: Nodes, host: str, peers: list[str], tmp: Path) -> dict:
 def test_an_owner_at_home_and_trainers_in_other_homes_train_take_over_and_serve(lab, swarm, tmp_path):
     """(e) the run's owner behind NAT, only the bootstrap peer public: trainers in two other homes fetch
     the manifest and shards through the relay, train, and one takes the other's job over after a kill;
-    (a) their checkpoints are verified and mirrored by the owner and loaded by a server in a fourth home."""
+    (a) their checkpoints are verified and mirrored by the owner and loaded by a server in a fourth home,
+    and a client in a fifth generates through it. All of it with 5 % of the packets lost on every link."""
     lab.add_public("boot")
-    for host in ("owner", "t1", "t2", "srv"):
+    for host in ("owner", "t1", "t2", "srv", "cli"):
         lab.add_home(host)
+    for host in lab.hosts:
+        lab.loss(host, 5)
     swarm.start("boot", "boot", "--role", "bootstrap", "--workdir", str(tmp_path / "boot"))
     peers = swarm.peers("boot")  # the only public address anyone is given
     swarm.start(
         "owner", "owner", "--role", "prepare", "--serve", "--workdir", str(tmp_path / "run"), "--limit", "160",
-        "--clusters", "2", "--expert-steps", "20", "--router-steps", "6", "--initial-peers", *peers,
+        "--clusters", "2", "--expert-steps", "40", "--router-steps", "6", "--initial-peers", *peers,
     )  # fmt: skip
     swarm.wait("owner", "trainers join with", 240)
     assert reach_line(swarm.text("owner")).startswith("behind NAT: reachable through relay")
@@ -216,10 +219,16 @@ def test_an_owner_at_home_and_trainers_in_other_homes_train_take_over_and_serve(
     # Once the owner has verified (and so holds) a checkpoint of t1's job, t1 dies; t2 takes the job
     # over from that checkpoint, fetched from the owner at home.
     victim_job = re.search(r"claimed (\w+) as", swarm.text("t1")).group(1)
-    swarm.wait("owner", f"verified {victim_job} step 5 ", 300)
+
+    def verified_midway() -> int | None:
+        steps = [int(m) for m in re.findall(rf"verified {victim_job} step (\d+) ", swarm.text("owner"))]
+        return min(steps) if steps and min(steps) < 40 else None
+
+    held = wait_for(verified_midway, 300, f"a verified checkpoint of {victim_job} before its target",
+                    logs=(swarm.log("owner"), swarm.log("t1")))  # fmt: skip
     swarm.kill("t1")
     swarm.wait("t2", f"{victim_job}: fetching published checkpoint step", 300)
-    assert int(re.search(rf"{victim_job}: fetching published checkpoint step (\d+)", swarm.text("t2")).group(1)) >= 5
+    assert int(re.search(rf"{victim_job}: fetching published checkpoint step (\d+)", swarm.text("t2")).group(1)) >= held
     swarm.wait("t2", "resumed from step", 120)
 
     # Every job reaches its target; every checkpoint was verified (none refused) and mirrored by the owner.
@@ -229,8 +238,9 @@ def test_an_owner_at_home_and_trainers_in_other_homes_train_take_over_and_serve(
     assert data["complete"]
     owner_peer = re.search(r"serving run \S+ \(\w+\) as (\w+)", swarm.text("owner")).group(1)
     for job in data["jobs"]:
-        assert job["checkpoint"]["step"] == job["target"] and not job["refused"] and not job["pending"], job
+        assert job["checkpoint"]["step"] == job["target"] and not job["refused"], job
         assert owner_peer in job["checkpoint"]["providers"], job
+        swarm.wait("owner", f"verified {job['job']} step {job['target']} ", 120)
     reaches = {p["role"]: p["reach"] for p in data["peers"]}
     assert reaches.get("preparer") == "relayed", data["peers"]
 
@@ -240,3 +250,9 @@ def test_an_owner_at_home_and_trainers_in_other_homes_train_take_over_and_serve(
     swarm.wait("srv", " serving", 240)
     data = _status(swarm, "boot", peers, tmp_path)
     assert [s["reach"] for s in data["servers"] if s["state"] == "online"] == ["relayed"], data["servers"]
+    out = tmp_path / "cli.png"
+    swarm.run("cli", "--role", "client", "red apple", "--workdir", str(tmp_path / "cli"), "--initial-peers", *peers,
+              "--steps", "6", "--output", str(out), "--local-experts", "1", timeout=300)  # fmt: skip
+    routing = json.loads(out.with_suffix(".json").read_text())
+    assert len(routing["where"]) == 6 and {p.get("0") for p in routing["paths"]} - {None} <= {"relayed", "direct"}
+    assert any("0" in w for w in routing["where"]), routing["where"]  # expert 0 came from the home server
