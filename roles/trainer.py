@@ -28,7 +28,7 @@ from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list
 from data.manifest import Manifest, load_manifest
 from swarm import claims
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
-from swarm.dht import SwarmNode
+from swarm.dht import SwarmError, SwarmNode
 from swarm.mirror import fetch_budget, mirror_checkpoints, publish_checkpoint, sources
 from swarm.records import (
     HEARTBEAT_S,
@@ -82,8 +82,21 @@ class ClaimKeeper(threading.Thread):
         self._halt = threading.Event()
 
     def run(self) -> None:
+        heard = time.monotonic()  # when this node last had a peer to renew its claim with
         while not self._halt.wait(self.cfg.heartbeat_s * random.uniform(0.8, 1.0)):  # jitter
             try:
+                if self.node.cut_off():
+                    # Renewals reach nobody: past the claim's lifetime others see it lapsed and may
+                    # own the job, whatever this node's own copy of the DHT says.
+                    if time.monotonic() - heard > self.cfg.claim_ttl_s:
+                        console.log(
+                            f"{self.job}: cut off from every peer for longer than a claim lives "
+                            f"({self.cfg.claim_ttl_s:.0f}s): another node may own this job now; stopping"
+                        )
+                        self.lost.set()
+                        return
+                    continue
+                heard = time.monotonic()
                 self.node.store(claim_key(self.job), self.claim, self.cfg.claim_ttl_s)
                 self.run_rec = self.node.run() or self.run_rec  # the owner may change admission
                 # Its own claim is passed along: a read cut short by a flood of records may lack it,
@@ -182,7 +195,10 @@ class SwarmTrainer:
         fetch_shards(self.node, self.blobs, manifest, clusters)
 
     def _publish(self, job: str, run: RunRecord, ckpt: Checkpoint) -> None:
-        publish_checkpoint(self.node, self.store, run, job, ckpt)
+        try:
+            publish_checkpoint(self.node, self.store, run, job, ckpt)
+        except SwarmError as e:  # cut off from the swarm for now: training goes on, the next one is published
+            console.log(f"{job}: could not publish step {ckpt.step} ({e}); training on")
 
     def _resume_point(self, job: str, snap: claims.Snapshot, root: Path) -> None:
         """Make the newest published checkpoint of ``job`` the latest one under ``root``."""
@@ -316,6 +332,12 @@ class SwarmTrainer:
             self.verifier.run = run
             if not self._admitted(run):
                 continue
+            if self.node.cut_off():  # a job claimed now would be claimed against nobody
+                if idle_said != "cut off":
+                    console.log("cut off from every peer; claiming nothing until this node rejoins")
+                    idle_said = "cut off"
+                self.stop.wait(self.cfg.poll_s)
+                continue
             won = self.claim(run)
             if won is None:
                 snap = self.node.snapshot(run)
@@ -382,15 +404,20 @@ class SwarmTrainer:
                     tcfg,
                     island=self.island,
                     should_stop=lambda k=keeper: self.stop.is_set() or k.lost.is_set(),
-                    on_checkpoint=lambda ck, j=job, r=run: self._publish(j, r, ck),
+                    # A node that lost the job publishes nothing more of it: its line ends where the
+                    # new owner's begins.
+                    on_checkpoint=lambda ck, j=job, r=run, k=keeper: k.lost.is_set() or self._publish(j, r, ck),
                     on_log=lambda st, loss, rate: self._set_presence(
                         step=st, loss=float(loss), samples_per_s=float(rate)
                     ),
                 )
-                rec = claims.latest_checkpoint(self.node.snapshot(run, [job]), job)
-                if rec is None or rec.step < last.step:  # resumed at its target: nothing new was saved
-                    self._publish(job, run, last)
-                self.await_replicas(job, last, run)
+                if keeper.lost.is_set():
+                    console.log(f"{job}: lost to another node; step {last.step} stays here, unpublished")
+                else:
+                    rec = claims.latest_checkpoint(self.node.snapshot(run, [job]), job)
+                    if rec is None or rec.step < last.step:  # resumed at its target: nothing new was saved
+                        self._publish(job, run, last)
+                    self.await_replicas(job, last, run)
             finally:
                 keeper.stop()
                 if not keeper.lost.is_set():

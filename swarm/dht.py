@@ -347,6 +347,16 @@ class SwarmNode:
         """Peers in this node's DHT routing table now."""
         return self._wait(self.dht.run_coroutine(_routing_peers, return_future=True))
 
+    def cut_off(self) -> bool:
+        """Whether this node has no peer left in its DHT routing table although it had some: what it
+        writes now reaches nobody, and what it reads is only its own (a partition, a dead uplink)."""
+        try:
+            peers = self.routing_peers()
+        except SwarmError:
+            return True
+        self._most = max(self._most, len(peers))
+        return self._most > 0 and not peers
+
     def rejoin(self, why: str) -> int:
         """Ping the initial peers and every peer this node has known, then look up its neighbours
         again; returns how many answered. At most once every few seconds."""

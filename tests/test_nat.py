@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,43 @@ def test_an_owner_at_home_and_trainers_in_other_homes_train_take_over_and_serve(
     routing = json.loads(out.with_suffix(".json").read_text())
     assert len(routing["where"]) == 6 and {p.get("0") for p in routing["paths"]} - {None} <= {"relayed", "direct"}
     assert any("0" in w for w in routing["where"]), routing["where"]  # expert 0 came from the home server
+
+
+def test_a_trainer_cut_off_past_its_claim_loses_the_job_and_publishes_nothing_more_of_it(lab, swarm, tmp_path):
+    """A trainer partitioned from everyone for longer than its claim lives: the job is taken over; once the
+    partition heals, the old owner sees at once that it lost, stops, and publishes nothing more of the job;
+    the verified history of the job is one line of increasing steps."""
+    for host in ("prep", "t1", "t2"):
+        lab.add_public(host)
+    swarm.start(
+        "prep", "prep", "--role", "prepare", "--serve", "--workdir", str(tmp_path / "run"), "--limit", "160",
+        "--clusters", "2", "--expert-steps", "40", "--router-steps", "6",
+    )  # fmt: skip
+    peers = swarm.peers("prep")
+    trainer = ("--role", "trainer", "--heartbeat", "2", "--batch-size", "8", "--ckpt-every", "5")
+    for t in ("t1", "t2"):
+        swarm.start(t, t, *trainer, "--workdir", str(tmp_path / t), "--initial-peers", *peers)
+    swarm.wait("t1", "claimed ", 240)
+    job = re.search(r"claimed (\w+) as", swarm.text("t1")).group(1)
+    swarm.wait("prep", f"verified {job} step ", 240)
+    said = len(swarm.text("t1"))
+    cut = lab.partition("t1")
+    cut_at = time.monotonic()
+    # Cut off past its claim's lifetime, t1 knows it may have lost the job, whatever its own copy of the DHT
+    # says, and stops before the partition heals.
+    swarm.wait("t1", f"{job}: cut off from every peer", 120, after=said)
+    noticed = time.monotonic() - cut_at
+    swarm.wait("t1", f"{job}: lost to another node", 60, after=said)
+    swarm.wait("t2", f"claimed {job} as", 300)  # once t2 is free and t1's claim has lapsed for it too
+    lab.heal(cut)
+    # The step t1 saved as it stopped stays with it: the verifier never sees it.
+    kept = re.search(r"lost to another node; step (\d+) stays here", swarm.text("t1")).group(1)
+    late = re.findall(rf"checkpoint step {kept} sha256 (\w{{12}})", swarm.text("t1")[said:])
+    # The verifier's record of the job: increasing steps, the old owner's none after the new one's first.
+    swarm.wait("t2", "run complete", 400)
+    steps = [int(s) for s in re.findall(rf"verified {job} step (\d+) ", swarm.text("prep"))]
+    assert steps == sorted(set(steps)) and steps[-1] == 40, steps
+    assert not re.search(rf"refused {job}", swarm.text("prep")), swarm.text("prep")[-3000:]
+    assert late and not any(sha in swarm.text("prep") for sha in late), late
+    assert f"claimed {job} as" not in swarm.text("t1")[said:]  # and it never took the job back
+    print(f"the old owner stopped {noticed:.1f}s into the partition")
