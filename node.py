@@ -389,7 +389,7 @@ def _swarm_node(args: argparse.Namespace, say_join: bool = True):
             relay=not args.no_relay if args.role == "bootstrap" else args.relay,
         )
     )
-    print(node.reach_line(), flush=True)
+    print(node.reach_line(), file=sys.stderr, flush=True)  # stdout stays the role's own (status --json)
     if say_join and not args.initial_peers:
         print(f"started a new swarm; other nodes join with:\n  {node.initial_peers_line()}", flush=True)
     return node
