@@ -214,6 +214,7 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--run-timeout", type=float, default=60.0, help="seconds to wait for the run and checkpoints")
         _swarm(p)
     elif role == "client":
+        from router.audit import DEFAULT_RATE, TOLERANCE
         from router.combine import MODES
 
         _common(p, ("ckpt",))
@@ -229,6 +230,21 @@ def _parser(role: str) -> RoleParser:
             type=float,
             default=30.0,
             help="swarm: seconds to wait for a server, or for the router's checkpoint, while none is up",
+        )
+        g.add_argument(
+            "--audit",
+            type=float,
+            default=DEFAULT_RATE,
+            metavar="RATE",
+            help="swarm: share of the servers' answers recomputed here from the experts' public checkpoints "
+            f"(each server's first answer always; 0: trust servers; default {DEFAULT_RATE})",
+        )
+        g.add_argument(
+            "--audit-tolerance",
+            type=float,
+            default=TOLERANCE,
+            help=f"swarm: relative L2 difference per image an audited answer may have (default {TOLERANCE}: "
+            "room for bf16 servers; fp32 ones differ by about 1e-6)",
         )
         g.add_argument("--output", help="PNG path (default outputs/<prompt>.png)")
         g.add_argument("--mode", default="topk", choices=MODES, help="how the router's experts are combined")
@@ -652,6 +668,8 @@ def run_client(args: argparse.Namespace) -> None:
         device=device,
         precision=precision,
         server_wait_s=args.server_timeout,
+        audit_rate=args.audit,
+        audit_tolerance=args.audit_tolerance,
     )
     if not from_swarm:
         run_local_client(cfg)

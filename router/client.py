@@ -2,7 +2,9 @@
 write the PNG and a routing JSON beside it, and print which expert (and which server) denoised
 how many steps. ``run_local_client`` samples from a run's checkpoints or an export on this
 machine; the swarm client (``roles.client``) builds the same :class:`ClientEnsemble` with remote
-experts and calls :func:`draw`.
+experts and calls :func:`draw`, which then also reports the audit of the servers' answers
+(:mod:`router.audit`): its cost in extra expert forwards per image, every server caught answering
+wrong (marked in the routing table, with how many steps it served first) and every step redone.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from rich.table import Table
 
 from experts.latent_space import LatentSpace
 from experts.text_encoder import TextEncoder
+from router.audit import DEFAULT_RATE, TOLERANCE, AuditStats, report_lines, summarize
 from router.ensemble import load_ensemble, load_export
 from router.grid import save_images
 from router.sampling import ExpertUnavailable, SamplerConfig, generate
@@ -40,8 +43,15 @@ class ClientConfig:
     device: str = "cpu"  # where the experts run here run their forward passes
     precision: str = "fp32"  # fp32 or bf16 (autocast)
     server_wait_s: float = 30.0  # swarm: wait this long for a server or the router when none is up (restarting)
+    audit_rate: float = DEFAULT_RATE  # swarm: share of server answers recomputed to check them (0: trust servers)
+    audit_tolerance: float = TOLERANCE  # swarm: relative L2 difference per image an audited answer may have
+    audit_seed: int | None = None  # swarm: seed of replica choice and audited steps (None: unpredictable)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.audit_rate <= 1:
+            raise ValueError(f"--audit is a share of steps in [0, 1], got {self.audit_rate}")
+        if not self.audit_tolerance > 0:
+            raise ValueError(f"--audit-tolerance must be positive, got {self.audit_tolerance}")
         if not self.prompts:
             raise ValueError('give a prompt, e.g. python node.py --role client --local "a red apple"')
         if any(not p.strip() for p in self.prompts):
@@ -60,6 +70,7 @@ class ClientEnsemble:
     space: LatentSpace
     shape: tuple[int, int, int]
     failovers: list[str] = field(default_factory=list)  # appended to by remote experts as they fail over
+    audit: AuditStats | None = None  # counted by remote experts as they audit their servers (None: no audit)
 
 
 def local_ensemble(cfg: ClientConfig) -> ClientEnsemble:
@@ -123,11 +134,16 @@ def draw(ens: ClientEnsemble, cfg: ClientConfig) -> Path:
     dt = time.time() - t0
     out = output_path(cfg)
     save_images(images, prompts, out)
-    Console().print(_routing_table(ens, sampler, len(prompts), log))
+    report = summarize(ens.audit, log.notes, len(prompts), sum(log.usage)) if ens.audit is not None else None
+    Console().print(_routing_table(ens, sampler, len(prompts), log, report))
     for step, k, reason in log.reroutes:
         print(f"rerouted at step {step + 1}: expert {k} dropped ({reason}); renormalised over the others")
     for event in ens.failovers:
         print(f"failover: {event}")
+    for line in report_lines(report) if report is not None else []:
+        print(line)
+        if line.startswith("CAUGHT"):  # worth a line where warnings go, too
+            print(f"warning: {line}", file=sys.stderr)
     routing = {
         "prompts": prompts,
         "mode": sampler.mode,
@@ -140,14 +156,16 @@ def draw(ens: ClientEnsemble, cfg: ClientConfig) -> Path:
         "paths": [{str(k): w for k, w in step.items()} for step in log.paths],
         "reroutes": [{"step": s, "expert": k, "reason": r} for s, k, r in log.reroutes],
         "failovers": ens.failovers,
+        "audit": report,
     }
     out.with_suffix(".json").write_text(json.dumps(routing, indent=1))
     print(f"wrote {out} ({dt:.1f}s, {dt / len(prompts):.2f}s per image); routing: {out.with_suffix('.json')}")
     return out
 
 
-def _routing_table(ens: ClientEnsemble, sampler: SamplerConfig, images: int, log) -> Table:
-    """Per expert: its objective, who served it, and how many (image, step) pairs it denoised."""
+def _routing_table(ens: ClientEnsemble, sampler: SamplerConfig, images: int, log, report: dict | None) -> Table:
+    """Per expert: its objective, who served it, and how many (image, step) pairs it denoised; a
+    server caught answering wrong is listed as such, with the pairs it served before."""
     mode = sampler.mode if sampler.mode != "topk" else f"topk, k={sampler.k}"
     table = Table(title=f"routing ({mode}), {sampler.steps} steps x {images} images")
     for col in ("expert", "objective", "served by", "(image, step) pairs"):
@@ -156,7 +174,9 @@ def _routing_table(ens: ClientEnsemble, sampler: SamplerConfig, images: int, log
         if k not in ens.experts:
             table.add_row(str(k), "-", "unavailable", "0")
             continue
-        peers = sorted((w, n) for (kk, w), n in log.by_peer.items() if kk == k)
+        caught = {c["peer"] for c in (report or {}).get("caught", []) if c["expert"] == k}
+        served = {w: n for (kk, w), n in log.by_peer.items() if kk == k}
+        peers = sorted({**dict.fromkeys(caught, 0), **served}.items())
         path = {}  # server → the path (direct or relayed) its latest step took
         for step_w, step_p in zip(log.where, log.paths, strict=True):
             if k in step_w and step_p.get(k, "local") != "local":
@@ -164,7 +184,10 @@ def _routing_table(ens: ClientEnsemble, sampler: SamplerConfig, images: int, log
         table.add_row(
             str(k),
             ens.objectives.get(k, "-"),
-            "\n".join(w[:16] + (f" ({path[w]})" if w in path else "") for w, _ in peers) or ens.served_by[k],
+            "\n".join(
+                w[:16] + (f" ({path[w]})" if w in path else "") + (" CAUGHT" if w in caught else "") for w, _ in peers
+            )
+            or ens.served_by[k],
             "\n".join(str(n) for _, n in peers) or "0",
         )
     return table

@@ -2,8 +2,10 @@
 velocity (with its own classifier-free guidance), and their weighted sum takes one Euler step.
 
 A step is a pure function of (x_t, t, t_next, text states): nothing is carried between steps
-but x, so any step can be served by a local expert or (later) a remote one through the same
-``ExpertRunner`` interface.
+but x, so any step can be served by a local expert or a remote one through the same
+``ExpertRunner`` interface. A runner may also say what happened while it served a step (a remote
+one: a server caught answering wrong, the step redone elsewhere): the routing log keeps those notes
+with the step they belong to.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ class SamplerConfig:
 
 
 # An expert runner maps (x_t (B,C,H,W), t (B,), states (2B,L,D), mask (2B,L), guidance, t_next) → v (B,C,H,W).
-# It raises ExpertUnavailable when it cannot serve (a remote expert with no replica left).
+# It raises ExpertUnavailable when it cannot serve (a remote expert with no replica left). It may
+# have ``where`` (who served its last call) and ``take_notes()`` (what happened since it was last
+# asked, as dicts; see RoutingLog.notes).
 ExpertRunner = Callable[..., torch.Tensor]
 
 
@@ -128,6 +132,7 @@ class RoutingLog:
     paths: list[dict[int, str]] = field(default_factory=list)  # per step: expert → local, direct or relayed
     reroutes: list[tuple[int, int, str]] = field(default_factory=list)  # (step, expert, reason)
     unavailable: set[int] = field(default_factory=set)  # experts that could not serve (kept out)
+    notes: list[dict] = field(default_factory=list)  # runners' notes, each with its "step" and "expert"
 
     def __post_init__(self) -> None:
         self.usage = [0] * self.num_experts
@@ -155,6 +160,7 @@ def routed_step(
         text = pool_text(states[:b], mask[:b])  # the prompts (cond rows); a router without text ignores it
         probs = torch.softmax(router(x_t, TIMESTEP_SCALE * tt, text).float(), dim=-1)  # (B, K)
     log = log if log is not None else RoutingLog(probs.shape[-1], 0)
+    step = len(log.per_step)
     while True:
         available = torch.zeros(probs.shape[-1], dtype=torch.bool)
         available[[k for k in experts if k not in log.unavailable]] = True
@@ -169,12 +175,15 @@ def routed_step(
                 if len(rows) == 0:
                     continue
                 idx = torch.cat([rows, rows + b])  # the cond and the uncond row of each selected sample
-                v_k = experts[k](x_t[rows], tt[rows], states[idx], mask[idx], cfg.guidance, t_next=t_next)
+                try:
+                    v_k = experts[k](x_t[rows], tt[rows], states[idx], mask[idx], cfg.guidance, t_next=t_next)
+                finally:  # what the runner saw is kept even when it could not serve
+                    _take_notes(experts[k], step, k, log)
                 v[rows] += w[rows, k].reshape(-1, 1, 1, 1).to(v.dtype) * v_k
                 served[k] = (len(rows), getattr(experts[k], "where", "local"), getattr(experts[k], "path", "local"))
         except ExpertUnavailable as e:
             log.unavailable.add(e.expert)
-            log.reroutes.append((len(log.per_step), e.expert, e.reason))
+            log.reroutes.append((step, e.expert, e.reason))
             continue
         break
     for k, (n, where, _) in served.items():
@@ -185,6 +194,12 @@ def routed_step(
     log.paths.append({k: path for k, (_, _, path) in served.items()})
     log.weights.append(w)
     return euler_step(x_t, v, t, t_next)
+
+
+def _take_notes(runner: ExpertRunner, step: int, expert: int, log: RoutingLog) -> None:
+    take = getattr(runner, "take_notes", None)
+    if take is not None:
+        log.notes.extend({**note, "step": step, "expert": expert} for note in take())
 
 
 def generate(
