@@ -45,6 +45,7 @@ from router.network import build_router, get_router_preset  # noqa: E402
 from router.sampling import LocalExpert, SamplerConfig, generate  # noqa: E402
 from swarm.blobs import BlobService, BlobStore  # noqa: E402
 from swarm.dht import SwarmConfig, SwarmNode  # noqa: E402
+from swarm.job_id import JobId  # noqa: E402
 from swarm.mirror import publish_checkpoint  # noqa: E402
 from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame  # noqa: E402
 from swarm.records import RUN_TTL_S, RunDirRecord, RunRecord, Verdict, run_key, runs_key  # noqa: E402
@@ -64,15 +65,16 @@ def publish_random_set(tmp: Path, node: SwarmNode, store: BlobStore, text_dim: i
         models[k] = build_expert(preset, text_dim)
         meta = {"kind": "expert", "cluster": k, "objective": "fm", "preset": preset.to_dict()}
         meta |= {"text_encoder": "minilm", "space": "pixel", "manifest_sha256": RUN}
-        ckpt = save_checkpoint(tmp / f"expert_{k}", 1, models[k], meta)
-        publish_checkpoint(node, store, run, f"expert_{k}", ckpt)
-        _vouch(node, run, f"expert_{k}", ckpt)
+        job = JobId.expert(k)
+        ckpt = save_checkpoint(job.folder(tmp), 1, models[k], meta)
+        publish_checkpoint(node, store, run, str(job), ckpt)
+        _vouch(node, run, str(job), ckpt)
     rp = get_router_preset("tiny")
     router = build_router(rp, K, preset.channels, preset.sample_size).eval()
     meta = {"kind": "router", "num_experts": K, "router_preset": rp.to_dict(), "space": "pixel"}
-    ckpt = save_checkpoint(tmp / "router", 1, router, meta | {"manifest_sha256": RUN})
-    publish_checkpoint(node, store, run, "router", ckpt)
-    _vouch(node, run, "router", ckpt)
+    ckpt = save_checkpoint(JobId.ROUTER.folder(tmp), 1, router, meta | {"manifest_sha256": RUN})
+    publish_checkpoint(node, store, run, str(JobId.ROUTER), ckpt)
+    _vouch(node, run, str(JobId.ROUTER), ckpt)
     return {"models": models, "router": router, "run": run}
 
 

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from data.fonts import label_font
 from experts.latent_space import tensor_to_pil
+from swarm.job_id import JobId
 from training.monolith import (
     MONOLITH,
 )
@@ -39,7 +40,7 @@ def fmt_ci(ci) -> str:
 
 def markdown_report(report: dict) -> str:
     ck = report["checkpoints"]
-    experts = {k: v for k, v in ck.items() if k.startswith("expert_")}
+    experts = {k: v for k, v in ck.items() if (job := JobId.try_parse(k)) is not None and job.is_expert}
     expert_samples = sum(v["samples_seen"] or 0 for v in experts.values())
     expert_steps = sorted({v["step"] for v in experts.values()})
     drawn, avail = report["heldout_by_cluster"], report["heldout_available_by_cluster"]

@@ -47,6 +47,7 @@ from router.sampling import LocalExpert
 from swarm import claims
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
 from swarm.dht import SwarmError, SwarmNode
+from swarm.job_id import JobId
 from swarm.mirror import mirror_checkpoints
 from swarm.protocol import (
     PROTOCOL,
@@ -169,7 +170,8 @@ class ExpertServer:
 
     def _load_latest(self, initial: bool = False) -> None:
         """Fetch and load the newest published checkpoint of each served expert, if it is new."""
-        jobs = [f"expert_{k}" for k in self.cfg.experts]
+        index = {str(JobId.expert(k)): k for k in self.cfg.experts}  # job name → expert
+        jobs = list(index)
         snap = self.node.snapshot(self.run_rec, jobs)
         if any(claims.pending(snap, j) for j in jobs) and (verifier := self._verifier()) is not None:
             if verifier.verify_pending(snap, jobs):  # what no trusted verifier judged yet: judge it here
@@ -182,13 +184,13 @@ class ExpertServer:
         todo = [
             j
             for j in jobs
-            if (rec := claims.latest_checkpoint(snap, j)) is not None and current.get(int(j[7:])) != rec.sha256
+            if (rec := claims.latest_checkpoint(snap, j)) is not None and current.get(index[j]) != rec.sha256
         ]
         if not todo:
             return
         got = mirror_checkpoints(self.node, self.blobs, snap, Path(self.cfg.work_dir), todo)
         for job in todo:
-            k = int(job[7:])
+            k = index[job]
             ck = got.get(job)
             if not isinstance(ck, Checkpoint):
                 if initial:

@@ -29,6 +29,7 @@ from data.manifest import Manifest, load_manifest
 from swarm import claims
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
 from swarm.dht import SwarmError, SwarmNode
+from swarm.job_id import JobId
 from swarm.mirror import fetch_budget, mirror_checkpoints, publish_checkpoint, sources
 from swarm.records import (
     HEARTBEAT_S,
@@ -360,8 +361,9 @@ class SwarmTrainer:
             keeper = ClaimKeeper(self.node, run, job, claim, self.cfg)
             keeper.start()
             try:
-                clusters = list(range(run.num_clusters)) if job == "router" else [int(job.split("_")[1])]
-                root = self.work / "checkpoints" / job
+                jid = JobId.parse(job)
+                clusters = list(range(run.num_clusters)) if jid.is_router else [jid.expert_index]
+                root = jid.folder(self.work / "checkpoints")
                 try:
                     self.fetch_shards(manifest, clusters)
                     snap = self.node.snapshot(run, [job])

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
+from swarm.job_id import JobId
 from swarm.records import (
     CLAIM_TTL_S,
     CLOCK_SLACK_S,
@@ -284,14 +285,15 @@ def choose_job(snapshot: Snapshot, me: bytes, wanted: str | None = None) -> str 
     free = [job for job, owner in current.items() if owner is None and not done(snapshot, job)]
     if wanted is not None:
         return wanted if wanted in free else None
-    experts = [j for j in free if j != "router"]
+    ids = {j: JobId.parse(j) for j in free}
+    experts = [j for j in free if ids[j].is_expert]
     if experts:
         steps = {j: (ck.step if (ck := latest_checkpoint(snapshot, j)) else 0) for j in experts}
-        least = sorted((j for j in experts if steps[j] == min(steps.values())), key=lambda j: int(j.split("_")[1]))
+        least = sorted((j for j in experts if steps[j] == min(steps.values())), key=ids.__getitem__)
         # Nodes that start together read the same snapshot; a per-node pick among the equally
         # needed jobs spreads them out instead of all racing for the first one.
         return least[int.from_bytes(hashlib.sha256(me).digest()[:4], "big") % len(least)]
-    return "router" if "router" in free else None
+    return next((j for j in free if ids[j].is_router), None)
 
 
 def still_wins(snapshot: Snapshot, job: str, me: bytes, mine: ClaimRecord | None = None) -> bool:

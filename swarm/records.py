@@ -39,8 +39,9 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.crypto import RSAPublicKey
 
+from swarm.job_id import MAX_EXPERTS, JobId, swarm_jobs
+
 PREFIX = "diffswarm"
-MAX_EXPERTS = 64  # jobs expert_0..expert_63 and router have schema fields
 HEARTBEAT_S = 5.0  # claim renewal period
 CLAIM_TTL_S = 3 * HEARTBEAT_S  # a claim not renewed for ~3 heartbeats has expired
 RUN_TTL_S = 600.0  # the preparer re-publishes the run record well within this
@@ -161,20 +162,16 @@ class ProviderSchema(pydantic.BaseModel):
     size: pydantic.conint(strict=True, ge=0)
 
 
-def job_names() -> list[str]:
-    return [f"expert_{k}" for k in range(MAX_EXPERTS)] + ["router"]
-
-
 def _run_schema() -> type[pydantic.BaseModel]:
     fields: dict[str, Any] = {
         "run": (dict[OwnerKey, RunSchema] | None, None),
         "peers": (dict[OwnerKey, PeerSchema] | None, None),
     }
-    for job in job_names():
+    for job in swarm_jobs(MAX_EXPERTS):
         fields[f"claim_{job}"] = (dict[OwnerKey, ClaimSchema] | None, None)
         fields[f"ckpt_{job}"] = (dict[OwnerKey, CheckpointSchema] | None, None)
         fields[f"verdicts_{job}"] = (dict[OwnerKey, VerdictsSchema] | None, None)
-        if job != "router":
+        if job.is_expert:
             fields[f"serve_{job}"] = (dict[OwnerKey, ServeSchema] | None, None)
     return pydantic.create_model("DiffswarmRunSchema", **fields)
 
@@ -318,7 +315,7 @@ def verdicts_key(job: str) -> str:
 
 
 def serve_key(expert: int) -> str:
-    return f"{PREFIX}_serve_{_check_job(expert_job(expert))}"
+    return f"{PREFIX}_serve_{JobId.expert(expert)}"
 
 
 def blob_key(sha256: str) -> str:
@@ -328,13 +325,10 @@ def blob_key(sha256: str) -> str:
 
 
 def _check_job(job: str) -> str:
-    if job not in job_names():
-        raise ValueError(f"unknown job {job!r}")
+    """``job`` if it names a swarm job (an expert or the router), else ``ValueError``."""
+    if not JobId.parse(job).is_swarm:
+        raise ValueError(f"{job} is trained on one machine, never a swarm job: it has no DHT keys")
     return job
-
-
-def expert_job(k: int) -> str:
-    return f"expert_{k}"
 
 
 # ---------------------------------------------------------------- typed records
@@ -360,11 +354,12 @@ class RunRecord:
     grace_s: float = CLAIM_GRACE_S
 
     def jobs(self) -> list[str]:
-        return [expert_job(k) for k in range(self.num_clusters)] + ["router"]
+        """The run's job names: ``expert_0`` .. ``expert_{K-1}``, then ``router``."""
+        return [str(job) for job in swarm_jobs(self.num_clusters)]
 
     def target(self, job: str) -> int:
         """The step at which ``job`` is done (0: never)."""
-        return self.router_steps if job == "router" else self.expert_steps
+        return self.router_steps if JobId.parse(job).is_router else self.expert_steps
 
 
 @dataclass(frozen=True)

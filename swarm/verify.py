@@ -47,6 +47,7 @@ from data.manifest import Manifest
 from swarm import claims
 from swarm.blobs import BlobError, BlobService
 from swarm.dht import SwarmNode
+from swarm.job_id import JobId
 from swarm.mirror import checkpoint_budget, fetch_budget, sources
 from swarm.records import CLOCK_SLACK_S, MAX_VERDICTS, CheckpointRecord, RunRecord, Verdict, fingerprint
 from training.heldout import checkpoint_losses, heldout_loss
@@ -103,10 +104,10 @@ class VerifyConfig:
 
 def expected_config(run: RunRecord, job: str) -> tuple[str, str]:
     """(preset, objective) a record of ``job`` must carry in ``run``."""
-    if job == "router":
+    jid = JobId.parse(job)
+    if jid.is_router:
         return "", "router"  # the router's preset is the trainer's choice
-    k = int(job.split("_")[1])
-    return run.presets[k], run.objectives[k]
+    return run.presets[jid.expert_index], run.objectives[jid.expert_index]
 
 
 def cheap_refusal(
@@ -189,7 +190,8 @@ class Verifier:
     def _job(self, job: str, preset: str):
         """The job's network freshly built (seeded) and its untrained held-out loss, cached."""
         if (job, preset) not in self._jobs:
-            self.ensure_data(list(range(self.run.num_clusters)) if job == "router" else [int(job.split("_")[1])])
+            jid = JobId.parse(job)
+            self.ensure_data(list(range(self.run.num_clusters)) if jid.is_router else [jid.expert_index])
             torch.manual_seed(self.cfg.seed)
             tcfg = TrainConfig(ckpt_root="", batch_size=self.cfg.batch_size, seed=self.cfg.seed)
             built = build_job(
@@ -199,7 +201,7 @@ class Verifier:
                 tcfg,
                 self.cfg.text_encoder,
                 self.cfg.vae,
-                preset if job == "router" else "tiny",
+                preset if jid.is_router else "tiny",
             )
             self._jobs[(job, preset)] = (
                 built,
@@ -269,14 +271,10 @@ class Verifier:
     def _check(
         self, snap: claims.Snapshot, job: str, rec: CheckpointRecord, ckpt: Checkpoint
     ) -> tuple[str | None, float, bool]:
-        meta = ckpt.meta
-        want = {
-            "kind": "router" if job == "router" else "expert",
-            "manifest_sha256": snap.run.manifest_sha256,
-            "step": rec.step,
-        }
-        if job != "router":
-            want |= {"cluster": int(job.split("_")[1]), "objective": rec.objective}
+        meta, jid = ckpt.meta, JobId.parse(job)
+        want = {"kind": jid.kind, "manifest_sha256": snap.run.manifest_sha256, "step": rec.step}
+        if jid.is_expert:
+            want |= {"cluster": jid.expert_index, "objective": rec.objective}
         for key, value in want.items():
             if meta.get(key) != value:
                 return f"its metadata says {key}={meta.get(key)!r}, the record {value!r}", 0.0, True
@@ -284,7 +282,7 @@ class Verifier:
             built, untrained = self._job(job, rec.preset)
         except (ValueError, OSError) as e:  # e.g. a latent run and no VAE here: others judge it
             raise CannotJudge(f"cannot build the job here: {e}") from None
-        if job != "router" and meta.get("text_encoder") != built.encoder.name:
+        if jid.is_expert and meta.get("text_encoder") != built.encoder.name:
             raise CannotJudge(f"it was trained with text encoder {meta.get('text_encoder')!r}, this node has another")
         try:
             sampling, train = checkpoint_losses(built, ckpt, self.cfg.batches, self.cfg.batch_size, self.cfg.seed)

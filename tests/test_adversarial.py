@@ -17,6 +17,7 @@ from data.checkpoint import latest_checkpoint, load_train_tensors, save_checkpoi
 from swarm import claims
 from swarm.blobs import BlobService, BlobStore, announce
 from swarm.dht import SwarmConfig, SwarmError, SwarmNode
+from swarm.job_id import JobId
 from swarm.protocol import DenoiseRequest, encode_request, frame, parse_reply
 from swarm.records import (
     CKPT_TTL_S,
@@ -367,7 +368,7 @@ def _publish(node_, blobs, ck, run, job: str) -> CheckpointRecord:
     blobs.store.add_checkpoint(ck)
     announce(node_, blobs.store)
     size = sum(p.stat().st_size for p in ck.path.rglob("*") if p.is_file())
-    k = int(job.split("_")[1])
+    k = JobId.parse(job).expert_index
     rec = CheckpointRecord(
         run.manifest_sha256, ck.step, ck.sha256, size, run.objectives[k], run.presets[k], 0.1, [node_.peer_id]
     )

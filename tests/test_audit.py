@@ -33,6 +33,7 @@ from router.audit import (
 )
 from router.sampling import ExpertUnavailable
 from swarm.bans import Bans
+from swarm.job_id import JobId
 from swarm.records import ServeRecord
 from tests.conftest import LOOPBACK, kill_tree, node, spawn, start_serving_preparer, wait_for, wait_in_log
 
@@ -281,7 +282,7 @@ def test_tolerance_is_well_above_honest_float_differences_of_a_real_expert(small
     joined_m = torch.cat([mask[[0]], padded(short_m[:1]), mask[[4]], padded(short_m[1:])])
     found = {"batched": 0.0, "threads": 0.0, "bf16": 0.0, "lie": float("inf")}
     for k in (0, 1):  # an FM and a DDPM expert
-        ck = latest_checkpoint(small_run / "checkpoints" / f"expert_{k}")
+        ck = latest_checkpoint(JobId.expert(k).folder(small_run / "checkpoints"))
         fp32, bf16 = LocalExpert.from_checkpoint(ck), LocalExpert.from_checkpoint(ck, precision="bf16")
         x, times = torch.randn(4, 3, 32, 32), sampling_times(4)
         for i in range(4):

@@ -4,6 +4,7 @@ import itertools
 import random
 
 from swarm.claims import Snapshot, choose_job, done, latest_checkpoint, owners, run_complete, still_wins, winner
+from swarm.job_id import JobId
 from swarm.records import CheckpointRecord, ClaimRecord, PeerRecord, RunRecord, decode, encode
 
 RUN = RunRecord("a" * 64, 3, ["tiny"] * 3, ["fm", "fm", "ddpm"], 1234)
@@ -46,7 +47,7 @@ def test_choose_job_keeps_own_job_then_prefers_least_trained_expert_then_router(
     assert choose_job(snap, key(5), wanted="expert_1") is None  # taken: wait
     assert choose_job(snap, key(5), wanted="expert_0") == "expert_0"
     assert latest_checkpoint(snap, "expert_0").step == 500
-    everything = {f"expert_{k}": {key(k): ClaimRecord(RUN.manifest_sha256, "p", 1.0)} for k in range(3)}
+    everything = {str(JobId.expert(k)): {key(k): ClaimRecord(RUN.manifest_sha256, "p", 1.0)} for k in range(3)}
     assert choose_job(Snapshot(RUN, claims=everything), key(7)) == "router"
     everything["router"] = {key(8): ClaimRecord(RUN.manifest_sha256, "p", 1.0)}
     assert choose_job(Snapshot(RUN, claims=everything), key(7)) is None  # nothing free: wait

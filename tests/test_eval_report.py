@@ -35,6 +35,7 @@ from evaluation.fid import (
 )
 from router.combine import routing_weights
 from router.sampling import SamplerConfig, generate
+from swarm.job_id import JobId
 from tests.conftest import node
 from training.monolith import equal_wallclock_steps, keep_checkpoint
 
@@ -292,7 +293,7 @@ def _heldout_sizes(work: Path) -> list[int]:
 
 
 def _expert_samples(work: Path) -> list[int]:
-    return [latest_checkpoint(work / "checkpoints" / f"expert_{k}").meta["samples_seen"] for k in (0, 1)]
+    return [latest_checkpoint(JobId.expert(k).folder(work / "checkpoints")).meta["samples_seen"] for k in (0, 1)]
 
 
 def _expert_steps(work: Path) -> int:

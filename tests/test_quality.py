@@ -93,8 +93,9 @@ def test_monolith_trains_at_the_experts_total_compute_and_eval_writes_the_report
     work = tmp_path / "run"
     shutil.copytree(small_run, work, ignore=shutil.ignore_patterns("monolith"))
     from data.checkpoint import latest_checkpoint
+    from swarm.job_id import JobId
 
-    experts = [latest_checkpoint(work / "checkpoints" / f"expert_{k}") for k in (0, 1)]
+    experts = [latest_checkpoint(JobId.expert(k).folder(work / "checkpoints")) for k in (0, 1)]
     total = sum(e.meta["samples_seen"] for e in experts)  # other tests may have trained the shared run on
     out = node("--role", "trainer", "--local", "--workdir", str(work), "--job", "monolith", "--batch-size", "16")
     assert f"monolith: {-(-total // 16)} steps of 16 = the {total} samples" in out.stdout

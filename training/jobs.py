@@ -7,6 +7,7 @@ from experts.latent_space import load_space
 from experts.presets import get_preset
 from experts.text_encoder import TextEncoderConfig, load_text_encoder
 from router.network import get_router_preset
+from swarm.job_id import JobId
 from training.expert_job import ExpertJob
 from training.loop import TrainConfig
 from training.monolith import MonolithJob
@@ -22,7 +23,9 @@ def build_job(
     vae: str = "",
     router_preset: str = "tiny",
 ):
-    """The training job for ``expert_K``, ``router`` or ``monolith`` on this run's data (local or swarm)."""
+    """The training job for ``expert_K``, ``router`` or ``monolith`` on this run's data (local or swarm).
+    ``ValueError`` for any other ``job``, before anything is loaded."""
+    jid = JobId.parse(job)
     preset = get_preset(manifest.clusters[0].preset)
     if preset.space == "latent" and manifest.latents is not None:
         # The shards hold every image's latents: training never runs the VAE, so needs none.
@@ -32,16 +35,15 @@ def build_job(
     else:
         space = load_space(vae if preset.space == "latent" else "").to(cfg.device)
         space_name, encode = space.name, space.encode
-    if job == "router":
+    if jid.is_router:
         if not get_router_preset(router_preset).text:
             return RouterJob(manifest, digest, space_name, encode, cfg, router_preset)
         encoder = load_text_encoder(TextEncoderConfig.parse(text_encoder))
         return RouterJob(manifest, digest, space_name, encode, cfg, router_preset, encoder)
     encoder = load_text_encoder(TextEncoderConfig.parse(text_encoder))
-    if job == "monolith":
+    if jid.is_monolith:
         return MonolithJob(manifest, digest, encoder, space_name, encode, cfg)
-    k = int(job.split("_")[1])
-    return ExpertJob(manifest, digest, k, encoder, space_name, encode, cfg)
+    return ExpertJob(manifest, digest, jid.expert_index, encoder, space_name, encode, cfg)
 
 
 def _no_vae(images):

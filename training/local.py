@@ -21,12 +21,11 @@ from data.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, ver
 from data.manifest import Manifest, load_manifest
 from experts.presets import get_preset
 from experts.text_encoder import TextEncoderConfig
-from router.ensemble import expert_dir, router_dir
+from swarm.job_id import JobId
 from training.island import Island
 from training.jobs import build_job
 from training.loop import TrainConfig, TrainJob, train
 from training.monolith import (
-    MONOLITH,
     equal_compute_steps,
     equal_wallclock_steps,
     experts_samples_seen,
@@ -43,12 +42,16 @@ DEFAULT_MINUTES = 5.0  # a local job given neither --steps nor --minutes
 class LocalTrainConfig:
     data_dir: str  # the prepared run (manifest.json and shards)
     ckpt_dir: str  # checkpoints go in <ckpt_dir>/<job>/step_N
-    job: str  # "expert_K", "router" or "monolith"
+    job: str  # "expert_K", "router" or "monolith" (as given: :attr:`job_id` parses it)
     # budget (steps/minutes; both 0: the default), batch, lr, cadence and seed; ckpt_root is set per job
     train: TrainConfig = field(default_factory=lambda: TrainConfig(ckpt_root=""))
     text_encoder: str = "minilm"  # minilm or clip:PATH[@ARCH]
     vae: str = ""  # AutoencoderKL folder for latent presets
     router_preset: str = "tiny"
+
+    @property
+    def job_id(self) -> JobId:
+        return JobId.parse(self.job)
 
 
 def _samples_per_step(manifest: Manifest, tc: TrainConfig) -> int:
@@ -58,13 +61,13 @@ def _samples_per_step(manifest: Manifest, tc: TrainConfig) -> int:
 
 def plan(cfg: LocalTrainConfig, manifest: Manifest) -> TrainConfig:
     """The job's TrainConfig: its checkpoint folder, its seed and its budget."""
-    ckpt, tc = Path(cfg.ckpt_dir), cfg.train
+    ckpt, tc, job = Path(cfg.ckpt_dir), cfg.train, cfg.job_id
     budget = {} if (tc.steps or tc.minutes) else {"minutes": DEFAULT_MINUTES}
-    if cfg.job == "router":
-        return replace(tc, ckpt_root=str(router_dir(ckpt)), **budget)
-    if cfg.job == MONOLITH:
+    if job.is_router:
+        return replace(tc, ckpt_root=str(job.folder(ckpt)), **budget)
+    if job.is_monolith:
         if tc.steps or tc.minutes:
-            return replace(tc, ckpt_root=str(ckpt / MONOLITH))
+            return replace(tc, ckpt_root=str(job.folder(ckpt)))
         seen = experts_samples_seen(ckpt, manifest.num_clusters)
         batch = tc.batch_size or get_preset(manifest.clusters[0].preset).batch_size
         steps = equal_compute_steps(seen, manifest.num_clusters, _samples_per_step(manifest, tc))
@@ -74,14 +77,14 @@ def plan(cfg: LocalTrainConfig, manifest: Manifest) -> TrainConfig:
             f"{manifest.num_clusters} experts saw together",
             flush=True,
         )
-        return replace(tc, ckpt_root=str(ckpt / MONOLITH), steps=steps, minutes=0.0)
-    k = int(cfg.job.removeprefix("expert_"))
-    if not 0 <= k < manifest.num_clusters:
+        return replace(tc, ckpt_root=str(job.folder(ckpt)), steps=steps, minutes=0.0)
+    k = job.expert_index
+    if k >= manifest.num_clusters:
         raise ValueError(f"unknown expert {k}; this run has experts 0..{manifest.num_clusters - 1}")
     encoder = TextEncoderConfig.parse(cfg.text_encoder)
     if encoder.name != manifest.text_encoder and cfg.text_encoder != "minilm":
         console.log(f"note: data was embedded with {manifest.text_encoder}, conditioning with {encoder.name}")
-    return replace(tc, ckpt_root=str(expert_dir(ckpt, k)), seed=tc.seed + k, **budget)
+    return replace(tc, ckpt_root=str(job.folder(ckpt)), seed=tc.seed + k, **budget)
 
 
 def _quiet(fn, *args):
@@ -98,7 +101,7 @@ def wallclock_step(cfg: LocalTrainConfig, tc: TrainConfig, manifest: Manifest) -
     is kept; 0 when there is none to keep: not the monolith, no step budget (or a time limit too,
     which two phases would each spend), no resuming (the second phase resumes the first), an
     expert untrained, or a budget that ends before it."""
-    if cfg.job != MONOLITH or not tc.steps or tc.minutes or not tc.resume:
+    if not cfg.job_id.is_monolith or not tc.steps or tc.minutes or not tc.resume:
         return 0
     seen = experts_samples_seen(Path(cfg.ckpt_dir), manifest.num_clusters)
     if len(seen) < manifest.num_clusters:
@@ -144,7 +147,7 @@ def train_local(cfg: LocalTrainConfig, should_stop: Callable[[], bool] | None = 
     ``None``."""
     manifest, digest = load_manifest(Path(cfg.data_dir))
     island = Island.from_env()
-    if island is not None and cfg.job == MONOLITH and wallclock_step(cfg, plan(cfg, manifest), manifest):
+    if island is not None and cfg.job_id.is_monolith and wallclock_step(cfg, plan(cfg, manifest), manifest):
         raise ValueError("train the monolith's two phases in one process (it keeps a copy between them)")
     tc = plan(cfg, manifest) if island is None or island.main else _quiet(plan, cfg, manifest)
 
@@ -166,7 +169,7 @@ def train_local(cfg: LocalTrainConfig, should_stop: Callable[[], bool] | None = 
     if island is not None:
         how = "sharded (FSDP)" if tc.shard else "DDP"
         print(f"island of {island.world} processes, {how}: global batch {job.batch_size} x {tc.accum}", flush=True)
-    if cfg.job == "router":
+    if cfg.job_id.is_router:
         acc = result.meta.get("heldout_accuracy", {})
         print(
             f"router: step {result.step}, held-out accuracy "

@@ -25,10 +25,11 @@ from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, veri
 from data.manifest import Manifest
 from data.streaming import Batch, DataPosition, RawBatch, stream_batches
 from experts.text_encoder import TextEncoder
+from swarm.job_id import JobId
 from training.expert_job import ExpertJob
 from training.loop import TrainConfig
 
-MONOLITH = "monolith"
+MONOLITH = str(JobId.MONOLITH)  # the job's name: its checkpoint folder, its meta's kind, its rows' name
 
 
 def monolith_objective(manifest: Manifest) -> str:
@@ -68,7 +69,7 @@ def experts_samples_seen(ckpt_root: Path, num_experts: int) -> dict[int, int]:
     """Samples each expert's latest checkpoint under ``ckpt_root`` has trained on."""
     seen = {}
     for k in range(num_experts):
-        ck = latest_checkpoint(ckpt_root / f"expert_{k}")
+        ck = latest_checkpoint(JobId.expert(k).folder(ckpt_root))
         if ck is not None:
             seen[k] = int(ck.meta.get("samples_seen", 0))
     return seen
