@@ -1,4 +1,4 @@
-"""diffswarm node: one command line for every role (DESIGN.md §2).
+"""diffswarm node: one command line for every role (docs/design.md §2).
 
 CLI only: one parser per role (``python node.py --role trainer --help`` lists what a trainer
 takes), parse flags, build the role's config, call into the packages. A flag the chosen role does

@@ -1,6 +1,6 @@
 """Diffusion math as small pure functions: flow matching (FM) and DDPM-ε on a cosine schedule.
 
-Conventions (DESIGN.md §4): time t ∈ [0, 1], t = 1 is pure noise, t = 0 is data; networks see
+Conventions (docs/design.md §4): time t ∈ [0, 1], t = 1 is pure noise, t = 0 is data; networks see
 ``timestep = 1000 * t``. Every function here is stateless so a denoising step can run on a
 remote peer given only (x_t, t, t_next).
 """
@@ -102,7 +102,7 @@ def fm_to_vp_input(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def v_from_eps(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Turn a DDPM ε̂ into an FM velocity at FM time t (DESIGN.md §4).
+    """Turn a DDPM ε̂ into an FM velocity at FM time t (docs/design.md §4).
 
     x̂0 = (x_t − t ε̂) / max(1 − t, 1e-2), clamped to a sane range; v = ε̂ − x̂0.
     """

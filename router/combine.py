@@ -1,4 +1,4 @@
-"""How the router's probabilities become expert weights at one denoising step (DESIGN.md §4).
+"""How the router's probabilities become expert weights at one denoising step (docs/design.md §4).
 
 p = softmax(r(x_t, t)); every mode returns weights w (B, K) that are zero off the selected set
 and sum to 1 over it, so the combined velocity is v = Σ_k w_k v_k.

@@ -1,4 +1,4 @@
-"""The claim rule (DESIGN.md §6) as pure functions of a DHT snapshot.
+"""The claim rule (docs/design.md §6) as pure functions of a DHT snapshot.
 
 There is no compare-and-swap in a DHT, so ownership is decided by everyone the same way from
 what they read: among the live claims of a job for this run, the winner is the one with the

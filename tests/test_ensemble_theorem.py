@@ -1,5 +1,5 @@
 """The ensemble is exact: analytic Gaussian-component experts combined by the exact posterior
-router give the velocity of the mixture (DESIGN.md §4). The mixture velocity is computed
+router give the velocity of the mixture (docs/design.md §4). The mixture velocity is computed
 independently, from the score of the mixture density by autograd (Tweedie)."""
 
 import math

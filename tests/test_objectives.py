@@ -1,4 +1,4 @@
-"""Pins the diffusion conventions of DESIGN.md §4: time direction, targets, Euler, ε→v."""
+"""Pins the diffusion conventions of docs/design.md §4: time direction, targets, Euler, ε→v."""
 
 import math
 
