@@ -110,26 +110,51 @@ def test_role_defaults() -> None:
     assert args.steps == 30
 
 
-# ------------------------------------------------------------------ README's command lines
-DOCS = ["README.md", "bootstrap/README.md"]
+# ------------------------------------------------------------------ the docs' command lines
+def doc_files() -> list[str]:
+    """The documents whose command lines are checked: the README, the bootstrap guide, docs/*.md."""
+    return ["README.md", "bootstrap/README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+
+
+def code_lines(text: str) -> list[str]:
+    """The lines of a markdown text's code blocks (fenced, or indented by four spaces), continuation
+    lines (ending in a backslash) joined."""
+    out, fenced, lines, i = [], False, text.splitlines(), 0
+    while i < len(lines):
+        raw = lines[i]
+        if raw.strip().startswith("```"):
+            fenced = not fenced
+        elif fenced or raw.startswith("    "):
+            line = raw.strip()
+            while line.endswith("\\") and i + 1 < len(lines):
+                i += 1
+                line = line[:-1].rstrip() + " " + lines[i].strip()
+            out.append(line)
+        i += 1
+    return out
+
+
+def node_args(argv: list[str]) -> list[str] | None:
+    """What node.py's parser gets from a printed command line: ``python node.py ARGS``,
+    ``diffswarm ARGS`` (the installed command) or ``torchrun ... -- node.py ARGS``; None for
+    any other line."""
+    if argv[:2] == ["python", "node.py"]:
+        return argv[2:]
+    if argv[:1] == ["diffswarm"]:
+        return argv[1:]
+    if argv[:1] == ["torchrun"] and "--" in argv and argv[argv.index("--") + 1 : argv.index("--") + 2] == ["node.py"]:
+        return argv[argv.index("--") + 2 :]
+    return None
 
 
 def readme_commands() -> list[tuple[str, str]]:
-    """(file, command) for every ``python node.py`` line in the docs' code blocks, continuation
-    lines joined."""
-    out = []
-    for doc in DOCS:
-        lines = (ROOT / doc).read_text().splitlines()
-        i = 0
-        while i < len(lines):
-            line = lines[i].strip()
-            if lines[i].startswith("    ") and line.startswith("python node.py"):
-                while line.endswith("\\") and i + 1 < len(lines):
-                    i += 1
-                    line = line[:-1] + " " + lines[i].strip()
-                out.append((doc, line))
-            i += 1
-    return out
+    """(file, command) for every node.py command line in the docs' code blocks."""
+    return [
+        (doc, line)
+        for doc in doc_files()
+        for line in code_lines((ROOT / doc).read_text())
+        if line.startswith(("python node.py", "diffswarm ", "torchrun "))
+    ]
 
 
 def spellings(command: str) -> list[str]:
@@ -149,9 +174,23 @@ def spellings(command: str) -> list[str]:
 COMMANDS = readme_commands()
 
 
+def role_of(command: str) -> str:
+    args = node_args(shlex_split(command)) or []
+    return args[args.index("--role") + 1] if "--role" in args[:-1] else ""
+
+
 def test_the_docs_show_command_lines() -> None:
-    roles = {shlex_split(cmd)[3] for _, cmd in COMMANDS}
-    assert roles >= set(node.ROLES) - {"eval"}, f"README shows no command for {set(node.ROLES) - roles}"
+    roles = {role_of(cmd) for _, cmd in COMMANDS}
+    assert roles >= set(node.ROLES) - {"eval"}, f"the docs show no command for {set(node.ROLES) - roles}"
+    assert {doc for doc, _ in COMMANDS} >= {"README.md", "docs/swarm.md", "docs/training.md"}
+
+
+def test_code_lines_and_node_args() -> None:
+    text = "x\n    python node.py --role status \\\n        --once\n```bash\ndiffswarm --role export\n```\nnot code"
+    assert code_lines(text) == ["python node.py --role status --once", "diffswarm --role export"]
+    torchrun = ["torchrun", "--nproc-per-node", "2", "--", "node.py", "--role", "trainer"]
+    assert node_args(torchrun) == ["--role", "trainer"]
+    assert node_args(["make", "demo"]) is None
 
 
 def shlex_split(command: str) -> list[str]:
@@ -164,8 +203,87 @@ def shlex_split(command: str) -> list[str]:
 def test_every_command_line_the_docs_show_parses_as_printed(doc: str, command: str) -> None:
     for spelled in spellings(command):
         argv = shlex_split(spelled)
-        assert argv[:2] == ["python", "node.py"], spelled
-        args = node.parse_args(argv[2:])  # a usage error would exit 2 here
+        args_in = node_args(argv)
+        assert args_in is not None, f"{doc}: {spelled}"
+        args = node.parse_args(args_in)  # a usage error would exit 2 here
         quoted = [w for w in argv if " " in w]  # what the docs quote is a prompt
         assert quoted == [w for w in getattr(args, "prompts", []) if " " in w], f"{doc}: {spelled}"
         assert all(p.startswith("/") for p in getattr(args, "initial_peers", None) or []), f"{doc}: {spelled}"
+
+
+# ------------------------------------------------------------------ documents named in the repository
+# Documents a tool writes when it runs, which the repository therefore does not hold: path → writer.
+WRITTEN_BY_TOOLS = {"benchmarks/RESULTS_GPU.md": "benchmarks/train_gpu.py"}
+
+
+def repository_files() -> list[str]:
+    """Tracked files and new ones not ignored, as git lists them."""
+    proc = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"not a git checkout: {proc.stderr.strip()}")
+    return sorted({f for f in proc.stdout.splitlines() if (ROOT / f).is_file()})
+
+
+def named_documents(path: str, text: str) -> set[str]:
+    """The document paths a file names: a markdown file whose name is in capitals (``README.md``)
+    or that lies under docs/ or results/, anywhere in the text; in markdown, every relative link."""
+    import re
+
+    found = set()
+    for m in re.finditer(r"(?<![\w./-])((?:[\w.-]+/)*([\w.-]+)\.md)\b", text):
+        name, stem = m.group(1), m.group(2)
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", stem) or name.startswith(("docs/", "results/")):
+            found.add(name)
+    if path.endswith(".md"):
+        for m in re.finditer(r"\]\(([^)\s]+)\)", text):
+            target = m.group(1).split("#")[0]
+            if target and not re.match(r"[a-z][a-z0-9+.-]*:", target):  # not a URL or mailto:
+                found.add(target)
+    return found
+
+
+def missing_documents_in(path: str, text: str) -> list[str]:
+    """The documents ``text`` (the file ``path``) names that are neither in the repository, from
+    its root or from the file's folder, nor written by a tool."""
+    here, out = (ROOT / path).parent, []
+    for name in sorted(named_documents(path, text)):
+        candidates = [(ROOT / name).resolve(), (here / name).resolve()]
+        if any(c.exists() for c in candidates):
+            continue
+        if any(c.is_relative_to(ROOT) and str(c.relative_to(ROOT)) in WRITTEN_BY_TOOLS for c in candidates):
+            continue
+        out.append(f"{path} names {name}, which is not in the repository")
+    return out
+
+
+def missing_documents(files: list[str]) -> list[str]:
+    return [
+        line
+        for f in files
+        if f.endswith((".md", ".py"))
+        for line in missing_documents_in(f, (ROOT / f).read_text(errors="replace"))
+    ]
+
+
+def test_named_documents_are_found() -> None:
+    old = "DESIGN" + ".md"  # spelled apart: this file must not name a missing document itself
+    text = f"docs/design.md §4, the {old} of old, outputs/eval/eval.md, [x](../guide.md#top), [w](https://a.b/C.md)"
+    assert named_documents("notes/a.md", text) == {"docs/design.md", old, "../guide.md"}
+    assert named_documents("a.py", text) == {"docs/design.md", old}
+    assert missing_documents_in("notes/a.md", text) == [
+        f"notes/a.md names {name}, which is not in the repository" for name in ("../guide.md", old)
+    ]
+
+
+def test_every_document_the_repository_names_exists() -> None:
+    files = repository_files()
+    assert "README.md" in files
+    for doc, writer in WRITTEN_BY_TOOLS.items():
+        assert doc.rsplit("/", 1)[-1] in (ROOT / writer).read_text(), f"{writer} no longer writes {doc}"
+    assert missing_documents(files) == []
