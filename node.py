@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from swarm.job_id import JobId
 from swarm.lifeline import interrupt_on_signals, stop_on_signals
 
 # role → what it does (the lines of `python node.py --help`)
@@ -522,7 +523,7 @@ def run_trainer(args: argparse.Namespace) -> None:
         raise UsageError("--replicas takes a count >= 1 (this node's own copy counts)")
     wanted = "router" if args.job == "router" else None
     if args.expert is not None and wanted is None:
-        wanted = f"expert_{_one_expert(args)}"
+        wanted = str(JobId.expert(_one_expert(args)))
     train = _train_config(args, steps=0, minutes=0.0)  # bad flags fail before the heavy imports
     from roles.trainer import SwarmTrainer, SwarmTrainerConfig
 
@@ -585,7 +586,7 @@ def run_local_trainer(args: argparse.Namespace) -> None:
     if args.job == "expert":
         if args.expert is None:
             raise UsageError("--local training needs --expert K (or --job router / --job monolith)")
-        job = f"expert_{_one_expert(args)}"
+        job = str(JobId.expert(_one_expert(args)))
     else:
         job = args.job
     data_dir, ckpt_dir = _dirs(args)
@@ -727,11 +728,12 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from router.ensemble import export_paris
+    from diffswarm import DiffswarmPipeline
 
     _, ckpt = _dirs(args)
     weights = args.text_encoder[5:].partition("@")[0] if args.text_encoder.startswith("clip:") else ""
-    out = export_paris(ckpt, Path(args.out), vae=args.vae, text_weights=weights)
+    pipe = DiffswarmPipeline.from_checkpoints(ckpt, vae=args.vae, text_encoder_weights=weights)
+    out = pipe.save_pretrained(Path(args.out), vae=args.vae, text_encoder_weights=weights)
     print(f"exported to {out}")
 
 

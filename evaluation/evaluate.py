@@ -44,6 +44,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, verify_checkpoint
 from data.manifest import Manifest, load_manifest
 from data.streaming import RawBatch, stream_batches
+from diffswarm.pipeline import DiffswarmPipeline
 from evaluation.fid import (
     FeatureStats,
     bootstrap_fids,
@@ -57,9 +58,10 @@ from evaluation.report import ORACLE, Row, fmt_ci, markdown_report, plot_fid, pl
 from experts.image_encoder import InceptionFeatures
 from experts.objectives import sampling_times
 from experts.presets import expert_forward
-from router.ensemble import load_ensemble, load_router
+from router.ensemble import load_router
 from router.network import pool_text
-from router.sampling import LocalExpert, RoutingLog, SamplerConfig, generate
+from router.sampling import LocalExpert, RoutingLog, SamplerConfig
+from swarm.job_id import JobId, swarm_jobs
 from training.captions import CaptionStates
 from training.monolith import (
     MONOLITH,
@@ -234,11 +236,9 @@ RouterFor = Callable[[int, int], torch.nn.Module]  # (first, end) of a chunk of 
 
 def _generate_all(
     prompts: list[str],
+    pipe: DiffswarmPipeline,
     router_for: RouterFor,
     experts,
-    encoder,
-    space,
-    shape,
     sampler: SamplerConfig,
     batch: int,
     label: str,
@@ -250,7 +250,7 @@ def _generate_all(
         for i in range(0, len(prompts), batch):
             chunk = prompts[i : i + batch]
             cfg = SamplerConfig(**{**asdict(sampler), "seed": sampler.seed + i})  # same noise for every row
-            images, log = generate(chunk, router_for(i, i + len(chunk)), experts, encoder, space, shape, cfg)
+            images, log = pipe.sample(chunk, cfg, router=router_for(i, i + len(chunk)), experts=experts)
             out.append(images)
             logs.append(log)
             bar.advance(task, len(chunk))
@@ -355,10 +355,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     ckpt = Path(cfg.ckpt_dir)
     manifest, digest = load_manifest(Path(cfg.data_dir) if cfg.data_dir else ckpt.parent / "data")
     _check_n(manifest, cfg.n, cfg.reference == "holdout")  # before the slow loading
-    ensemble, encoder, space = load_ensemble(ckpt, vae=cfg.vae, device=cfg.device, precision=cfg.precision)
+    ensemble = DiffswarmPipeline.from_checkpoints(ckpt, vae=cfg.vae, device=cfg.device, precision=cfg.precision)
     if ensemble.router_meta.get("manifest_sha256") != digest:
         raise CheckpointError(f"the checkpoints under {ckpt} were not trained on the run in {manifest.root}")
-    return run_eval(cfg, manifest, digest, ensemble, encoder, space)
+    return run_eval(cfg, manifest, digest, ensemble)
 
 
 def _check_n(manifest: Manifest, n: int, holdout: bool = True) -> list[int]:
@@ -377,7 +377,7 @@ def expert_step_count(ckpt_root: Path, num_experts: int, monolith: Checkpoint | 
     if monolith is not None and monolith.step:
         per_step = round(int(monolith.meta["samples_seen"]) / monolith.step)
     else:
-        first = latest_checkpoint(ckpt_root / f"expert_{min(seen)}") if seen else None
+        first = latest_checkpoint(JobId.expert(min(seen)).folder(ckpt_root)) if seen else None
         per_step = round(int(first.meta["samples_seen"]) / first.step) if first is not None else 1
     return equal_wallclock_steps(seen, max(per_step, 1))
 
@@ -461,12 +461,11 @@ def run_eval(
     cfg: EvalConfig,
     manifest: Manifest,
     digest: str,
-    ensemble,
-    encoder,
-    space,
+    ensemble: DiffswarmPipeline,
     inception: InceptionFeatures | None = None,
 ) -> dict:
     """Generate with every row of ``cfg.rows``, compute FID against the held-out split, write the report."""
+    encoder, space = ensemble.text_encoder, ensemble.space
     out = Path(cfg.out_dir)
     ckpt_root = Path(cfg.ckpt_dir)
     holdout = cfg.reference == "holdout"
@@ -502,7 +501,6 @@ def run_eval(
     samples: dict[str, torch.Tensor] = {}
     usage: dict[str, np.ndarray] = {}
     routing: dict | None = None
-    shape = ensemble.shape
     times = sampling_times(cfg.steps, 1.0)
     for asked in dict.fromkeys(cfg.rows):  # in the order asked, once each
         name = monoliths[asked][0] if asked in monoliths else asked
@@ -526,9 +524,7 @@ def run_eval(
             if name == "top-1" and cfg.diagnostic_images:
                 recorder = RecordingRouter(router, cfg.diagnostic_images)
             router_for = lambda i, j, rec=recorder, r=router: rec if (rec is not None and i == 0) else r  # noqa: E731
-        images, logs, spi = _generate_all(
-            captions, router_for, experts, encoder, space, shape, sampler, cfg.batch_size, name
-        )
+        images, logs, spi = _generate_all(captions, ensemble, router_for, experts, sampler, cfg.batch_size, name)
         stats = _stats(inception, images, name)
         point, ci, by_cluster, boots[name] = _fid_row(ref, stats, label_arr, resamples)
         used = [sum(log.usage[k] for log in logs) for k in range(logs[0].num_experts)]
@@ -706,9 +702,9 @@ def training_flops(
 
     experts = 0.0
     for k, expert in ensemble.experts.items():
-        ck = latest_checkpoint(root / f"expert_{k}")
+        ck = latest_checkpoint(JobId.expert(k).folder(root))
         experts += per_sample(expert) * float(ck.meta.get("samples_seen", 0)) if ck else 0.0
-    spent = router_spent(ensemble.router, latest_checkpoint(root / "router"))
+    spent = router_spent(ensemble.router, latest_checkpoint(JobId.ROUTER.folder(root)))
     out = {name: experts + spent for name in (*ROUTINGS, ORACLE)}
     out[ORACLE] = experts
     if text_router is not None:
@@ -721,7 +717,7 @@ def training_flops(
 
 def _checkpoint_summary(root: Path, k: int, monoliths: dict[str, MonolithRow]) -> dict:
     out = {}
-    for job in [*(f"expert_{i}" for i in range(k)), "router"]:
+    for job in map(str, swarm_jobs(k)):
         ck = latest_checkpoint(root / job)
         if ck is not None:
             out[job] = {"step": ck.step, "samples_seen": ck.meta.get("samples_seen"), "sha256": ck.sha256}

@@ -37,23 +37,25 @@ import secrets
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
-from data.checkpoint import Checkpoint
+from data.checkpoint import Checkpoint, CheckpointError
+from diffswarm.pipeline import DiffswarmPipeline
 from router import audit
 from router.audit import AuditStats, Reference
-from router.client import ClientConfig, ClientEnsemble, draw
-from router.ensemble import encoder_for, space_for
+from router.client import ClientConfig, draw
+from router.ensemble import check_compatible, encoder_for, space_for
 from router.network import RouterNet
 from router.sampling import ExpertUnavailable, LocalExpert
 from swarm.bans import Bans
 from swarm.blobs import BlobService, BlobStore
 from swarm.dht import SwarmError, SwarmNode
+from swarm.job_id import JobId
 from swarm.mirror import fetch_published
 from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame, reply_timing
 from swarm.proxy import open_stream
@@ -437,22 +439,23 @@ def swarm_ensemble(
     node: SwarmNode,
     blobs: BlobService,
     folder: Path,
-    local: list[int] | str | None,
+    local: Sequence[int] | str | None,
     vae: str = "",
     cfg: RemoteConfig | None = None,
     device: str = "cpu",
     precision: str = "fp32",
     server_wait_s: float = 0.0,
-) -> tuple[ClientEnsemble, RemotePool | None]:
+) -> tuple[DiffswarmPipeline, RemotePool | None]:
     """Discover the run's router and servers through the DHT; fetch (and verify) the router and the
     experts asked to run locally (ids or "all"); every other expert with a live server runs remotely,
     its checkpoint fetched too when answers are audited (``cfg.audit_rate`` > 0) and loaded as the
-    audit's reference. Returns the ensemble and the pool of remote experts (close it when done)."""
+    audit's reference. A server whose record names another text encoder or image shape than the
+    router's is not asked. Returns the pipeline and the pool of remote experts (close it when done)."""
     run = node.run()
     if run is None:
         raise SwarmError("no run is published in this swarm yet (python node.py --role prepare --serve ...)")
     everyone = list(range(run.num_clusters))
-    local = everyone if local == "all" else (local or [])
+    local = everyone if local == "all" else list(local or [])
     unknown = [k for k in local if k not in everyone]
     if unknown:
         raise SwarmError(f"unknown expert(s) {unknown}; this run has experts 0..{run.num_clusters - 1}")
@@ -469,25 +472,35 @@ def swarm_ensemble(
     servers = _retrying(some_server, server_wait_s, 1.0)  # in a churning swarm one may be restarting
     cfg = cfg or RemoteConfig(rediscover_s=server_wait_s)
     audited = sorted(servers) if cfg.audit_rate > 0 else []  # an expert that cannot be had is audited by servers
-    jobs = ["router"] + [f"expert_{k}" for k in [*local, *audited]]
+    jobs = [str(JobId.ROUTER)] + [str(JobId.expert(k)) for k in [*local, *audited]]
     got = _fetch_router(node, blobs, run, Path(folder), jobs, server_wait_s)
-    router_ckpt = got["router"]
+    router_ckpt = got[str(JobId.ROUTER)]
     router = RouterNet.from_pretrained(router_ckpt.model_dir, low_cpu_mem_usage=False).eval()
-    experts, objectives, served_by, encoders, shapes = {}, {}, {}, set(), set()
+    experts, metas = {}, {}
     for k in local:
-        ck = got.get(f"expert_{k}")
+        ck = got.get(str(JobId.expert(k)))
         if ck is None:
             continue
         experts[k] = LocalExpert.from_checkpoint(ck, device, precision)
-        objectives[k], served_by[k] = ck.meta["objective"], "local"
-        encoders.add(ck.meta["text_encoder"])
-        p = ck.meta["preset"]
-        shapes.add((p["channels"], p["sample_size"], p["sample_size"]))
-    references = {k: ref for k in audited if (ref := _reference(got.get(f"expert_{k}"), k, device, precision))}
+        experts[k].source = ck.model_dir
+        metas[k] = {**ck.meta, "sha256": ck.sha256}
+    c = router.config
+    shape = (int(c.in_channels), int(c.sample_size), int(c.sample_size))
+    reads = router_ckpt.meta.get("text_encoder")  # None: the router does not read the prompt
+    encoder = reads or next((m["text_encoder"] for m in metas.values()), None)
+    for k in list(servers):
+        fits = [r for r in servers[k] if tuple(r.shape) == shape and (encoder is None or r.text_encoder == encoder)]
+        if not fits:  # not this run's experts, whatever their records say
+            del servers[k]
+            continue
+        servers[k] = fits
+        metas[k] = {"objective": fits[0].objective, "text_encoder": fits[0].text_encoder, "shape": list(shape)}
+    references = {k: ref for k in audited if (ref := _reference(got.get(str(JobId.expert(k))), k, device, precision))}
 
     def fetch_reference(k: int) -> Reference | None:  # to settle a dispute between servers
-        got = fetch_published(node, blobs, run, Path(folder), [f"expert_{k}"])
-        return _reference(got.get(f"expert_{k}"), k, device, precision)
+        job = str(JobId.expert(k))
+        got = fetch_published(node, blobs, run, Path(folder), [job])
+        return _reference(got.get(job), k, device, precision)
 
     pool = None
     if servers:
@@ -500,30 +513,29 @@ def swarm_ensemble(
             fetch_reference=fetch_reference,
             bans=node.bans,
         )
+    served_by = dict.fromkeys(experts, "local")
     for k, recs in servers.items():
         experts[k] = RemoteExpert(pool, k)
-        objectives[k], served_by[k] = recs[0].objective, f"{len(recs)} server(s)"
-        encoders.update(r.text_encoder for r in recs)
-        shapes.update(tuple(r.shape) for r in recs)
+        served_by[k] = f"{len(recs)} server(s)"
     if not experts:
         raise SwarmError("no expert could be loaded here or reached on a server")
-    if len(encoders) != 1 or len(shapes) != 1:
-        raise SwarmError(f"the experts disagree on text encoder {sorted(encoders)} or shape {sorted(shapes)}")
-    reads = router_ckpt.meta.get("text_encoder")  # None: the router does not read the prompt
-    if reads is not None and reads not in encoders:
-        raise SwarmError(f"the router reads the prompt through {reads!r}, the experts through {encoders.pop()!r}")
-    ens = ClientEnsemble(
+    try:
+        enc_name = check_compatible(router_ckpt.meta, metas)
+    except CheckpointError as e:
+        raise SwarmError(str(e)) from None
+    pipe = DiffswarmPipeline(
         router,
         experts,
-        objectives,
-        served_by,
-        encoder_for(encoders.pop()),
+        metas,
+        {**router_ckpt.meta, "sha256": router_ckpt.sha256},
+        encoder_for(enc_name),
         space_for(router_ckpt.meta["space"], vae),
-        shapes.pop(),
-        pool.events if pool is not None else [],
-        pool.stats if pool is not None and cfg.audit_rate > 0 else None,
+        served_by,
     )
-    return ens, pool
+    if pool is not None:
+        pipe.failovers = pool.events
+        pipe.audit = pool.stats if cfg.audit_rate > 0 else None
+    return pipe, pool
 
 
 def _reference(ck: Checkpoint | None, k: int, device: str, precision: str) -> Reference | None:
@@ -563,7 +575,7 @@ def run_swarm_client(node: SwarmNode, cfg: ClientConfig) -> Path:
     node.on_restart(blobs.rebind)
     pool = None
     try:
-        ens, pool = swarm_ensemble(
+        pipe, pool = swarm_ensemble(
             node,
             blobs,
             Path(cfg.ckpt_dir),
@@ -579,7 +591,7 @@ def run_swarm_client(node: SwarmNode, cfg: ClientConfig) -> Path:
             precision=cfg.precision,
             server_wait_s=cfg.server_wait_s,
         )
-        return draw(ens, cfg)
+        return draw(pipe, cfg)
     finally:
         if pool is not None:
             pool.close()

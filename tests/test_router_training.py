@@ -19,7 +19,7 @@ from data.prepare import PrepareConfig, prepare
 from data.streaming import stream_batches
 from experts.objectives import TIMESTEP_SCALE, fm_interpolate
 from experts.text_encoder import TextEncoderConfig, load_text_encoder
-from router.ensemble import _check_compatible
+from router.ensemble import check_compatible
 from router.network import build_router, pool_text
 from router.presets import ROUTER_PRESETS
 from router.sampling import RoutingLog, SamplerConfig, routed_step
@@ -129,7 +129,7 @@ def test_pool_text_and_a_text_router_s_contract():
 
 def test_an_ensemble_refuses_a_router_reading_another_encoder():
     experts = {0: {"manifest_sha256": "r", "space": "pixel", "text_encoder": "minilm"}}
-    assert _check_compatible({"manifest_sha256": "r", "space": "pixel", "text_encoder": None}, experts) == "minilm"
-    assert _check_compatible({"manifest_sha256": "r", "space": "pixel", "text_encoder": "minilm"}, experts) == "minilm"
+    assert check_compatible({"manifest_sha256": "r", "space": "pixel", "text_encoder": None}, experts) == "minilm"
+    assert check_compatible({"manifest_sha256": "r", "space": "pixel", "text_encoder": "minilm"}, experts) == "minilm"
     with pytest.raises(CheckpointError, match="reads the prompt through 'clip:ViT-L-14'"):
-        _check_compatible({"manifest_sha256": "r", "space": "pixel", "text_encoder": "clip:ViT-L-14"}, experts)
+        check_compatible({"manifest_sha256": "r", "space": "pixel", "text_encoder": "clip:ViT-L-14"}, experts)
