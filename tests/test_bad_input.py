@@ -45,6 +45,14 @@ def test_missing_checkpoints(tmp_path):
     )
 
 
+def test_debug_shows_the_traceback_the_one_line_error_hides(tmp_path):
+    args = ("--role", "export", "--workdir", str(tmp_path), "--out", str(tmp_path / "x"))
+    _one_line_error(node(*args, check=False), "no router checkpoint")
+    proc = node(*args, "--debug", check=False)
+    assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
+    assert "no router checkpoint" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_unknown_expert(small_run):
     proc = node(
         "--role", "trainer", "--local", "--workdir", str(small_run), "--expert", "7", "--steps", "1", check=False
