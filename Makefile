@@ -15,7 +15,7 @@ EVAL_N_LAST ?= 1000
 EVAL_BUDGETS ?= 1 2 4
 EVAL_SEEDS ?= 0 1
 EVAL_OUT ?= outputs/eval
-EVAL_ROWS ?= top-1,top-2,full,top-1+text,top-2+text,full+text,oracle,monolith,monolith@S
+EVAL_ROWS ?= top-1,top-2,full,top-1+xt,top-2+xt,oracle,monolith,monolith@S
 HOLDOUT ?= 0.1
 PROMPTS := "red apple" "grinning face" "red heart" "flag: Japan" "dog face" "woman" "sun" "rocket"
 
@@ -49,9 +49,9 @@ demo: $(STAMP)
 # Quality against training compute, DDM's figure: for each seed, the same 4 experts + router trained
 # (experts two at a time, one thread each: a batch-8 step is too small to use two cores)
 # to 1x, 2x and 4x the demo's budget (each budget resumes the last) and, at each, the monolith trained
-# with the experts' total samples, and a second router that also reads the prompt (tiny-text, into
-# seed_S/text_router); every (seed, budget) evaluated by FID of top-1, top-2, the full ensemble, the
-# same three routed by the second router (+text), the oracle (each image's own cluster's expert, no
+# with the experts' total samples, and a second router that reads only x_t (tiny, as in Paris, into
+# seed_S/xt_router; the run's own router reads the prompt); every (seed, budget) evaluated by FID of
+# top-1, top-2, the full ensemble, top-1 and top-2 routed by the second router (+xt), the oracle (each image's own cluster's expert, no
 # router: what the router costs), the monolith and the monolith at the experts' step count
 # (monolith@S: equal steps, i.e. equal wall-clock on K machines; the monolith keeps the steps of
 # budgets 1, 2, 4, 8 and EVAL_BUDGETS on its way, so budgets run one make at a time find them too)
@@ -68,12 +68,12 @@ eval: $(STAMP) $(EVAL)/data/manifest.json
 			pids="$$pids $$!"; \
 		done; for p in $$pids; do wait $$p || { kill $$pids 2>/dev/null; exit 1; }; done; done; \
 		$(PY) node.py --role trainer --local $$ck --job router --steps $$(( b * $(ROUTER_STEPS) )) || exit 1; \
-		$(PY) node.py --role trainer --local --data-dir $(EVAL)/data --ckpt-dir $(EVAL)/seed_$$s/text_router \
-			--seed $$s --job router --router-preset tiny-text --steps $$(( b * $(ROUTER_STEPS) )) || exit 1; \
+		$(PY) node.py --role trainer --local --data-dir $(EVAL)/data --ckpt-dir $(EVAL)/seed_$$s/xt_router \
+			--seed $$s --job router --router-preset tiny --steps $$(( b * $(ROUTER_STEPS) )) || exit 1; \
 		$(PY) node.py --role trainer --local $$ck --job monolith --keep-steps $$keep || exit 1; \
 		n=$(EVAL_N); [ $$b = $$last ] && n=$(EVAL_N_LAST); \
 		$(PY) node.py --role eval $$ck --eval-reference train --eval-n $$n --eval-rows $(EVAL_ROWS) \
-			--eval-text-router $(EVAL)/seed_$$s/text_router \
+			--eval-second-router $(EVAL)/seed_$$s/xt_router \
 			--output $(EVAL_OUT)/seed_$$s/budget_$$b > /dev/null || exit 1; \
 	done; done
 	$(PY) -m evaluation.budgets $(EVAL_OUT)
@@ -91,7 +91,7 @@ netlab-deps:
 
 test: $(STAMP) netlab-deps
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q --durations=20 --tb=native tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

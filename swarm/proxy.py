@@ -116,12 +116,17 @@ class ServeProxy:
 
         async def handle(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             asker = str(info.peer_id)
+            try:  # the request first, even to refuse it: an asker writes it before it reads the answer
+                body = await _read_json(reader, self.timeout)
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError, struct.error):
+                writer.close()
+                return
             if sum(active.values()) >= MAX_STREAMS or active[asker] >= MAX_PER_ASKER:
                 await _refuse(writer, "busy")
                 return
             active[asker] += 1
             try:
-                req = parse_header(await _read_json(reader, self.timeout))
+                req = parse_header(body)
                 if req is None:
                     await _refuse(writer, "not a stream this relay carries")
                     return

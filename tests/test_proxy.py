@@ -61,7 +61,7 @@ async def _ask(p2p, relay: str, peer: str, protocol: str) -> tuple[dict, asyncio
     _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(relay), PROTOCOL)
     writer.write(proxy_header(peer, protocol))
     await writer.drain()
-    (n,) = struct.unpack(">H", await asyncio.wait_for(reader.readexactly(2), 10))
+    (n,) = struct.unpack(">H", await asyncio.wait_for(reader.readexactly(2), 30))
     return json.loads(await reader.readexactly(n)), reader, writer
 
 
@@ -70,9 +70,9 @@ async def _blob_through(p2p, relay: str, provider: str, digest: str) -> bytes:
     assert answer == {"ok": True}
     writer.write(bytes.fromhex(digest) + struct.pack(">Q", 0))
     await writer.drain()
-    status, size = struct.unpack(">BQ", await asyncio.wait_for(reader.readexactly(9), 10))
+    status, size = struct.unpack(">BQ", await asyncio.wait_for(reader.readexactly(9), 30))
     assert status == blob_protocol.OK
-    data = await asyncio.wait_for(reader.readexactly(size), 10)
+    data = await asyncio.wait_for(reader.readexactly(size), 30)
     writer.close()
     return data
 
