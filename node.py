@@ -159,7 +159,7 @@ def _parser(role: str) -> RoleParser:
         )
         _swarm(p)
     elif role == "trainer":
-        from router.presets import ROUTER_PRESETS
+        from router.presets import DEFAULT_ROUTER_PRESET, ROUTER_PRESETS
 
         _common(p, ("data", "ckpt"))
         _seed(p)
@@ -178,7 +178,12 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--minutes", type=float, default=0.0, help="budget of this process (--local default 5)")
         g.add_argument("--batch-size", type=int, default=0, help="0: the preset's")
         g.add_argument("--lr", type=float, default=0.0, help="0: the preset's")
-        g.add_argument("--router-preset", default="tiny", choices=sorted(ROUTER_PRESETS))
+        g.add_argument(
+            "--router-preset",
+            default=DEFAULT_ROUTER_PRESET,
+            choices=sorted(ROUTER_PRESETS),
+            help="the router job's network (default: one that reads the prompt; tiny: x_t only, as in Paris)",
+        )
         g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps")
         g.add_argument("--ckpt-minutes", type=float, default=5.0, help="and at least every M minutes")
         g.add_argument(
@@ -283,10 +288,13 @@ def _parser(role: str) -> RoleParser:
             help=f"what to evaluate, comma-separated: {', '.join(ALL_ROWS)}",
         )
         g.add_argument(
+            "--eval-second-router",
             "--eval-text-router",
+            dest="eval_second_router",
             default="",
             metavar="DIR",
-            help="checkpoints holding a router/ that reads the prompt (a *-text preset) for the +text rows",
+            help="checkpoints holding a second router/ for the +xt rows (one that reads only x_t, --router-preset "
+            "tiny) or the +text rows (one that reads the prompt)",
         )
         g.add_argument("--output", default="outputs/eval", help="report folder")
         _device_flags(g)
@@ -719,14 +727,13 @@ def run_eval(args: argparse.Namespace) -> None:
         tau=args.tau,
         seed=args.seed,
         rows=[r.strip() for r in args.eval_rows.split(",") if r.strip()],
-        text_router=args.eval_text_router,
+        second_router=args.eval_second_router,
     )
     report = evaluate(cfg)
     out = Path(cfg.out_dir)
     print((out / "eval.md").read_text())
     print(
-        f"wrote {out}/eval.md, eval.json, fid.png, usage.png, routing.png, samples.png "
-        f"({report['heldout_images']} images)"
+        f"wrote {out}/eval.md, eval.json, fid.png, usage.png, routing.png, samples.png ({report.heldout_images} images)"
     )
 
 

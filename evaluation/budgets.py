@@ -31,17 +31,25 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.eval_report import EvalReport
+
 # DDM's figure: the routing modes and the baseline; the oracle and the monolith at the experts' step
 # count say where the gap comes from (the router, or the experts at equal compute or equal steps).
 AT_STEPS = "monolith@S"
-# The +text rows route the same experts with a router that also reads the prompt.
-ROWS = ("top-1", "top-2", "full", "top-1+text", "top-2+text", "full+text", "oracle", "monolith", AT_STEPS)
+# The +xt rows route the same experts with a second router that reads only x_t (the run's own router
+# reads the prompt); reports of runs whose own router read only x_t have +text rows instead.
+ROWS = (
+    "top-1", "top-2", "full", "top-1+xt", "top-2+xt", "full+xt", "top-1+text", "top-2+text", "full+text",
+    "oracle", "monolith", AT_STEPS,
+)  # fmt: skip
 # (what it measures, a, b): Δ = FID(a) − FID(b), paired, from each report's comparisons
 GAP = (
     ("the goal: top-2 at equal compute", "top-2", "monolith"),
     ("the goal, with the router that reads the prompt", "top-2+text", "monolith"),
     ("what the router loses", "top-1", "oracle"),
     ("what the router that reads the prompt loses", "top-1+text", "oracle"),
+    ("the goal, with the router that reads only x_t", "top-2+xt", "monolith"),
+    ("what the router that reads only x_t loses", "top-1+xt", "oracle"),
     ("the experts at equal compute", "oracle", "monolith"),
     ("the experts at equal steps", "oracle", AT_STEPS),
 )
@@ -54,22 +62,22 @@ def row_kind(name: str) -> str:
     return AT_STEPS if _AT.match(name) else name
 
 
-Report = tuple[int, float, dict]  # (seed, budget, eval.json)
+Report = tuple[int, float, EvalReport]  # (seed, budget, eval.json)
 
 
 def reports(root: Path) -> Iterator[Report]:
     """(seed, budget, eval.json) for every ``seed_S/budget_B`` report under ``root``."""
     for path in sorted(root.glob("seed_*/budget_*/eval.json")):
         if m := _DIR.search(path.parent.as_posix()):
-            yield int(m[1]), float(m[2]), json.loads(path.read_text())
+            yield int(m[1]), float(m[2]), EvalReport.from_dict(json.loads(path.read_text()))
 
 
 def collect(found: list[Report]) -> list[dict]:
     """One entry per (seed, budget, row) of the reports ``found``."""
     out = []
     for seed, budget, report in found:
-        flops = report.get("train_flops", {})
-        for row in report["rows"]:
+        flops = report.train_flops or {}
+        for row in report.rows:
             if row_kind(row["name"]) not in ROWS:
                 continue
             out.append(
@@ -79,8 +87,8 @@ def collect(found: list[Report]) -> list[dict]:
                     "row": row_kind(row["name"]),
                     "fid": row["fid"],
                     "fid_heldout": row.get("fid_heldout"),
-                    "images": report["heldout_images"],
-                    "reference": report.get("reference", "holdout"),
+                    "images": report.heldout_images,
+                    "reference": report.reference or "holdout",
                     "flops": flops.get(row["name"]),
                 }
             )
@@ -92,7 +100,7 @@ def gap(found: list[Report]) -> list[dict]:
     out = []
     for seed, budget, report in found:
         for what, a, b in GAP:
-            for c in report.get("comparisons", []):
+            for c in report.comparisons or []:
                 if c["a"] == a and row_kind(c["b"]) == b:
                     out.append({"budget": budget, "seed": seed, "what": what, **c})
     return sorted(out, key=lambda g: (g["budget"], g["seed"]))
@@ -181,6 +189,9 @@ STYLES = {  # row → (colour, marker, line): a routing mode keeps its colour wi
     "top-1+text": ("tab:blue", "o", "-."),
     "top-2+text": ("tab:green", "s", "-."),
     "full+text": ("tab:purple", "^", "-."),
+    "top-1+xt": ("tab:blue", "o", ":"),
+    "top-2+xt": ("tab:green", "s", ":"),
+    "full+xt": ("tab:purple", "^", ":"),
     "oracle": ("tab:gray", "v", "--"),
     "monolith": ("black", "D", "-"),
     AT_STEPS: ("tab:orange", "P", ":"),

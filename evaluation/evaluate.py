@@ -7,9 +7,11 @@ held-out caption with every routing mode (top-1, top-2, threshold, full ensemble
 at equal total compute and with the monolith at the experts' step count (``monolith@S``: equal
 wall-clock on K machines) — the same initial noise for each, so the rows differ only in who
 denoises — and computes FID against the held-out real images, overall and per cluster, each
-with a 95 % bootstrap interval from the already computed Inception features. The ``+text`` rows
-(top-1+text, ...) route the same experts with a second router, one that reads the prompt
-(``--eval-text-router``), so the two routers are compared on the same images. It writes:
+with a 95 % bootstrap interval from the already computed Inception features. The run's router is
+the default one, which reads the prompt; the ``+xt`` rows (top-2+xt, ...) route the same experts
+with a second router that reads only x_t (``--eval-second-router``, the ``tiny`` preset), and the
+``+text`` rows with a second router that reads the prompt (for a run whose own router does not), so
+two routers are compared on the same images. It writes:
 
     eval.json / eval.md   FID [95 % CI] overall and per cluster, the three comparisons (equal
                           compute, equal wall-clock, what the router loses), expert forwards and
@@ -45,6 +47,7 @@ from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, veri
 from data.manifest import Manifest, load_manifest
 from data.streaming import RawBatch, stream_batches
 from diffswarm.pipeline import DiffswarmPipeline
+from evaluation.eval_report import EvalReport
 from evaluation.fid import (
     FeatureStats,
     bootstrap_fids,
@@ -54,7 +57,16 @@ from evaluation.fid import (
     fid_from_features,
     stratified_resamples,
 )
-from evaluation.report import ORACLE, Row, fmt_ci, markdown_report, plot_fid, plot_routing, plot_usage, sample_grid
+from evaluation.report import (
+    ORACLE,
+    Row,
+    fmt_ci,
+    markdown_report,
+    plot_fid,
+    plot_routing,
+    plot_usage,
+    sample_grid,
+)
 from experts.image_encoder import InceptionFeatures
 from experts.objectives import sampling_times
 from experts.presets import expert_forward
@@ -78,12 +90,15 @@ console = Console(stderr=True, markup=False)
 ROUTINGS = {"top-1": ("top1", 1), "top-2": ("topk", 2), "threshold": ("threshold", 2), "full": ("full", 2)}
 AT_EXPERT_STEPS = f"{MONOLITH}@S"  # the monolith at the experts' step count S (equal wall-clock)
 ROW_NAMES = (*ROUTINGS, ORACLE, MONOLITH, AT_EXPERT_STEPS)  # the rows evaluated by default
-# The same routings with a second router, one that reads the prompt (EvalConfig.text_router):
-# the same experts, so the two routers are compared on the same images.
-TEXT = "+text"
+# The same routings with a second router (EvalConfig.second_router) over the same experts, so the
+# two routers are compared on the same images: "+text" rows when it reads the prompt, "+xt" rows
+# when it reads only x_t (the router the run trained by default reads the prompt).
+TEXT, XT = "+text", "+xt"
 TEXT_ROUTINGS = {f"{name}{TEXT}": how for name, how in ROUTINGS.items()}
-ROUTED = {**ROUTINGS, **TEXT_ROUTINGS}  # every row a router routes
-ALL_ROWS = (*ROW_NAMES, *TEXT_ROUTINGS)  # what --eval-rows may name
+XT_ROUTINGS = {f"{name}{XT}": how for name, how in ROUTINGS.items()}
+SECOND_ROUTINGS = {**TEXT_ROUTINGS, **XT_ROUTINGS}  # the rows the second router routes
+ROUTED = {**ROUTINGS, **SECOND_ROUTINGS}  # every row a router routes
+ALL_ROWS = (*ROW_NAMES, *SECOND_ROUTINGS)  # what --eval-rows may name
 _AT_STEP = re.compile(rf"{MONOLITH}@(S|[0-9]+)$")  # monolith@S, or monolith@N for a kept step N
 # Resamples per FID interval. At 200 the ends move between sets of resamples by 0.6-0.8 FID (sd)
 # on 408 images and 1.7-4 FID on 27 (measured by re-drawing 20-30 times), under a tenth of the
@@ -111,14 +126,17 @@ class EvalConfig:
     grid_prompts: int = 8
     bootstrap: int = BOOTSTRAP  # resamples per FID interval (0: no intervals)
     diagnostic_images: int = DIAGNOSTIC_IMAGES
-    text_router: str = ""  # checkpoints (a router/ folder) of the router the "+text" rows route with
+    second_router: str = ""  # checkpoints (a router/ folder) of the router the "+text" or "+xt" rows route with
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.rows if r not in ALL_ROWS and not _AT_STEP.match(r)]
         if unknown:
             raise ValueError(f"unknown evaluation row(s) {unknown}; choose from {list(ALL_ROWS)} (or monolith@N)")
-        if any(r in TEXT_ROUTINGS for r in self.rows) and not self.text_router:
-            raise ValueError("the +text rows need --eval-text-router DIR: checkpoints holding a router/ folder")
+        second = [r for r in self.rows if r in SECOND_ROUTINGS]
+        if second and not self.second_router:
+            raise ValueError(f"the rows {second} need --eval-second-router DIR: checkpoints holding a router/ folder")
+        if any(r in TEXT_ROUTINGS for r in second) and any(r in XT_ROUTINGS for r in second):
+            raise ValueError("one evaluation has one second router: ask for its +text rows or its +xt rows")
         if self.reference not in ("holdout", "train"):
             raise ValueError(f"--eval-reference takes holdout or train, got {self.reference!r}")
         if self.n < 0 or self.steps < 1 or self.batch_size < 1 or self.bootstrap < 0:
@@ -350,7 +368,7 @@ def disagreement_along_path(
 # --- the evaluation --------------------------------------------------------------------------
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def evaluate(cfg: EvalConfig) -> EvalReport:
     """Load the run and its trained set, check they belong together, and run the evaluation."""
     ckpt = Path(cfg.ckpt_dir)
     manifest, digest = load_manifest(Path(cfg.data_dir) if cfg.data_dir else ckpt.parent / "data")
@@ -463,7 +481,7 @@ def run_eval(
     digest: str,
     ensemble: DiffswarmPipeline,
     inception: InceptionFeatures | None = None,
-) -> dict:
+) -> EvalReport:
     """Generate with every row of ``cfg.rows``, compute FID against the held-out split, write the report."""
     encoder, space = ensemble.text_encoder, ensemble.space
     out = Path(cfg.out_dir)
@@ -474,9 +492,15 @@ def run_eval(
     if missing and any(r in ROUTED or r == ORACLE for r in cfg.rows):
         raise CheckpointError(f"experts {missing} have no checkpoint under {ckpt_root}; train them first")
     monoliths = _monolith_rows(cfg, ckpt_root, ensemble.num_experts)
-    text_router = text_router_ckpt = None
-    if any(r in TEXT_ROUTINGS for r in cfg.rows):
-        text_router, text_router_ckpt = load_router(Path(cfg.text_router), ensemble.expert_meta)
+    other_router = second_ckpt = None
+    if any(r in SECOND_ROUTINGS for r in cfg.rows):
+        other_router, second_ckpt = load_router(Path(cfg.second_router), ensemble.expert_meta)
+        wants_text = any(r in TEXT_ROUTINGS for r in cfg.rows)
+        if other_router.reads_text != wants_text:
+            rows, need, has = ("+text", "the prompt", "only x_t") if wants_text else ("+xt", "only x_t", "the prompt")
+            raise CheckpointError(
+                f"the {rows} rows need a second router that reads {need}; the one under {cfg.second_router} reads {has}"
+            )
 
     real, captions, labels, selection = heldout_set(manifest, cfg.n, cfg.seed, holdout)
     drawn = dict(sorted(collections.Counter(labels).items()))
@@ -520,7 +544,7 @@ def run_eval(
             mode, k = ROUTED[name]
             experts = ensemble.experts
             sampler = SamplerConfig(mode, k, cfg.tau, cfg.guidance, cfg.steps, cfg.seed)
-            router = text_router if name in TEXT_ROUTINGS else ensemble.router
+            router = other_router if name in SECOND_ROUTINGS else ensemble.router
             if name == "top-1" and cfg.diagnostic_images:
                 recorder = RecordingRouter(router, cfg.diagnostic_images)
             router_for = lambda i, j, rec=recorder, r=router: rec if (rec is not None and i == 0) else r  # noqa: E731
@@ -532,7 +556,7 @@ def run_eval(
         if beside is not None:
             rows[-1].fid_heldout = fid(beside, stats)
         samples[name] = images[: cfg.grid_prompts]
-        if name in ("top-1", "top-2", f"top-1{TEXT}", f"top-2{TEXT}"):
+        if name.removesuffix(TEXT).removesuffix(XT) in ("top-1", "top-2"):
             usage[name] = usage_by_noise(logs, ensemble.num_experts, cfg.steps)
         if recorder is not None:
             weights = [torch.cat([log.weights[s] for log in logs]) for s in range(cfg.steps)]
@@ -545,45 +569,45 @@ def run_eval(
     captions_of = CaptionStates(encoder, manifest)
     text = lambda batch: pool_text(*captions_of(batch))  # noqa: E731  (a router without text ignores it)
     accuracy = router_accuracy(ensemble.router, manifest, space.encode, manifest.image_size, cfg.seed, text)
-    text_accuracy = text_router_info = None
-    if text_router is not None:
-        preset = text_router_ckpt.meta["router_preset"]
-        text_router_info = {"step": text_router_ckpt.step, "sha256": text_router_ckpt.sha256, "preset": preset}
-        text_accuracy = router_accuracy(text_router, manifest, space.encode, manifest.image_size, cfg.seed, text)
-    second = None if text_router is None else (text_router, text_router_ckpt)
+    second_accuracy = second_info = None
+    if other_router is not None:
+        preset = second_ckpt.meta["router_preset"]
+        second_info = {"step": second_ckpt.step, "sha256": second_ckpt.sha256, "preset": preset}
+        second_accuracy = router_accuracy(other_router, manifest, space.encode, manifest.image_size, cfg.seed, text)
+    second = None if other_router is None else (other_router, second_ckpt)
     flops = training_flops(ckpt_root, ensemble, encoder, monoliths, second)
     end_sd = interval_end_sd([(r.fid, boots[r.name]) for r in rows])
-    report = {
-        "run": digest,
-        "reference": cfg.reference,
-        "heldout_images": len(captions),
-        "heldout_by_cluster": {str(c): drawn.get(c, 0) for c in range(len(sizes))},
-        "heldout_available_by_cluster": {str(c): s for c, s in enumerate(sizes)},
-        "heldout_reference_images": None if beside is None else beside.n,
-        "steps": cfg.steps,
-        "guidance": cfg.guidance,
-        "tau": cfg.tau,
-        "seed": cfg.seed,
-        "bootstrap": {
+    report = EvalReport(
+        run=digest,
+        reference=cfg.reference,
+        heldout_images=len(captions),
+        heldout_by_cluster={str(c): drawn.get(c, 0) for c in range(len(sizes))},
+        heldout_available_by_cluster={str(c): s for c, s in enumerate(sizes)},
+        heldout_reference_images=None if beside is None else beside.n,
+        steps=cfg.steps,
+        guidance=cfg.guidance,
+        tau=cfg.tau,
+        seed=cfg.seed,
+        bootstrap={
             "resamples": cfg.bootstrap,
             "method": "the resamples' spread around their mean, placed on the estimate; paired resamples "
             "of held-out images, stratified by cluster",
             "end_sd": None if end_sd is None else round(end_sd, 2),
         },
-        "checkpoints": _checkpoint_summary(ckpt_root, ensemble.num_experts, monoliths),
-        "train_flops": {r.name: flops.get(r.name) for r in rows},
-        "rows": [asdict(r) for r in rows],
-        "comparisons": comparisons(rows, boots),
-        "router_accuracy": accuracy,
-        "text_router_accuracy": text_accuracy,
-        "text_router": text_router_info,
-        "usage_by_noise": {
+        checkpoints=_checkpoint_summary(ckpt_root, ensemble.num_experts, monoliths),
+        train_flops={r.name: flops.get(r.name) for r in rows},
+        rows=[asdict(r) for r in rows],
+        comparisons=comparisons(rows, boots),
+        router_accuracy=accuracy,
+        second_router_accuracy=second_accuracy,
+        second_router=second_info,
+        usage_by_noise={
             name: {"t": [round(float(t), 4) for t in times[: cfg.steps]], "fraction": u.round(4).tolist()}
             for name, u in usage.items()
         },
-        "routing_by_step": routing,
-    }
-    (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+        routing_by_step=routing,
+    )
+    (out / "eval.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     (out / "eval.md").write_text(markdown_report(report))
     plot_fid(rows, out / "fid.png", len(captions), cfg.reference)
     if usage:
@@ -626,6 +650,8 @@ COMPARISONS = (
     ("equal wall-clock on K machines", "routed", f"{MONOLITH}@"),
     ("what the router loses", "top-1", ORACLE),
     ("what the router that reads the prompt loses", f"top-1{TEXT}", ORACLE),
+    ("what the router that reads only x_t loses", f"top-1{XT}", ORACLE),
+    ("the router that reads only x_t against the default", f"top-2{XT}", "top-2"),
     ("what the experts give", ORACLE, MONOLITH),
     ("what the experts give at equal steps", ORACLE, f"{MONOLITH}@"),
 )
@@ -681,12 +707,12 @@ def training_flops(
     ensemble,
     encoder,
     monoliths: dict[str, MonolithRow],
-    text_router: tuple[torch.nn.Module, Checkpoint] | None = None,
+    other_router: tuple[torch.nn.Module, Checkpoint] | None = None,
 ) -> dict[str, float]:
     """Training FLOPs spent on what each row samples with (forward + backward = 3x the forward, per
     sample seen): the experts plus the router for the routed rows and the oracle's experts, the
     monolith's own for each monolith row. Counted on the networks themselves, one sample each.
-    ``text_router`` (the second router and its checkpoint) is the router of the "+text" rows."""
+    ``other_router`` (the second router and its checkpoint) is the router of the "+text" or "+xt" rows."""
     states, mask = encoder.encode(["a"])
     x = torch.zeros(1, *ensemble.shape)
     t = torch.full((1,), 500.0)
@@ -707,9 +733,9 @@ def training_flops(
     spent = router_spent(ensemble.router, latest_checkpoint(JobId.ROUTER.folder(root)))
     out = {name: experts + spent for name in (*ROUTINGS, ORACLE)}
     out[ORACLE] = experts
-    if text_router is not None:
-        spent = router_spent(*text_router)
-        out |= {name: experts + spent for name in TEXT_ROUTINGS}
+    if other_router is not None:
+        spent = router_spent(*other_router)
+        out |= {name: experts + spent for name in SECOND_ROUTINGS}
     for name, ck, model in monoliths.values():
         out[name] = per_sample(model) * float(ck.meta.get("samples_seen", 0))
     return out

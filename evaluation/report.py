@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from data.fonts import label_font
+from evaluation.eval_report import EvalReport
 from experts.latent_space import tensor_to_pil
 from swarm.job_id import JobId
 from training.monolith import (
@@ -38,24 +39,24 @@ def fmt_ci(ci) -> str:
     return "–" if not ci or any(v is None or not math.isfinite(v) for v in ci) else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
 
 
-def markdown_report(report: dict) -> str:
-    ck = report["checkpoints"]
+def markdown_report(report: EvalReport) -> str:
+    ck = report.checkpoints
     experts = {k: v for k, v in ck.items() if (job := JobId.try_parse(k)) is not None and job.is_expert}
     expert_samples = sum(v["samples_seen"] or 0 for v in experts.values())
     expert_steps = sorted({v["step"] for v in experts.values()})
-    drawn, avail = report["heldout_by_cluster"], report["heldout_available_by_cluster"]
-    boot = report["bootstrap"]
+    drawn, avail = report.heldout_by_cluster, report.heldout_available_by_cluster
+    boot = report.bootstrap
     end_sd = "–" if boot["end_sd"] is None else f"{boot['end_sd']:.1f}"
     monos = [f"{k} {v['samples_seen']} samples (step {v['step']})" for k, v in ck.items() if k.startswith(MONOLITH)]
-    split = split_name(report.get("reference", "holdout"))
-    beside = report.get("heldout_reference_images")
+    split = split_name(report.reference)
+    beside = report.heldout_reference_images
     lines = [
-        f"# Evaluation of run {report['run'][:12]}",
+        f"# Evaluation of run {report.run[:12]}",
         "",
-        f"FID against {report['heldout_images']} {split} real images (their captions as prompts), drawn from "
-        f"every cluster in proportion to its {split} size (seed {report['seed']}): "
+        f"FID against {report.heldout_images} {split} real images (their captions as prompts), drawn from "
+        f"every cluster in proportion to its {split} size (seed {report.seed}): "
         + ", ".join(f"cluster {c} {drawn[c]} of {avail[c]}" for c in drawn)
-        + f". {report['steps']} Euler steps, guidance {report['guidance']}, the same noise for every row.",
+        + f". {report.steps} Euler steps, guidance {report.guidance}, the same noise for every row.",
         f"Training compute: {len(experts)} experts together {expert_samples} samples "
         f"(step {'/'.join(map(str, expert_steps))} each)" + ("; " + ", ".join(monos) if monos else "") + ".",
         "",
@@ -67,7 +68,7 @@ def markdown_report(report: dict) -> str:
         "| model | FID ↓ | 95 % CI |" + held_col + " expert forwards / image | s / image |",
         "|---|---:|---:|" + ("---:|" if beside else "") + "---:|---:|",
     ]
-    for r in report["rows"]:
+    for r in report.rows:
         held = ""
         if beside:
             held = " – |" if r.get("fid_heldout") is None else f" {r['fid_heldout']:.2f} |"
@@ -83,7 +84,7 @@ def markdown_report(report: dict) -> str:
         "| model | " + " | ".join(f"cluster {c} (n = {drawn[c]})" for c in clusters) + " |",
         "|---|" + "---:|" * len(clusters),
     ]
-    for r in report["rows"]:
+    for r in report.rows:
         cells = []
         for c in clusters:
             e = r["fid_by_cluster"].get(c)
@@ -102,7 +103,7 @@ def markdown_report(report: dict) -> str:
         "With this count the ends move by about "
         f"{end_sd} FID between sets of resamples (Monte-Carlo sd, pooled over rows from split halves).",
     ]
-    if report["comparisons"]:
+    if report.comparisons:
         lines += [
             "",
             "## Where the ensemble wins and where it loses",
@@ -114,7 +115,7 @@ def markdown_report(report: dict) -> str:
             "| comparison | a | b | FID a | FID b | Δ [95 % CI] | reading |",
             "|---|---|---|---:|---:|---:|---|",
         ]
-        for c in report["comparisons"]:
+        for c in report.comparisons:
             lines.append(
                 f"| {c['comparison']} | {c['a']} | {c['b']} | {c['fid_a']:.2f} | {c['fid_b']:.2f} | "
                 f"{c['delta']:+.2f} {fmt_ci(c['delta_ci95'])} | {c['verdict']} |"
@@ -125,12 +126,12 @@ def markdown_report(report: dict) -> str:
             "steps of one expert) against the routed rows.",
             "- equal wall-clock on K machines: the monolith at the experts' step count — what one machine "
             "trains in the time K machines train the experts side by side — against the routed rows.",
-            "- what the router loses: top-1 (or top-1+text, routed by the router that reads the prompt) "
+            "- what the router loses: top-1 (or top-1+xt / top-1+text, routed by the second router) "
             "against the oracle (each image's own cluster's expert at every step); what the experts give: "
             "the oracle against the monolith at equal compute, and at equal "
             "steps (the monolith at the experts' step count).",
         ]
-    routing = report.get("routing_by_step")
+    routing = report.routing_by_step
     if routing:
         lines += [
             "",
@@ -155,7 +156,7 @@ def markdown_report(report: dict) -> str:
                 f"| {routing['t'][s]:.3f} | {routing['top1_own_cluster'][s]:.2f} | {per} | "
                 f"{routing['expert_distance'][s]:.2f} | {'–' if rel is None else f'{rel:.3f}'} |"
             )
-    acc = report["router_accuracy"]
+    acc = report.router_accuracy
     lines += [
         "",
         f"Router top-1 accuracy on {acc.get('samples')} {acc.get('split')} images noised by the forward process "
@@ -163,13 +164,16 @@ def markdown_report(report: dict) -> str:
         + ", ".join(f"{k} {v:.2f}" for k, v in acc.items() if k.startswith("t=")),
         "",
     ]
-    text_acc, text_router = report.get("text_router_accuracy"), report.get("text_router")
-    if text_acc:
+    # Reports written before the second router could read only x_t name it text_router.
+    second_acc, second = report.second_router_accuracy, report.second_router
+    if second_acc:
+        reads = "also reads the prompt" if second["preset"].get("text") else "reads only x_t"
+        suffix = "+text" if second["preset"].get("text") else "+xt"
         lines += [
             "",
-            f"The +text rows route with a second router that also reads the prompt (preset "
-            f"{text_router['preset']['name']}, step {text_router['step']}). Its accuracy on the same images: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in text_acc.items() if k.startswith("t=")),
+            f"The {suffix} rows route with a second router that {reads} (preset "
+            f"{second['preset']['name']}, step {second['step']}). Its accuracy on the same images: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in second_acc.items() if k.startswith("t=")),
         ]
     lines += [
         "",
@@ -184,7 +188,7 @@ def _row_color(name: str) -> str:
         return "tab:gray"
     if name.startswith(MONOLITH):
         return "silver"
-    if name.endswith("+text"):  # routed by the router that reads the prompt
+    if name.endswith(("+text", "+xt")):  # routed by the second router
         return "tab:cyan"
     return "tab:green" if name == ORACLE else "tab:blue"
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from router.presets import ROUTER_PRESETS
+from router.presets import DEFAULT_ROUTER_PRESET, ROUTER_PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -97,7 +97,7 @@ class LocalSwarmConfig:
     clusters: int = 4
     expert_steps: int = 2000
     router_steps: int = 120
-    router_preset: str = "tiny"  # the trainers' router preset (tiny-text: one that reads the prompt)
+    router_preset: str = DEFAULT_ROUTER_PRESET  # the trainers' router preset (tiny: one that reads only x_t)
     ckpt_every: int = 1000  # steps: each published checkpoint is verified and mirrored (CPU the trainers share)
     prompts: list[str] = field(default_factory=lambda: ["red apple"])
     output: str = "outputs/demo.png"

@@ -26,6 +26,7 @@ from rich.console import Console
 
 from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
 from data.manifest import Manifest, load_manifest
+from router.presets import DEFAULT_ROUTER_PRESET
 from swarm import claims
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
 from swarm.dht import SwarmError, SwarmNode
@@ -59,7 +60,7 @@ class SwarmTrainerConfig:
     run_timeout_s: float = 0.0  # give up if no run appears (0: wait forever)
     text_encoder: str = "minilm"
     vae: str = ""
-    router_preset: str = "tiny"
+    router_preset: str = DEFAULT_ROUTER_PRESET
     minutes: float = 0.0  # this node's whole budget (0: until stopped)
     steps: int = 0  # stop a job at this step even before the run's target (0: the run's target)
     chunk_minutes: float = 60.0  # with neither target nor cap, release and re-choose a job this often

@@ -25,6 +25,11 @@ class RouterPreset:
         return asdict(self)
 
 
+# The router a run trains unless told otherwise: the one that reads the prompt. On the embedded
+# default it costs +0.3 FID against the oracle at 8x the demo's budget where the one that reads only
+# x_t (tiny, Paris's router) costs +25.9 (results/2026-12-01-budgets-1x-8x.md).
+DEFAULT_ROUTER_PRESET = "tiny-text"
+
 ROUTER_PRESETS: dict[str, RouterPreset] = {
     p.name: p
     for p in (

@@ -463,11 +463,12 @@ def test_budgets_state_the_goal_per_seed_and_name_the_seeds_in_the_figure():
     """The goal (top-2 at or below the monolith at equal compute) is its own line of the gap table for
     each seed, with either router; the figure's title says which seeds its points are."""
     from evaluation import budgets
+    from evaluation.eval_report import EvalReport
 
     found = [
-        (seed, 4.0, {"comparisons": [_comparison("top-2", "monolith", 20.0 + seed),
-                                     _comparison("top-2+text", "monolith", -1.5 + seed),
-                                     _comparison("top-2", "monolith@8000", -5.0)]})
+        (seed, 4.0, EvalReport.from_dict({"comparisons": [_comparison("top-2", "monolith", 20.0 + seed),
+                                                          _comparison("top-2+text", "monolith", -1.5 + seed),
+                                                          _comparison("top-2", "monolith@8000", -5.0)]}))
         for seed in (1, 0)
     ]  # fmt: skip
     gaps = budgets.gap(found)

@@ -140,26 +140,31 @@ def test_monolith_trains_at_the_experts_total_compute_and_eval_writes_the_report
     )  # fmt: skip
     assert "reference statistics from" in again.stderr
 
-    # A second router that reads the prompt, trained beside the first, routes the +text rows.
-    text_ckpt = tmp_path / "text_router"
+    # A second router that reads only x_t (Paris's), trained beside the run's own, routes the +xt rows.
+    xt_ckpt = tmp_path / "xt_router"
     node(
-        "--role", "trainer", "--local", "--data-dir", str(work / "data"), "--ckpt-dir", str(text_ckpt),
-        "--job", "router", "--router-preset", "tiny-text", "--steps", "6", "--batch-size", "32",
+        "--role", "trainer", "--local", "--data-dir", str(work / "data"), "--ckpt-dir", str(xt_ckpt),
+        "--job", "router", "--router-preset", "tiny", "--steps", "6", "--batch-size", "32",
     )  # fmt: skip
     node(
-        "--role", "eval", "--workdir", str(work), "--eval-n", "12", "--steps", "2", "--eval-rows", "top-1,top-1+text",
-        "--eval-text-router", str(text_ckpt), "--output", str(tmp_path / "text"),
+        "--role", "eval", "--workdir", str(work), "--eval-n", "12", "--steps", "2", "--eval-rows", "top-1,top-1+xt",
+        "--eval-second-router", str(xt_ckpt), "--output", str(tmp_path / "xt"),
     )  # fmt: skip
-    report = json.loads((tmp_path / "text" / "eval.json").read_text())
-    assert [r["name"] for r in report["rows"]] == ["top-1", "top-1+text"]
-    assert report["text_router"]["preset"]["name"] == "tiny-text" and report["text_router"]["step"] == 6
-    assert set(report["text_router_accuracy"]) >= {"t=0.1", "t=0.9", "split"}
-    assert report["train_flops"]["top-1+text"] > 0 and report["train_flops"]["top-1"] > 0
+    report = json.loads((tmp_path / "xt" / "eval.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["top-1", "top-1+xt"]
+    assert report["second_router"]["preset"]["name"] == "tiny" and report["second_router"]["step"] == 6
+    assert set(report["second_router_accuracy"]) >= {"t=0.1", "t=0.9", "split"}
+    assert report["train_flops"]["top-1+xt"] > 0 and report["train_flops"]["top-1"] > 0
     assert report["comparisons"] == []  # no oracle or monolith row to compare with
-    assert "route with a second router that also reads the prompt" in (tmp_path / "text" / "eval.md").read_text()
-    # Without the second router's checkpoints the +text rows are one clear error.
-    bad = node("--role", "eval", "--workdir", str(work), "--eval-rows", "top-1+text", check=False)
-    assert bad.returncode != 0 and "--eval-text-router" in bad.stderr.strip().splitlines()[-1]
+    assert "route with a second router that reads only x_t" in (tmp_path / "xt" / "eval.md").read_text()
+    # Without the second router's checkpoints those rows are one clear error; with the wrong kind, too.
+    bad = node("--role", "eval", "--workdir", str(work), "--eval-rows", "top-1+xt", check=False)
+    assert bad.returncode != 0 and "--eval-second-router" in bad.stderr.strip().splitlines()[-1]
+    wrong = node(
+        "--role", "eval", "--workdir", str(work), "--eval-n", "12", "--eval-rows", "top-1+text",
+        "--eval-second-router", str(xt_ckpt), check=False,
+    )  # fmt: skip
+    assert wrong.returncode == 2 and "reads only x_t" in wrong.stderr.strip().splitlines()[-1]
 
 
 def test_eval_without_a_monolith_says_how_to_train_it(small_run, tmp_path):

@@ -7,6 +7,7 @@ from experts.latent_space import load_space
 from experts.presets import get_preset
 from experts.text_encoder import TextEncoderConfig, load_text_encoder
 from router.network import get_router_preset
+from router.presets import DEFAULT_ROUTER_PRESET
 from swarm.job_id import JobId
 from training.expert_job import ExpertJob
 from training.loop import TrainConfig
@@ -21,7 +22,7 @@ def build_job(
     cfg: TrainConfig,
     text_encoder: str = "minilm",
     vae: str = "",
-    router_preset: str = "tiny",
+    router_preset: str = DEFAULT_ROUTER_PRESET,
 ):
     """The training job for ``expert_K``, ``router`` or ``monolith`` on this run's data (local or swarm).
     ``ValueError`` for any other ``job``, before anything is loaded."""

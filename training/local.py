@@ -21,6 +21,7 @@ from data.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, ver
 from data.manifest import Manifest, load_manifest
 from experts.presets import get_preset
 from experts.text_encoder import TextEncoderConfig
+from router.presets import DEFAULT_ROUTER_PRESET
 from swarm.job_id import JobId
 from training.island import Island
 from training.jobs import build_job
@@ -47,7 +48,7 @@ class LocalTrainConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(ckpt_root=""))
     text_encoder: str = "minilm"  # minilm or clip:PATH[@ARCH]
     vae: str = ""  # AutoencoderKL folder for latent presets
-    router_preset: str = "tiny"
+    router_preset: str = DEFAULT_ROUTER_PRESET
 
     @property
     def job_id(self) -> JobId:

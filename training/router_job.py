@@ -19,6 +19,7 @@ from experts.objectives import TIMESTEP_SCALE, fm_interpolate
 from experts.presets import get_preset
 from experts.text_encoder import TextEncoder
 from router.network import RouterNet, build_router, get_router_preset, pool_text
+from router.presets import DEFAULT_ROUTER_PRESET
 from training.captions import CaptionStates
 from training.expert_job import clean_x0
 from training.loop import TrainConfig
@@ -34,7 +35,7 @@ class RouterJob:
         space_name: str,
         encode_space,
         cfg: TrainConfig,
-        preset: str = "tiny",
+        preset: str = DEFAULT_ROUTER_PRESET,
         encoder: TextEncoder | None = None,
     ) -> None:
         self.manifest, self.manifest_sha256 = manifest, manifest_sha256
