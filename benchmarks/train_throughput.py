@@ -57,7 +57,7 @@ def main() -> None:
             how = "text states from the shards" if stored else "text from the encoder, cached per caption"
             rows.append((f"expert `{name}`, {how}", count_parameters(job.model), job.batch_size, steps, rate))
         cfg = TrainConfig(ckpt_root=f"{tmp}/router", minutes=args.seconds / 60, ckpt_every_steps=10**9)
-        job = RouterJob(manifest, digest, "pixel", lambda x: x, cfg)
+        job = RouterJob(manifest, digest, "pixel", lambda x: x, cfg, "tiny")
         job.evaluate = lambda: None  # time the training steps only
         rate, steps = measure(job, cfg)
         rows.append(("router `tiny`", count_parameters(job.model), job.batch_size, steps, rate))

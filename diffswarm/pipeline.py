@@ -117,6 +117,7 @@ class DiffswarmPipeline(DiffusionPipeline):
         self.shape = expert_shape(next(iter(self.expert_meta.values())))
         self.failovers: list[str] = []  # remote experts append what they did when a server failed
         self.audit = None  # remote experts' audit counts (router.audit.AuditStats), when they audit
+        self.published: list = []  # proofs against lying servers this pipeline published (swarm.proof)
         self._close: list[Callable[[], None]] = []
         self.register_to_config(num_experts=self.num_experts)
 
@@ -224,7 +225,7 @@ class DiffswarmPipeline(DiffusionPipeline):
         the servers). Waits up to ``wait_s`` for a server when none is up. ``host_maddrs``: where
         this node listens. Call :meth:`close`
         (or use the pipeline in a ``with`` block) to leave the swarm."""
-        from roles.client import RemoteConfig, swarm_ensemble
+        from roles.client import RemoteConfig, hand_over_proofs, swarm_ensemble
         from router.audit import DEFAULT_RATE
         from swarm.blobs import BlobService, BlobStore
         from swarm.dht import SwarmConfig, SwarmNode
@@ -246,7 +247,8 @@ class DiffswarmPipeline(DiffusionPipeline):
             for part in (pool, blobs, node):
                 _quietly(getattr(part, "close", None) or getattr(part, "shutdown", None))
             raise
-        pipe._close = [c for c in (pool.close if pool else None, blobs.shutdown, node.shutdown) if c is not None]
+        handover = lambda: hand_over_proofs(node, pipe.published)  # noqa: E731
+        pipe._close = [c for c in (handover, pool.close if pool else None, blobs.shutdown, node.shutdown) if c]
         pipe.node = node
         return pipe
 

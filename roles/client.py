@@ -52,12 +52,22 @@ from router.client import ClientConfig, draw
 from router.ensemble import check_compatible, encoder_for, space_for
 from router.network import RouterNet
 from router.sampling import ExpertUnavailable, LocalExpert
+from swarm import proof
 from swarm.bans import Bans
 from swarm.blobs import BlobService, BlobStore
 from swarm.dht import SwarmError, SwarmNode
 from swarm.job_id import JobId
 from swarm.mirror import fetch_published
-from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame, reply_timing
+from swarm.protocol import (
+    PROTOCOL,
+    DenoiseRequest,
+    ServerBusy,
+    frame,
+    parse_reply,
+    read_frame,
+    reply_timing,
+    request_parts,
+)
 from swarm.proxy import open_stream
 from swarm.records import ServeRecord
 
@@ -87,6 +97,7 @@ class RemotePool:
         references: dict[int, Reference] | None = None,
         fetch_reference: Callable[[int], Reference | None] | None = None,
         bans: Bans | None = None,
+        publish: Callable[[int, tuple], object] | None = None,
     ) -> None:
         self.service, self.cfg = p2p_service, cfg or RemoteConfig()
         self.discover = discover  # expert → its servers online now (re-read from the DHT)
@@ -94,6 +105,9 @@ class RemotePool:
         self.references = dict(references or {})  # expert → the verified local copy audits recompute with
         self.fetch_reference = fetch_reference  # expert → its local copy fetched now (None: not to be had)
         self.bans = bans  # the node's bans: servers it ignores, and where a caught liar is banned for all roles
+        self.publish = publish  # (expert, evidence) → publish a proof against a server caught lying
+        # peer → (its record, request header, request payload, reply bytes, its signature) of its last answer
+        self.evidence: dict[str, tuple[ServeRecord, dict, bytes, bytes, str]] = {}
         self.sessions: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
         self.paths: dict[str, str] = {}  # server → "direct" or "relayed", as its stream's address says
         self.banned: dict[str, float] = {}  # peer → until (monotonic); a caught liar: forever
@@ -178,7 +192,10 @@ class RemotePool:
         for rec in self._order(k, exclude, ckpt):
             try:
                 return rec, self._ask(rec, req)
-            except Exception as e:  # any failure of one server: ban it, try the next replica
+            except ServerBusy as e:  # a valid request refused for its load: no fault, the next replica
+                self._why[k] = str(e)
+                self.events.append(f"expert {k}: server {rec.peer[:12]}… is busy; asked another")
+            except Exception as e:  # any other failure of one server: ban it, try the next replica
                 self._why[k] = str(e) or type(e).__name__
                 self.banned[rec.peer] = time.monotonic() + self.cfg.ban_s
                 self.events.append(f"expert {k}: server {rec.peer[:12]}… failed ({self._why[k]}); banned for a while")
@@ -189,10 +206,17 @@ class RemotePool:
         req.ckpt = rec.ckpt
         t0 = time.perf_counter()
         try:
-            v, timing = self.service.call(self._request(rec.peer, req, req.x.shape), timeout=self.cfg.timeout_s + 5)
+            v, timing, (header, payload, reply, sig) = self.service.call(
+                self._request(rec.peer, req, req.x.shape), timeout=self.cfg.timeout_s + 5
+            )
+            # An answer counts only when the key of the server's record signed it: every answer is
+            # then one the server stands behind, and a wrong one is a proof against it.
+            if not proof.signed_by(rec.owner, proof.request_digest(header, payload), reply, list(v.shape), sig):
+                raise ConnectionError("its answer is not signed by the key of its serve record")
         except Exception:
             self._drop(rec.peer)
             raise
+        self.evidence[rec.peer] = (rec, header, payload, reply, sig)
         dt = time.perf_counter() - t0
         self.latency.append((dt, timing))
         old = self.rtt.get(rec.peer)
@@ -363,6 +387,13 @@ class RemotePool:
         self.banned[peer] = math.inf
         if self.bans is not None:
             self.bans.ban(peer, f"answered expert {k} wrong (relative error {error:.2g} against {by})")
+        evidence = self.evidence.get(peer)
+        if self.publish is not None and evidence is not None:
+            try:
+                self.publish(k, evidence)
+                self._note(k, "proof published", peer=peer)
+            except Exception as e:  # noqa: BLE001 (the catch stands; only the proof for others is lost)
+                self.events.append(f"expert {k}: no proof against {peer[:12]}… could be published ({e})")
         self._note(
             k,
             "caught",
@@ -378,19 +409,23 @@ class RemotePool:
         self.notes[k].append({"event": event, **what})
 
     # ---------------------------------------------------------------- streams
-    async def _request(self, peer: str, req: DenoiseRequest, shape) -> tuple[torch.Tensor, dict]:
+    async def _request(self, peer: str, req: DenoiseRequest, shape) -> tuple[torch.Tensor, dict, tuple]:
+        """The velocity, the server's timings, and what a proof needs: (request header, request
+        payload, reply bytes, the server's signature)."""
         if peer not in self.sessions:
             path, reader, writer = await open_stream(self.service.p2p, peer, PROTOCOL, self.cfg.connect_timeout_s)
             self.sessions[peer] = (reader, writer)
             self.paths[peer] = path
         reader, writer = self.sessions[peer]
-        writer.write(encode_request(req))
+        req_header, req_payload = request_parts(req)
+        writer.write(frame(req_header, req_payload))
         await writer.drain()
         limit = 4 * req.x.numel() + 4096  # a reply larger than the velocity asked for is refused
         header, payload = await asyncio.wait_for(read_frame(reader, limit), self.cfg.timeout_s)
         if header.get("id") != req.id:
             raise ConnectionError(f"reply {header.get('id')} to request {req.id}: the stream is out of step")
-        return parse_reply(header, payload, tuple(shape)), reply_timing(header)
+        v = parse_reply(header, payload, tuple(shape))
+        return v, reply_timing(header), (req_header, req_payload, payload, header.get("sig"))
 
     def _drop(self, peer: str) -> None:
         session = self.sessions.pop(peer, None)
@@ -502,6 +537,23 @@ def swarm_ensemble(
         got = fetch_published(node, blobs, run, Path(folder), [job])
         return _reference(got.get(job), k, device, precision)
 
+    def recompute(k: int, _ckpt: str, req: DenoiseRequest) -> torch.Tensor:
+        return references[k].runner(req.x, req.t, req.states, req.mask, req.guidance)
+
+    def publish(k: int, evidence: tuple) -> None:
+        rec, header, payload, reply, sig = evidence
+        p = proof.publish(node, blobs, run, Path(folder) / "proofs", k, rec, header, payload, reply, sig)
+        published.append(p)
+
+    # Servers convicted by another client's proof, checked here against the local copies, are not asked.
+    published: list[proof.Proof] = []
+    held = {(k, ref.sha256) for k, ref in references.items()}
+    convicted = proof.convicted(
+        node, blobs, run, Path(folder) / "proofs", servers, held, recompute, audit.disagreement, cfg.tolerance
+    )
+    for peer, why in convicted.items():
+        node.bans.ban(peer, why)
+    servers = {k: kept for k, recs in servers.items() if (kept := [r for r in recs if r.peer not in convicted])}
     pool = None
     if servers:
         pool = RemotePool(
@@ -512,7 +564,9 @@ def swarm_ensemble(
             references=references,
             fetch_reference=fetch_reference,
             bans=node.bans,
+            publish=publish,
         )
+        pool.events += [f"server {peer[:12]}… not asked: {why}" for peer, why in convicted.items()]
     served_by = dict.fromkeys(experts, "local")
     for k, recs in servers.items():
         experts[k] = RemoteExpert(pool, k)
@@ -532,6 +586,7 @@ def swarm_ensemble(
         space_for(router_ckpt.meta["space"], vae),
         served_by,
     )
+    pipe.published = published  # proofs this client published (see hand_over_proofs)
     if pool is not None:
         pipe.failovers = pool.events
         pipe.audit = pool.stats if cfg.audit_rate > 0 else None
@@ -573,7 +628,7 @@ def run_swarm_client(node: SwarmNode, cfg: ClientConfig) -> Path:
     run here, every other one on its servers. Returns the PNG's path."""
     blobs = BlobService(node.dht, BlobStore(), bans=node.bans)
     node.on_restart(blobs.rebind)
-    pool = None
+    pool = pipe = None
     try:
         pipe, pool = swarm_ensemble(
             node,
@@ -593,6 +648,28 @@ def run_swarm_client(node: SwarmNode, cfg: ClientConfig) -> Path:
         )
         return draw(pipe, cfg)
     finally:
+        if pipe is not None:
+            hand_over_proofs(node, pipe.published)
         if pool is not None:
             pool.close()
         blobs.shutdown()
+
+
+def hand_over_proofs(node: SwarmNode, published: list[proof.Proof], wait_s: float = 20.0) -> None:
+    """A client is often gone a moment after it caught a liar: before it leaves, it waits (up to
+    ``wait_s``) until another peer (the run's preparer mirrors proofs) provides every blob of the
+    proofs it published, so other clients can check them."""
+    digests = {d for p in published for d in (p.request, p.reply)}
+    if not digests:
+        return
+    print(f"waiting up to {wait_s:.0f}s for the run's preparer to hold the proof(s) this client published", flush=True)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if all(node.providers(d) - {node.peer_id} for d in digests):
+                print("the proof(s) are held by the swarm", flush=True)
+                return
+        except SwarmError:
+            return
+        time.sleep(1.0)
+    print("no other peer holds the proof(s) yet; they leave with this client", file=sys.stderr, flush=True)

@@ -29,7 +29,7 @@ from rich.console import Console
 
 from data.checkpoint import CheckpointError, latest_checkpoint
 from data.manifest import load_manifest
-from swarm import claims
+from swarm import claims, proof
 from swarm.blobs import BlobService, BlobStore, announce
 from swarm.dht import SwarmNode
 from swarm.mirror import mirror_checkpoints, publish_checkpoint
@@ -181,6 +181,8 @@ def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, cfg: Serve
     verifier = Verifier(node, blobs, run, manifest, mirror, VerifyConfig(cfg.text_encoder, cfg.vae))
     keeper = RecordKeeper(node, store, run, cfg)
     keeper.start()
+    proofs_held: set[str] = set()
+    proofs_failed: dict[str, str] = {}
     try:
         while True:
             run = verifier.run = keeper.record
@@ -188,6 +190,13 @@ def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, cfg: Serve
             if verifier.verify_pending(snap):
                 snap = node.snapshot(run)  # (a refusal's ban shows in the presence the keeper renews)
             mirror_checkpoints(node, blobs, snap, mirror, publish=True, accepted=verifier.accepted)
+            # Proofs against lying servers outlive the clients that caught them (the keeper announces them).
+            before = dict(proofs_failed)
+            for p in proof.mirror(node, blobs, run, mirror / "proofs", proofs_held, proofs_failed):
+                console.log(f"holding a proof against server {p.peer} (expert {p.expert}) for clients to check")
+            for digest, why in proofs_failed.items():
+                if before.get(digest) != why:
+                    console.log(f"a proof's blobs could not be had ({why})")
             if stop.wait(cfg.period_s):
                 break
     finally:

@@ -44,7 +44,7 @@ from rich.console import Console
 from data.checkpoint import Checkpoint
 from roles.fair_queue import Busy, FairQueue, ForwardCost, Slice
 from router.sampling import LocalExpert
-from swarm import claims
+from swarm import claims, proof
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
 from swarm.dht import SwarmError, SwarmNode
 from swarm.job_id import JobId
@@ -298,7 +298,13 @@ class ExpertServer:
             v, forward_s = await asyncio.wait_for(job.future, self.cfg.request_timeout_s)
             # Timings let a client tell network and queueing from compute.
             timing = {"forward_ms": forward_s * 1e3, "server_ms": (time.perf_counter() - received) * 1e3}
-            reply = encode_reply(req_id, v, timing=timing)
+            digest = proof.request_digest(header, payload)
+            reply = encode_reply(
+                req_id,
+                v,
+                timing=timing,
+                sign=lambda data, shape: proof.sign(self.node.key, digest, data, shape),
+            )
         except Busy as e:
             await self._busy(writer, req_id, str(e))
             return True

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
@@ -148,7 +148,8 @@ class SwarmNode:
 
     def __init__(self, cfg: SwarmConfig) -> None:
         _, rsa_path = identity_paths(cfg.identity_dir)
-        self.rsa = RSASignatureValidator(load_or_create_rsa_key(rsa_path))
+        self.key = load_or_create_rsa_key(rsa_path)  # signs its records and, serving, its answers
+        self.rsa = RSASignatureValidator(self.key)
         self.owner: bytes = self.rsa.local_public_key
         self.fingerprint = fingerprint(self.owner)
         self.ref: RunRef | None = RunRef.parse(cfg.run) if cfg.run else None
@@ -592,8 +593,8 @@ class SwarmNode:
         out: dict[int, list[ServeRecord]] = {}
         for k in experts:
             recs = [
-                r
-                for r in self.read(serve_key(k), ServeRecord).values()
+                replace(r, owner=owner)
+                for owner, r in self.read(serve_key(k), ServeRecord).items()
                 if r.run == run.manifest_sha256 and (r.state == "online" or not online_only)
             ]
             if recs:

@@ -9,7 +9,8 @@ a byte of payload is trusted.
     request  {"op": "denoise", "id", "expert", "ckpt", "x": [B,C,H,W], "states": [2B,L,D],
               "t": [B floats], "t_next", "guidance", "nbytes"}
              payload: x float32 | states float32 | mask uint8 (2B×L)
-    reply    {"id", "ok": true, "v": [B,C,H,W], "nbytes", "forward_ms", "server_ms"}  payload: v float32
+    reply    {"id", "ok": true, "v": [B,C,H,W], "nbytes", "forward_ms", "server_ms", "sig"}  payload: v float32
+             (sig: the server's signature on the request and this velocity, see swarm.proof)
              (forward_ms: the forward passes the request's rows were in; server_ms: from the
              request's arrival to its reply, queueing included)
              {"id", "ok": false, "error": "...", "nbytes": 0[, "busy": true]}
@@ -27,6 +28,7 @@ import asyncio
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +84,11 @@ def _f32(t: torch.Tensor) -> bytes:
 
 
 def encode_request(req: DenoiseRequest) -> bytes:
+    return frame(*request_parts(req))
+
+
+def request_parts(req: DenoiseRequest) -> tuple[dict, bytes]:
+    """The header and payload of a request frame."""
     payload = _f32(req.x) + _f32(req.states) + req.mask.to(torch.uint8).contiguous().numpy().tobytes()
     header = {
         "op": "denoise",
@@ -95,7 +102,7 @@ def encode_request(req: DenoiseRequest) -> bytes:
         "guidance": float(req.guidance),
         "nbytes": len(payload),
     }
-    return frame(header, payload)
+    return header, payload
 
 
 def encode_reply(
@@ -104,14 +111,17 @@ def encode_reply(
     error: str | None = None,
     timing: dict[str, float] | None = None,
     busy: bool = False,
+    sign: Callable[[bytes, list[int]], str] | None = None,
 ) -> bytes:
-    """A reply: the velocity ``v``, or an ``error`` (``busy``: refused for the server's load)."""
+    """A reply: the velocity ``v``, or an ``error`` (``busy``: refused for the server's load).
+    ``sign(payload, shape)`` gives the server's signature on the velocity (see swarm.proof)."""
     if v is None:
         header = {"id": req_id, "ok": False, "error": (error or "failed")[:500], "nbytes": 0}
         return frame(header | ({"busy": True} if busy else {}), b"")
     payload = _f32(v)
     times = {k: round(float(t), 3) for k, t in (timing or {}).items()}
-    return frame({"id": req_id, "ok": True, "v": list(v.shape), "nbytes": len(payload), **times}, payload)
+    signed = {"sig": sign(payload, list(v.shape))} if sign is not None else {}
+    return frame({"id": req_id, "ok": True, "v": list(v.shape), "nbytes": len(payload), **times, **signed}, payload)
 
 
 def reply_timing(header: dict) -> dict[str, float]:

@@ -22,6 +22,7 @@ below hivemind's 64 KiB limit): checkpoint bytes never go into the DHT.
     verdicts_<job>      owner → VerdictRecord     a verifier's recent verdicts on a job's checkpoints
     peers               owner → PeerRecord        who is up, doing what (step, loss, samples/s, bans)
     serve_<job>         owner → ServeRecord       a server of an expert: state, load, checkpoint
+    proofs              owner → ProofsRecord      answers a client caught wrong, signed by their server
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.crypto import RSAPublicKey
 
 from swarm.job_id import MAX_EXPERTS, JobId, swarm_jobs
+from swarm.proof import MAX_PROOFS, Proof
 
 PREFIX = "diffswarm"
 HEARTBEAT_S = 5.0  # claim renewal period
@@ -141,6 +143,22 @@ class VerdictsSchema(pydantic.BaseModel):
     entries: pydantic.conlist(VerdictSchema, max_items=2 * MAX_VERDICTS)
 
 
+class ProofSchema(pydantic.BaseModel):
+    server: Fingerprint  # the key that signs the server's serve records (and signed the answer)
+    peer: PeerId
+    expert: pydantic.conint(strict=True, ge=0, lt=MAX_EXPERTS)
+    ckpt: Sha256
+    request: Sha256  # blob: the request (canonical header JSON + payload)
+    reply: Sha256  # blob: the velocity's bytes
+    shape: pydantic.conlist(pydantic.conint(strict=True, ge=1, le=4096), min_items=4, max_items=4)
+    sig: pydantic.constr(max_length=2048)
+
+
+class ProofsSchema(pydantic.BaseModel):
+    run: Sha256
+    proofs: pydantic.conlist(ProofSchema, max_items=MAX_PROOFS)
+
+
 class ServeSchema(pydantic.BaseModel):
     run: Sha256
     peer: PeerId
@@ -166,6 +184,7 @@ def _run_schema() -> type[pydantic.BaseModel]:
     fields: dict[str, Any] = {
         "run": (dict[OwnerKey, RunSchema] | None, None),
         "peers": (dict[OwnerKey, PeerSchema] | None, None),
+        "proofs": (dict[OwnerKey, ProofsSchema] | None, None),
     }
     for job in swarm_jobs(MAX_EXPERTS):
         fields[f"claim_{job}"] = (dict[OwnerKey, ClaimSchema] | None, None)
@@ -302,6 +321,10 @@ def peers_key() -> str:
     return f"{PREFIX}_peers"
 
 
+def proofs_key() -> str:
+    return f"{PREFIX}_proofs"
+
+
 def claim_key(job: str) -> str:
     return f"{PREFIX}_claim_{_check_job(job)}"
 
@@ -414,6 +437,12 @@ class VerdictsRecord:
 
 
 @dataclass(frozen=True)
+class ProofsRecord:
+    run: str
+    proofs: list[Proof]
+
+
+@dataclass(frozen=True)
 class ServeRecord:
     run: str
     peer: str
@@ -428,6 +457,9 @@ class ServeRecord:
     shape: list[int]
     max_batch: int
     reach: str = ""
+    # The key that signs it (its [owner:KEY] subkey), set when read; not part of the record itself:
+    # a client checks the server's signed answers with it.
+    owner: bytes = field(default=b"", compare=False)
 
 
 @dataclass(frozen=True)
@@ -450,6 +482,7 @@ _SCHEMAS = {
     ProviderRecord: ProviderSchema,
     PeerRecord: PeerSchema,
     ServeRecord: ServeSchema,
+    ProofsRecord: ProofsSchema,
     RelayRecord: RelaySchema,
 }
 
@@ -457,6 +490,7 @@ _SCHEMAS = {
 def encode(record) -> dict:
     """A record as the plain dict stored in the DHT (validated before it is written)."""
     d = asdict(record)
+    d.pop("owner", None)  # who signs a record is its subkey, not a field of it
     _SCHEMAS[type(record)].parse_obj(d)
     return d
 
@@ -471,4 +505,6 @@ def decode(cls, value: Any):
         return None
     if cls is VerdictsRecord:
         return VerdictsRecord(parsed.run, [Verdict(**e.dict()) for e in parsed.entries])
+    if cls is ProofsRecord:
+        return ProofsRecord(parsed.run, [Proof(**e.dict()) for e in parsed.proofs])
     return cls(**parsed.dict())

@@ -234,6 +234,26 @@ def test_two_servers_disagreeing_with_no_referee_drop_the_expert_or_the_local_co
     assert [n["peer"] for n in notes if n["event"] == "caught"] == ["liar"]
 
 
+def test_a_busy_server_is_skipped_without_a_ban():
+    """ "busy" is a valid request refused for the server's load: the next replica answers, and the busy
+    one is asked again at the next step (a failing one would be banned for a while)."""
+    from swarm.protocol import ServerBusy
+
+    busy = {"n": 0}
+
+    def sometimes_busy(*args):
+        busy["n"] += 1
+        if busy["n"] == 1:
+            raise ServerBusy("busy: your share of this queue is full")
+        return _honest(*args)
+
+    pool = FakePool({"a": sometimes_busy, "b": _honest}, audit_rate=0.0)
+    for i in range(20):
+        _step(pool, i)
+    assert "a" not in pool.banned and pool.asked.count("a") >= 2
+    assert any("is busy; asked another" in e for e in pool.events)
+
+
 def test_a_server_naming_another_checkpoint_is_not_asked_while_one_serves_the_verified_one():
     """Naming a made-up hash would make a liar's answers impossible to recompute: such a server is
     left out while a server of the checkpoint held here is up, and said so in the summary."""
@@ -311,7 +331,8 @@ def test_tolerance_is_well_above_honest_float_differences_of_a_real_expert(small
 
 class Liar:
     """A stranger's node serving the denoising protocol: it announces a serve record for expert 0
-    naming the verified checkpoint's hash and answers every request with a constant velocity."""
+    naming the verified checkpoint's hash and answers every request with a constant velocity,
+    signed with its key as an honest server signs (an unsigned answer is not even used)."""
 
     def __init__(self, tmp: Path, peers: list[str], honest: ServeRecord) -> None:
         from swarm.blobs import BlobService, BlobStore
@@ -329,14 +350,17 @@ class Liar:
         assert self.node.store(serve_key(0), self.record, 600)
 
     async def _serve(self, _info, reader, writer) -> None:
+        from swarm import proof
         from swarm.protocol import encode_reply, read_frame
 
         try:
             while True:
-                header, _ = await read_frame(reader, 1 << 26)
+                header, payload = await read_frame(reader, 1 << 26)
                 self.answered += 1
                 v = torch.full(tuple(header["x"]), 0.5)  # no forward pass at all: instant and wrong
-                writer.write(encode_reply(header["id"], v, timing={"forward_ms": 0.0, "server_ms": 0.1}))
+                digest = proof.request_digest(header, payload)
+                sign = lambda data, shape, d=digest: proof.sign(self.node.key, d, data, shape)  # noqa: E731
+                writer.write(encode_reply(header["id"], v, timing={"forward_ms": 0.0, "server_ms": 0.1}, sign=sign))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -354,7 +378,7 @@ def lied_to(small_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("audit")
     procs, observer, liar = [], None, None
     try:
-        peers, observer, _, _ = start_serving_preparer(small_run, tmp, procs)
+        peers, observer, _, prep_log = start_serving_preparer(small_run, tmp, procs)
         log = tmp / "honest.log"
         args = ["--role", "server", "--expert", "0", "--workdir", str(tmp / "honest"), "--initial-peers", *peers]
         procs.append(spawn([*args, "--host-maddrs", LOOPBACK], log))
@@ -363,7 +387,7 @@ def lied_to(small_run, tmp_path_factory):
         honest = wait_for(lambda: observer.servers(run, [0]).get(0), 60, "the honest server's record", logs=(log,))[0]
         liar = Liar(tmp, peers, honest)
         wait_for(lambda: len(observer.servers(run, [0]).get(0, [])) == 2, 60, "both serve records of expert 0")
-        yield tmp, peers, honest, liar
+        yield tmp, peers, honest, liar, prep_log
     finally:
         if liar is not None:
             liar.close()
@@ -374,7 +398,7 @@ def lied_to(small_run, tmp_path_factory):
 
 
 def test_a_lying_server_is_caught_its_steps_redone_and_the_image_is_the_honest_one(lied_to):
-    tmp, peers, honest, liar = lied_to
+    tmp, peers, honest, liar, prep_log = lied_to
     common = ["--role", "client", "red apple", "--workdir", str(tmp / "client"), "--initial-peers", *peers]
     common += ["--host-maddrs", LOOPBACK, "--steps", "16", "--mode", "full", "--seed", "3"]
     # Expert 1 runs here; expert 0 on its two servers, one of them lying (default audit rate).
@@ -403,3 +427,49 @@ def test_a_lying_server_is_caught_its_steps_redone_and_the_image_is_the_honest_o
     assert json.loads((tmp / "local.json").read_text())["per_step"] == routing["per_step"]
     pixels = [np.asarray(Image.open(tmp / f"{name}.png")).astype(int) for name in ("lied", "local")]
     assert np.abs(pixels[0] - pixels[1]).max() <= 2
+
+    # The catch was published as a proof (the request and the signed answer, as blobs).
+    answered = liar.answered
+    # The run's preparer keeps the proof's blobs available after the client that caught the liar is gone.
+    wait_for(lambda: "holding a proof against" in prep_log.read_text(), 60, "the preparer to mirror the proof")
+    # Another client, a new identity: it checks the proof against its own copy of the checkpoint
+    # before its first step and never asks the liar, whatever its audit would have drawn.
+    other = node(
+        *common[:3], "--workdir", str(tmp / "client2"), *common[5:], "--local-experts", "1",
+        "--output", str(tmp / "second.png"), timeout=300,
+    )  # fmt: skip
+    assert "Traceback" not in other.stderr
+    assert liar.answered == answered, "the second client asked the convicted liar"
+    second = json.loads((tmp / "second.json").read_text())
+    assert second["audit"]["caught"] == [] and all(w["0"] == honest.peer for w in second["where"])
+    assert any("a published proof convicts it" in e for e in second["failovers"]), second["failovers"]
+
+
+def test_a_proof_is_the_servers_signature_and_convicts_nobody_else():
+    """A server's signature covers the request and its answer: changing either breaks it; a proof
+    blob round-trips the request exactly."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from swarm import proof
+    from swarm.protocol import DenoiseRequest, request_parts
+
+    key, other = RSAPrivateKey(), RSAPrivateKey()
+    owner = b"[owner:" + key.get_public_key().to_bytes() + b"]"
+    req = DenoiseRequest(7, 0, "c" * 64, torch.ones(1, *SHAPE), torch.full((1,), 0.5), 0.25, torch.ones(2, 3, 4),
+                         torch.ones(2, 3), 3.0)  # fmt: skip
+    header, payload = request_parts(req)
+    reply = torch.zeros(1, *SHAPE).numpy().tobytes()
+    digest = proof.request_digest(header, payload)
+    sig = proof.sign(key, digest, reply, [1, *SHAPE])
+    assert proof.signed_by(owner, digest, reply, [1, *SHAPE], sig)
+    assert not proof.signed_by(owner, digest, reply[:-4] + b"\x00\x00\x80\x3f", [1, *SHAPE], sig)  # another answer
+    assert not proof.signed_by(
+        owner, proof.request_digest({**header, "guidance": 4.0}, payload), reply, [1, *SHAPE], sig
+    )
+    assert not proof.signed_by(owner, digest, reply, [1, *SHAPE], proof.sign(other, digest, reply, [1, *SHAPE]))
+    assert not proof.signed_by(owner, digest, reply, [1, *SHAPE], "not base64!")
+    assert not proof.signed_by(b"[owner:junk]", digest, reply, [1, *SHAPE], sig)
+    back = proof.parse_request_blob(proof.request_blob(header, payload))
+    assert proof.request_digest(*back) == digest
+    with pytest.raises(ValueError):
+        proof.parse_request_blob(b"\xff\xff\xff\xff{}")

@@ -55,7 +55,7 @@ def test_router_cross_entropy_falls_well_below_log_k(tmp_path):
     )
     manifest, digest = load_manifest(tmp_path / "data")
     cfg = TrainConfig(ckpt_root=str(tmp_path / "router"), steps=120, batch_size=32, lr=1e-3, log_every=20)
-    job = RouterJob(manifest, digest, "pixel", lambda x: x, cfg)
+    job = RouterJob(manifest, digest, "pixel", lambda x: x, cfg, "tiny")
     ckpt = train(job, cfg)
     assert ckpt.step == 120
 

@@ -112,6 +112,28 @@ def test_two_servers_route_every_step_and_match_local_experts(swarm):
     assert np.abs(_pixels(swarm.tmp / "remote.png") - _pixels(swarm.tmp / "local.png")).max() <= 2
 
 
+def test_the_python_pipeline_samples_through_the_swarm(swarm, small_run):
+    """DiffswarmPipeline.from_swarm: the router fetched and run here, every step on the servers of
+    the test above, the same images as the same set held locally."""
+    from diffswarm import DiffswarmPipeline
+
+    servers = {"0": swarm.servers["s0"][2], "1": swarm.servers["s1"][2]}
+    with DiffswarmPipeline.from_swarm(
+        swarm.peers, cache_dir=swarm.tmp / "python", host_maddrs=[LOOPBACK], wait_s=30
+    ) as pipe:
+        out = pipe(["red apple", "rocket"], mode="top1", steps=6, seed=4)
+        assert pipe.served_by == {0: "1 server(s)", 1: "1 server(s)"}
+    assert len(out.routing) == 6
+    for step in out.routing:
+        assert all(e["served_by"] == servers[str(k)] and e["path"] == "direct" for k, e in step["experts"].items())
+    assert out.audit is not None and out.audit["caught"] == []  # honest servers, audited
+    here = DiffswarmPipeline.from_checkpoints(small_run / "checkpoints")(
+        ["red apple", "rocket"], mode="top1", steps=6, seed=4
+    )
+    for a, b in zip(out.images, here.images, strict=True):
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 2
+
+
 def test_concurrent_clients_are_batched_and_refusals_keep_the_stream(swarm):
     if "s0" not in swarm.servers:
         swarm.server("s0", "0", "--max-batch", "4")
