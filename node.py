@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from swarm.job_id import JobId
+from data.job_id import JobId
 from swarm.lifeline import interrupt_on_signals, stop_on_signals
 
 # role → what it does (the lines of `python node.py --help`)
@@ -655,7 +655,7 @@ def run_server(args: argparse.Namespace) -> None:
 
 
 def run_client(args: argparse.Namespace) -> None:
-    from router.client import ClientConfig, run_local_client
+    from roles.client import ClientConfig, run_local_client
     from router.sampling import SamplerConfig
 
     from_swarm = not args.local and not args.from_export

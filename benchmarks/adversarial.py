@@ -14,6 +14,14 @@ one honest trainer training expert 0 for the same wall-clock budget:
   floods the DHT: ``--flood`` claims on the honest trainer's job from as many keys, and a fifth as
   many presence records.
 
+A third phase attacks serving: a run with a small trained set, an honest server of expert 0 and,
+beside it, a stranger's server announcing the same verified checkpoint that answers every step
+with a constant velocity, signed as an honest server signs (:class:`LyingServer`). A client draws
+images quiet (the liar not yet up), then with the liar up, then a second client (a new identity)
+after the first has published its proof. Reported: the liar's answers used (goal 0), how many of
+its answers the first client took before catching it, the audit's extra expert forwards per image,
+seconds per image attacked ÷ quiet, and how often the second client asked the liar (goal 0).
+
 An observer following the run checks every second whether any attack was accepted: a refused or
 bogus checkpoint counted as a job's latest, a squatter owning a job (the t0 = 0 one at once, the
 plausible one after the grace period), the run redirected, the honest trainer's key banned by
@@ -21,7 +29,7 @@ the preparer, a republished record counted. Reported: attacks tried, accepted (g
 the honest trainer lost its claim, its samples/s attacked ÷ quiet, and the time of an honest
 ``--role status --once`` during the flood ÷ quiet.
 
-    .venv/bin/python benchmarks/adversarial.py [--minutes 2]
+    .venv/bin/python benchmarks/adversarial.py [--minutes 2] [--images 4] [--serving-only]
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import asyncio  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 from dataclasses import astuple, replace  # noqa: E402
@@ -374,15 +383,162 @@ def phase(tmp: Path, data: Path, minutes: float, signer: ManyKeys | None) -> dic
             n.stop()
 
 
+class LyingServer:
+    """A stranger's node serving the denoising protocol: it announces a serve record for expert 0
+    copied from an honest server's (the verified checkpoint's hash, an empty queue) and answers every
+    request with a constant velocity, at once, signed with its own key as an honest server signs
+    its answers (an unsigned answer is not even used)."""
+
+    def __init__(self, tmp: Path, peers: list[str], honest) -> None:
+        from swarm.protocol import PROTOCOL
+        from swarm.records import serve_key
+
+        self.node = SwarmNode(SwarmConfig(str(tmp / "liar"), initial_peers=peers, host_maddrs=[LOOPBACK]))
+        self.blobs = BlobService(self.node.dht, BlobStore(), bans=self.node.bans)
+        self.answered = 0
+        self.blobs.add_stream_handler(PROTOCOL, self._serve)
+        self.record = replace(honest, peer=self.node.peer_id, queue=0, rps=0.0, owner=b"")
+        assert self.node.store(serve_key(0), self.record, 600)  # a long TTL stands in for renewals
+
+    async def _serve(self, _info, reader, writer) -> None:
+        from swarm import proof
+        from swarm.protocol import encode_reply, read_frame
+
+        try:
+            while True:
+                header, payload = await read_frame(reader, 1 << 26)
+                self.answered += 1
+                v = torch.full(tuple(header["x"]), 0.5)  # no forward pass at all: instant and wrong
+                digest = proof.request_digest(header, payload)
+                sign = lambda data, shape, d=digest: proof.sign(self.node.key, d, data, shape)  # noqa: E731
+                writer.write(encode_reply(header["id"], v, timing={"forward_ms": 0.0, "server_ms": 0.1}, sign=sign))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        self.blobs.shutdown()
+        self.node.shutdown()
+
+
+PROMPTS = ["red apple", "rocket", "sun", "dog face", "red heart", "grinning face", "woman", "flag: Japan"]
+
+
+def serving_phase(tmp: Path, data: Path, images: int) -> dict:
+    """A lying server beside an honest one: what the audit costs and what the liar gets."""
+    work = tmp / "run"
+    shutil.copytree(data, work)
+    for job in (["--expert", "0"], ["--expert", "1"], ["--job", "router"]):
+        NodeProcess("train", ["--role", "trainer", "--local", "--workdir", str(work), *job, "--steps", "30"],
+                    tmp / "train.log").proc.wait(timeout=1800)  # fmt: skip
+    nodes, liar, observer = [], None, None
+    try:
+        prep = NodeProcess(
+            "preparer",
+            ["--role", "prepare", "--serve", "--publish-local", "--workdir", str(work), "--limit", "300"]
+            + ["--clusters", "2", "--host-maddrs", LOOPBACK],
+            tmp / "prep.log",
+        )
+        nodes.append(prep)
+        peers = prep.wait_for("--initial-peers", 300).split("--initial-peers", 1)[1].split()
+        prep.wait_for("publishing local checkpoint of router", 120)
+        server = NodeProcess(
+            "server",
+            ["--role", "server", "--expert", "0,1", "--workdir", str(tmp / "server"), "--initial-peers", *peers]
+            + ["--host-maddrs", LOOPBACK, "--threads", "1"],
+            tmp / "server.log",
+        )
+        nodes.append(server)
+        server.wait_for("serving expert", 300)
+        observer = SwarmNode(SwarmConfig(str(tmp / "observer"), initial_peers=peers, host_maddrs=[LOOPBACK]))
+        run = observer.run()
+        deadline = time.monotonic() + 60
+        while not (honest := observer.servers(run, [0, 1])).keys() >= {0, 1} and time.monotonic() < deadline:
+            time.sleep(1)
+
+        def client(name: str) -> dict:
+            out = tmp / f"{name}.png"
+            t0 = time.perf_counter()
+            NodeProcess(
+                name,
+                ["--role", "client", *PROMPTS[:images], "--workdir", str(tmp / name), "--initial-peers", *peers]
+                + ["--host-maddrs", LOOPBACK, "--steps", "20", "--mode", "top1", "--output", str(out)],
+                tmp / f"{name}.log",
+            ).proc.wait(timeout=900)
+            routing = json.loads(out.with_suffix(".json").read_text())
+            routing["seconds_per_image"] = (time.perf_counter() - t0) / images
+            return routing
+
+        quiet = client("quiet")
+        liar = LyingServer(tmp, peers, honest[0][0])
+        while len(observer.servers(run, [0]).get(0, [])) < 2 and time.monotonic() < deadline + 60:
+            time.sleep(1)
+        lied = client("lied")
+        asked = liar.answered
+        prep.wait_for("holding a proof against", 60)
+        second = client("second")
+        used = sum(w.get("0") == liar.record.peer for r in (lied, second) for w in r["where"])
+        caught = lied["audit"]["caught"]
+        return {
+            "quiet_s": quiet["seconds_per_image"],
+            "lied_s": lied["seconds_per_image"],
+            "liar_answers": asked,
+            "liar_answers_used": used,
+            "served_before_caught": caught[0]["steps_served_before_caught"] if caught else None,
+            "caught": len(caught),
+            "extra_forwards_per_image": lied["audit"]["extra_forwards_per_image"],
+            "forwards_per_image": lied["audit"]["forwards_per_image"],
+            "second_asked_liar": liar.answered - asked,
+            "second_caught": len(second["audit"]["caught"]),
+        }
+    finally:
+        if liar is not None:
+            liar.close()
+        if observer is not None:
+            observer.shutdown()
+        for n in reversed(nodes):
+            n.stop()
+
+
+def serving_lines(s: dict, images: int) -> list[str]:
+    return [
+        f"Serving, a lying server beside an honest one (expert 0; {images} images per client, 20 steps, top-1,"
+        " default audit): the liar answered "
+        f"{s['liar_answers']} request(s); its answers used in an image: {s['liar_answers_used']}; answers it "
+        f"got accepted before it was caught: {s['served_before_caught']}. The audit cost "
+        f"{s['extra_forwards_per_image']:.1f} extra expert forwards per image on top of "
+        f"{s['forwards_per_image']:.0f}. Client seconds per image with the liar up "
+        f"{s['lied_s']:.2f}, before it was up {s['quiet_s']:.2f}: ratio {s['lied_s'] / s['quiet_s']:.2f}. "
+        f"A second client (a new identity) checked the published proof: it asked the liar "
+        f"{s['second_asked_liar']} time(s).",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=2.0, help="the honest trainer's budget per phase")
     ap.add_argument("--flood", type=int, default=5000, help="claims in the DHT flood, one key each")
+    ap.add_argument("--images", type=int, default=4, help="images per client in the serving phase")
+    ap.add_argument("--serving-only", action="store_true", help="only the lying-server phase")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
         tmp = Path(d)
         data = prepare(tmp)
+        serving = serving_phase(tmp / "serving", data, args.images)
+        print("serving:", json.dumps(serving), flush=True)
+        if args.serving_only:
+            n = args.images
+            text = "\n".join(
+                [f"## A lying server ({time.strftime('%Y-%m-%d')})", "", f"Machine: {machine()}. Loopback.", ""]
+                + serving_lines(serving, args.images)
+                + ["", f"Command: `.venv/bin/python benchmarks/adversarial.py --serving-only --images {n}`", ""]
+            )
+            print(text)
+            append_section(text, args.out)
+            return
         t0 = time.perf_counter()
         signer = ManyKeys(args.flood)  # made before the phases: key making is the stranger's own cost
         print(f"{args.flood} keys made in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -413,6 +569,8 @@ def main() -> None:
         f"{attacked['flood'].get('stored', 0)} of them stored by some peer. Honest `--role status --once` during "
         f"the flood {attacked['status_s']:.1f}s, quiet {quiet['status_s']:.1f}s: ratio "
         f"{attacked['status_s'] / quiet['status_s']:.2f}.",
+        "",
+        *serving_lines(serving, args.images),
         "",
         f"Command: `.venv/bin/python benchmarks/adversarial.py --minutes {args.minutes:g} --flood {args.flood}`",
         "",

@@ -32,8 +32,8 @@ from hivemind.p2p import PeerID  # noqa: E402
 
 from benchmarks.results import RESULTS, append_section, machine  # noqa: E402
 from benchmarks.serving import K, pin, publish_random_set, text_encoder  # noqa: E402
+from diffswarm.remote import RemotePool  # noqa: E402
 from experts.latent_space import load_space  # noqa: E402
-from roles.client import RemotePool  # noqa: E402
 from roles.local import LOOPBACK, NodeProcess  # noqa: E402
 from router.sampling import SamplerConfig, generate  # noqa: E402
 from swarm.blobs import BlobService, BlobStore  # noqa: E402

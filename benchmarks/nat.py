@@ -6,7 +6,7 @@ each a ratio of two measurements taken in this run:
 
 1. Serving, per step. A run's owner (a worker here) publishes 4 random-weight ``tiny`` experts and a router; two
    ``node.py --role server`` processes serve all four, one on a public host, one in a home. A client in a
-   third home (this benchmark's worker: the swarm client's own :class:`roles.client.RemotePool` and sampler, the
+   third home (this benchmark's worker: the swarm client's own :class:`diffswarm.remote.RemotePool` and sampler, the
    router fetched from the swarm) draws the same prompts with the same seeds through each server in turn (a pool
    that lists only that server, so no direct server can take a relayed step), alternating which goes first:
    median round trip of one denoising request, and seconds per image, home server ÷ public server. The address
@@ -280,9 +280,9 @@ def worker_serve_client(spec: dict) -> None:
     import torch
 
     from benchmarks.serving import K, text_encoder
+    from diffswarm.remote import RemotePool
     from experts.latent_space import load_space
     from experts.presets import get_preset
-    from roles.client import RemotePool
     from router.network import RouterNet
     from router.sampling import SamplerConfig, generate
     from swarm.blobs import BlobService, BlobStore

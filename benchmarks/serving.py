@@ -36,16 +36,16 @@ from hivemind.utils import get_dht_time  # noqa: E402
 
 from benchmarks.results import RESULTS, append_section, machine  # noqa: E402
 from data.checkpoint import save_checkpoint  # noqa: E402
+from data.job_id import JobId  # noqa: E402
+from diffswarm.remote import RemotePool  # noqa: E402
 from experts.latent_space import load_space  # noqa: E402
 from experts.presets import build_expert, get_preset  # noqa: E402
 from experts.text_encoder import MiniLMEncoder, TextEncoder, TextEncoderConfig, load_text_encoder  # noqa: E402
-from roles.client import RemotePool  # noqa: E402
 from roles.local import LOOPBACK, NodeProcess  # noqa: E402
 from router.network import build_router, get_router_preset  # noqa: E402
 from router.sampling import LocalExpert, SamplerConfig, generate  # noqa: E402
 from swarm.blobs import BlobService, BlobStore  # noqa: E402
 from swarm.dht import SwarmConfig, SwarmNode  # noqa: E402
-from swarm.job_id import JobId  # noqa: E402
 from swarm.mirror import publish_checkpoint  # noqa: E402
 from swarm.protocol import PROTOCOL, DenoiseRequest, encode_request, parse_reply, read_frame  # noqa: E402
 from swarm.records import RUN_TTL_S, RunDirRecord, RunRecord, Verdict, run_key, runs_key  # noqa: E402

@@ -225,7 +225,7 @@ class DiffswarmPipeline(DiffusionPipeline):
         the servers). Waits up to ``wait_s`` for a server when none is up. ``host_maddrs``: where
         this node listens. Call :meth:`close`
         (or use the pipeline in a ``with`` block) to leave the swarm."""
-        from roles.client import RemoteConfig, hand_over_proofs, swarm_ensemble
+        from diffswarm.remote import RemoteConfig, hand_over_proofs, swarm_ensemble
         from router.audit import DEFAULT_RATE
         from swarm.blobs import BlobService, BlobStore
         from swarm.dht import SwarmConfig, SwarmNode

@@ -44,6 +44,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, verify_checkpoint
+from data.job_id import JobId, swarm_jobs
 from data.manifest import Manifest, load_manifest
 from data.streaming import RawBatch, stream_batches
 from diffswarm.pipeline import DiffswarmPipeline
@@ -73,7 +74,6 @@ from experts.presets import expert_forward
 from router.ensemble import load_router
 from router.network import pool_text
 from router.sampling import LocalExpert, RoutingLog, SamplerConfig
-from swarm.job_id import JobId, swarm_jobs
 from training.captions import CaptionStates
 from training.monolith import (
     MONOLITH,

@@ -12,9 +12,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from data.fonts import label_font
+from data.job_id import JobId
 from evaluation.eval_report import EvalReport
 from experts.latent_space import tensor_to_pil
-from swarm.job_id import JobId
 from training.monolith import (
     MONOLITH,
 )

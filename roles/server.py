@@ -42,12 +42,12 @@ import torch
 from rich.console import Console
 
 from data.checkpoint import Checkpoint
+from data.job_id import JobId
 from roles.fair_queue import Busy, FairQueue, ForwardCost, Slice
 from router.sampling import LocalExpert
 from swarm import claims, proof
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
 from swarm.dht import SwarmError, SwarmNode
-from swarm.job_id import JobId
 from swarm.mirror import mirror_checkpoints
 from swarm.protocol import (
     PROTOCOL,

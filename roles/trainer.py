@@ -25,12 +25,12 @@ from hivemind.utils import get_dht_time
 from rich.console import Console
 
 from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
+from data.job_id import JobId
 from data.manifest import Manifest, load_manifest
 from router.presets import DEFAULT_ROUTER_PRESET
 from swarm import claims
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
 from swarm.dht import SwarmError, SwarmNode
-from swarm.job_id import JobId
 from swarm.mirror import fetch_budget, mirror_checkpoints, publish_checkpoint, sources
 from swarm.records import (
     HEARTBEAT_S,

@@ -6,7 +6,7 @@ claims to serve (hash-verified) and recompute any step it was answered. This mod
 pure parts: when two velocities count as the same answer (:func:`disagreement`, :data:`TOLERANCE`),
 which steps are audited (:func:`should_audit`), which replica is asked (:func:`replica_order`),
 and the audit's summary for the routing table and JSON (:func:`summarize`). The pool of remote
-experts (``roles.client.RemotePool``) does the asking, recomputing and banning.
+experts (``diffswarm.remote.RemotePool``) does the asking, recomputing and banning.
 
 The tolerance is fitted to honest float differences, measured on the ``tiny`` experts of the
 test run (an FM and a DDPM expert, 4 prompts x 30 steps, guidance 3), as the largest relative L2

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
+from data.job_id import JobId
 from experts.latent_space import LatentSpace, load_space
 from experts.presets import ExpertPreset
 from experts.text_encoder import TextEncoder, TextEncoderConfig, load_text_encoder
 from router.network import RouterNet
-from swarm.job_id import JobId
 
 EXPORT_VERSION = 1
 

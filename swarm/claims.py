@@ -29,7 +29,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
-from swarm.job_id import JobId
+from data.job_id import JobId
 from swarm.records import (
     CLAIM_TTL_S,
     CLOCK_SLACK_S,

@@ -40,7 +40,7 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.crypto import RSAPublicKey
 
-from swarm.job_id import MAX_EXPERTS, JobId, swarm_jobs
+from data.job_id import MAX_EXPERTS, JobId, swarm_jobs
 from swarm.proof import MAX_PROOFS, Proof
 
 PREFIX = "diffswarm"

@@ -43,11 +43,11 @@ from hivemind.utils import get_dht_time
 from rich.console import Console
 
 from data.checkpoint import Checkpoint, CheckpointError, verify_checkpoint
+from data.job_id import JobId
 from data.manifest import Manifest
 from swarm import claims
 from swarm.blobs import BlobError, BlobService
 from swarm.dht import SwarmNode
-from swarm.job_id import JobId
 from swarm.mirror import checkpoint_budget, fetch_budget, sources
 from swarm.records import CLOCK_SLACK_S, MAX_VERDICTS, CheckpointRecord, RunRecord, Verdict, fingerprint
 from training.heldout import checkpoint_losses, heldout_loss

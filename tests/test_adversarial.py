@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from data.checkpoint import latest_checkpoint, load_train_tensors, save_checkpoint
+from data.job_id import JobId
 from swarm import claims
 from swarm.blobs import BlobService, BlobStore, announce
 from swarm.dht import SwarmConfig, SwarmError, SwarmNode
-from swarm.job_id import JobId
 from swarm.protocol import DenoiseRequest, encode_request, frame, parse_reply
 from swarm.records import (
     CKPT_TTL_S,

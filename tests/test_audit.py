@@ -7,19 +7,18 @@ run whose image equals the honest one."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import statistics
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from roles.client import RemoteConfig, RemotePool
+from benchmarks.adversarial import LyingServer
+from data.job_id import JobId
+from diffswarm.remote import RemoteConfig, RemotePool
 from router.audit import (
     TOLERANCE,
     AuditStats,
@@ -33,7 +32,6 @@ from router.audit import (
 )
 from router.sampling import ExpertUnavailable
 from swarm.bans import Bans
-from swarm.job_id import JobId
 from swarm.records import ServeRecord
 from tests.conftest import LOOPBACK, kill_tree, node, spawn, start_serving_preparer, wait_for, wait_in_log
 
@@ -329,49 +327,6 @@ def test_tolerance_is_well_above_honest_float_differences_of_a_real_expert(small
 # ---------------------------------------------------------------------------- a real liar in a live swarm
 
 
-class Liar:
-    """A stranger's node serving the denoising protocol: it announces a serve record for expert 0
-    naming the verified checkpoint's hash and answers every request with a constant velocity,
-    signed with its key as an honest server signs (an unsigned answer is not even used)."""
-
-    def __init__(self, tmp: Path, peers: list[str], honest: ServeRecord) -> None:
-        from swarm.blobs import BlobService, BlobStore
-        from swarm.dht import SwarmConfig, SwarmNode
-        from swarm.protocol import PROTOCOL
-        from swarm.records import serve_key
-
-        self.node = SwarmNode(SwarmConfig(str(tmp / "liar"), initial_peers=peers, host_maddrs=[LOOPBACK]))
-        self.blobs = BlobService(self.node.dht, BlobStore(), bans=self.node.bans)
-        self.answered = 0
-        self.blobs.add_stream_handler(PROTOCOL, self._serve)
-        # Everything as the honest server announces it, and an empty queue; a long TTL stands in for
-        # renewals. The peer id is whatever this key gives: choosing one that sorts first wins nothing now.
-        self.record = replace(honest, peer=self.node.peer_id, queue=0, rps=0.0)
-        assert self.node.store(serve_key(0), self.record, 600)
-
-    async def _serve(self, _info, reader, writer) -> None:
-        from swarm import proof
-        from swarm.protocol import encode_reply, read_frame
-
-        try:
-            while True:
-                header, payload = await read_frame(reader, 1 << 26)
-                self.answered += 1
-                v = torch.full(tuple(header["x"]), 0.5)  # no forward pass at all: instant and wrong
-                digest = proof.request_digest(header, payload)
-                sign = lambda data, shape, d=digest: proof.sign(self.node.key, d, data, shape)  # noqa: E731
-                writer.write(encode_reply(header["id"], v, timing={"forward_ms": 0.0, "server_ms": 0.1}, sign=sign))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    def close(self) -> None:
-        self.blobs.shutdown()
-        self.node.shutdown()
-
-
 @pytest.fixture(scope="module")
 def lied_to(small_run, tmp_path_factory):
     """A serving preparer, an honest server of expert 0, and a liar beside it."""
@@ -385,7 +340,7 @@ def lied_to(small_run, tmp_path_factory):
         wait_in_log(procs[-1], log, "serving expert", 180, "the honest server")
         run = observer.run()
         honest = wait_for(lambda: observer.servers(run, [0]).get(0), 60, "the honest server's record", logs=(log,))[0]
-        liar = Liar(tmp, peers, honest)
+        liar = LyingServer(tmp, peers, honest)
         wait_for(lambda: len(observer.servers(run, [0]).get(0, [])) == 2, 60, "both serve records of expert 0")
         yield tmp, peers, honest, liar, prep_log
     finally:

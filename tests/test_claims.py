@@ -3,8 +3,8 @@
 import itertools
 import random
 
+from data.job_id import JobId
 from swarm.claims import Snapshot, choose_job, done, latest_checkpoint, owners, run_complete, still_wins, winner
-from swarm.job_id import JobId
 from swarm.records import CheckpointRecord, ClaimRecord, PeerRecord, RunRecord, decode, encode
 
 RUN = RunRecord("a" * 64, 3, ["tiny"] * 3, ["fm", "fm", "ddpm"], 1234)

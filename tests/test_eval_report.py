@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from data.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint
+from data.job_id import JobId
 from evaluation.evaluate import (
     OracleRouter,
     RecordingRouter,
@@ -35,7 +36,6 @@ from evaluation.fid import (
 )
 from router.combine import routing_weights
 from router.sampling import SamplerConfig, generate
-from swarm.job_id import JobId
 from tests.conftest import node
 from training.monolith import equal_wallclock_steps, keep_checkpoint
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.job_id import MAX_EXPERTS, JobId, swarm_job_names, swarm_jobs
+from data.job_id import MAX_EXPERTS, JobId, swarm_job_names, swarm_jobs
 from swarm.records import RunRecord, ckpt_key, claim_key, serve_key, verdicts_key
 
 CANONICAL = ["expert_0", "expert_7", "expert_10", f"expert_{MAX_EXPERTS - 1}", "router", "monolith"]
@@ -144,7 +144,7 @@ def test_records_keep_the_wire_names():
 
 def test_the_module_imports_nothing_heavy():
     """The bootstrap imports swarm.records, which imports this: no torch, no model code."""
-    code = "import sys, swarm.job_id; print(sorted({'torch', 'hivemind', 'numpy'} & set(sys.modules)))"
+    code = "import sys, data.job_id; print(sorted({'torch', 'hivemind', 'numpy'} & set(sys.modules)))"
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "[]", out.stdout

@@ -1,7 +1,7 @@
 """The layout's one rule: each stage of the data flow is a package, and imports only go one way.
 
-``LAYERS`` is the package order, from the bottom, written once (README's Layout section describes
-it). A module may import its own package and any package of a lower layer; packages of one layer
+``LAYERS`` is the package order, from the bottom, written once (docs/design.md describes it).
+A module may import its own package and any package of a lower layer; packages of one layer
 never import each other. Every import counts, also the lazy ones inside functions.
 """
 
@@ -16,11 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: list[tuple[str, ...]] = [
     ("experts",),  # presets, objectives, frozen encoders: what a model is made of
-    ("data",),  # sources, prepare, manifest, streaming, checkpoint: what is stored and hashed
-    ("router",),  # router network, combination, routed sampling, the ensemble, the client's core
+    ("data",),  # sources, prepare, manifest, streaming, checkpoint, job names: what is stored and hashed
+    ("router",),  # router network, combination, routed sampling, audits, the set's folders
     ("training",),  # the loop and the jobs (expert, router, monolith), local training
-    ("evaluation", "swarm"),  # FID and the eval role | DHT, records, claims, blobs, verification, mirrors
-    ("roles",),  # the swarm roles: trainer, preparer, server, client, status, a local swarm
+    ("swarm",),  # DHT, records, claims, blobs, proofs, verification, mirrors, reachability, the relay proxy
+    ("diffswarm",),  # the pipeline: the set sampled as one model, its experts here or on the swarm's servers
+    ("evaluation", "roles"),  # FID and the eval role | the roles: trainer, preparer, server, client, status
     ("node", "benchmarks"),  # the command line; measurements
 ]
 

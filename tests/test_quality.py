@@ -93,7 +93,7 @@ def test_monolith_trains_at_the_experts_total_compute_and_eval_writes_the_report
     work = tmp_path / "run"
     shutil.copytree(small_run, work, ignore=shutil.ignore_patterns("monolith"))
     from data.checkpoint import latest_checkpoint
-    from swarm.job_id import JobId
+    from data.job_id import JobId
 
     experts = [latest_checkpoint(JobId.expert(k).folder(work / "checkpoints")) for k in (0, 1)]
     total = sum(e.meta["samples_seen"] for e in experts)  # other tests may have trained the shared run on

@@ -340,7 +340,7 @@ def test_a_restarted_server_is_found_again_mid_generation(swarm):
 def test_client_waits_for_the_routers_checkpoint_while_its_providers_restart(monkeypatch, capsys):
     """With no router checkpoint to be had (its owner killed before a mirror held it), the client
     retries for ``--server-timeout`` rather than failing the image at once, and says so once."""
-    import roles.client as client
+    import diffswarm.remote as client
     from swarm.dht import SwarmError
 
     calls = []

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from data.job_id import JobId
 from data.manifest import Manifest
 from experts.latent_space import load_space
 from experts.presets import get_preset
 from experts.text_encoder import TextEncoderConfig, load_text_encoder
 from router.network import get_router_preset
 from router.presets import DEFAULT_ROUTER_PRESET
-from swarm.job_id import JobId
 from training.expert_job import ExpertJob
 from training.loop import TrainConfig
 from training.monolith import MonolithJob

@@ -18,11 +18,11 @@ import torch
 from rich.console import Console
 
 from data.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, verify_checkpoint
+from data.job_id import JobId
 from data.manifest import Manifest, load_manifest
 from experts.presets import get_preset
 from experts.text_encoder import TextEncoderConfig
 from router.presets import DEFAULT_ROUTER_PRESET
-from swarm.job_id import JobId
 from training.island import Island
 from training.jobs import build_job
 from training.loop import TrainConfig, TrainJob, train

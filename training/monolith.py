@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, verify_checkpoint
+from data.job_id import JobId
 from data.manifest import Manifest
 from data.streaming import Batch, DataPosition, RawBatch, stream_batches
 from experts.text_encoder import TextEncoder
-from swarm.job_id import JobId
 from training.expert_job import ExpertJob
 from training.loop import TrainConfig
 
