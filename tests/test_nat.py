@@ -138,29 +138,34 @@ def test_clients_generate_through_a_server_behind_nat_and_prefer_a_direct_one(la
     home = generate("home-client", "home-client")
     for routing in (public, home):
         assert len(routing["where"]) == 4 and all(sorted(w) == ["0", "1"] for w in routing["where"])
-        # Expert 0 has a direct server: every step went there, directly.
+        # Expert 0 has a direct server: no step of it took a relayed path while that one served.
         assert {p["0"] for p in routing["paths"]} == {"direct"}
-        assert len({w["0"] for w in routing["where"]}) == 1
         # Expert 1 lives only at home: served there, through the relay or a hole punched through the NATs.
         assert {p["1"] for p in routing["paths"]} <= {"relayed", "direct"}
-        assert {w["0"] for w in routing["where"]}.isdisjoint({w["1"] for w in routing["where"]})
         assert "(relayed)" in routing["stdout"] or "(direct)" in routing["stdout"]
+    # The client at home reaches the home server only through the relay, so every step of expert 0
+    # went to the direct server. (A public client may reach the home server over a connection the
+    # server opened itself; both replicas are then direct and drawn at random by latency and queue.)
+    if {p["1"] for p in home["paths"]} == {"relayed"}:
+        assert len({w["0"] for w in home["where"]}) == 1
+        assert {w["0"] for w in home["where"]}.isdisjoint({w["1"] for w in home["where"]})
     assert home_peer is None or all(w["1"].startswith(home_peer.group(1)[:8]) for w in home["where"])
 
     # The direct server is cut off from everyone mid-generation: the client fails over to the relayed
-    # replica of expert 0 and the image completes.
+    # replica of expert 0 and the image completes. (Replicas are drawn at random step by step, so the
+    # generation is long enough for the cut to fall inside it wherever the direct server is first asked.)
     said = len(swarm.text("direct"))
     out = tmp_path / "cut.png"
     swarm.start(
         "pub-client", "cut", "--role", "client", "red apple", "--workdir", str(tmp_path / "cut"), "--initial-peers",
-        *peers, "--steps", "12", "--output", str(out), "--k", "2",
+        *peers, "--steps", "40", "--output", str(out), "--k", "2",
     )  # fmt: skip
     swarm.wait("direct", "session from", 120, after=said)
     lab.partition("direct")
     assert swarm.procs["cut"].wait(timeout=240) == 0, swarm.text("cut")[-3000:]
     cut = json.loads(out.with_suffix(".json").read_text())
     servers_of_0 = [w["0"] for w in cut["where"]]
-    assert len(servers_of_0) == 12 and len(set(servers_of_0)) == 2, servers_of_0  # one server, then the other
+    assert len(servers_of_0) == 40 and len(set(servers_of_0)) == 2, servers_of_0  # both, the direct one until cut
     assert any("failed" in f for f in cut["failovers"]), cut["failovers"]
     # (the path to the home server is relayed, or direct where the home server had dialled out to this
     # client itself: libp2p reuses whatever connection is open)
