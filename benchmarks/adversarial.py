@@ -442,7 +442,7 @@ def serving_phase(tmp: Path, data: Path, images: int) -> dict:
             tmp / "prep.log",
         )
         nodes.append(prep)
-        peers = prep.wait_for("--initial-peers", 300).split("--initial-peers", 1)[1].split()
+        peers = prep.wait_for("--initial-peers", 300).split()
         prep.wait_for("publishing local checkpoint of router", 120)
         server = NodeProcess(
             "server",
@@ -512,7 +512,9 @@ def serving_lines(s: dict, images: int) -> list[str]:
         f"{s['forwards_per_image']:.0f}. Client seconds per image with the liar up "
         f"{s['lied_s']:.2f}, before it was up {s['quiet_s']:.2f}: ratio {s['lied_s'] / s['quiet_s']:.2f}. "
         f"A second client (a new identity) checked the published proof: it asked the liar "
-        f"{s['second_asked_liar']} time(s).",
+        f"{s['second_asked_liar']} time(s). Seconds per image are whole client processes (join, fetch, draw, "
+        "leave) divided by the images; the client that caught the liar also waited at exit until the run's "
+        "preparer held its proof.",
     ]
 
 
