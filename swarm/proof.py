@@ -108,6 +108,16 @@ def parse_request_blob(blob: bytes) -> tuple[dict, bytes]:
 
 
 # ---------------------------------------------------------------- publishing and checking, over the swarm
+def _expected(p: Proof, rec):
+    """What the server ``rec`` would accept for the proof's expert and checkpoint: a proof's request
+    is checked (and its blobs bounded) as that server checks a request."""
+    from swarm.protocol import ExpectedInput, encoder_tokens
+
+    return ExpectedInput(
+        {p.expert: [p.ckpt]}, tuple(rec.shape), rec.text_dim, rec.max_batch, encoder_tokens(rec.text_encoder)
+    )
+
+
 PROOF_TTL_S = 24 * 3600.0  # a proof outlives the generation that caught the lie
 
 
@@ -145,7 +155,7 @@ def convicted(
     (blobs missing or altered, not the server's signature, an answer that was right) bans its
     publisher's key here instead."""
     from swarm.blobs import BlobError, providers
-    from swarm.protocol import ExpectedInput, ProtocolError, encoder_tokens, parse_reply, parse_request
+    from swarm.protocol import ProtocolError, parse_reply, parse_request
     from swarm.records import ProofsRecord, fingerprint, proofs_key
 
     by_key = {}
@@ -167,9 +177,7 @@ def convicted(
         rec = by_key[(p.server, p.ckpt)]
         if checked >= CHECKED or per.get(p.server, 0) >= PER_SERVER or rec.peer in out:
             continue
-        expected = ExpectedInput(
-            {p.expert: [p.ckpt]}, tuple(rec.shape), rec.text_dim, rec.max_batch, encoder_tokens(rec.text_encoder)
-        )
+        expected = _expected(p, rec)
         try:
             paths = [
                 blobs.fetch(d, providers(node, d), folder / d, max_bytes=expected.max_payload() + (1 << 16))
@@ -208,7 +216,6 @@ def mirror(node, blobs, run, folder: Path, held: set[str], failed: dict[str, str
     request-blob hash → why its blobs could not be had (updated). Returns the proofs mirrored by
     this call."""
     from swarm.blobs import BlobError, providers
-    from swarm.protocol import ExpectedInput, encoder_tokens
     from swarm.records import ProofsRecord, fingerprint, proofs_key
 
     online = {
@@ -226,9 +233,7 @@ def mirror(node, blobs, run, folder: Path, held: set[str], failed: dict[str, str
             per[p.server] = per.get(p.server, 0) + (p.request in held)
             if rec is None or p.request in held or len(held) >= MIRRORED or per[p.server] >= 2:
                 continue
-            limit = ExpectedInput(
-                {p.expert: [p.ckpt]}, tuple(rec.shape), rec.text_dim, rec.max_batch, encoder_tokens(rec.text_encoder)
-            ).max_payload() + (1 << 16)
+            limit = _expected(p, rec).max_payload() + (1 << 16)
             try:
                 for d in (p.request, p.reply):
                     blobs.fetch(d, providers(node, d), folder / d, max_bytes=limit)

@@ -158,13 +158,19 @@ def _step(pool: RemotePool, i: int):
     return v, _expert(x, t, states, mask, 3.0), pool.take_notes(0)
 
 
+def _steps(pool: RemotePool, n: int) -> list[dict]:
+    """``n`` steps through the pool, each of which must use a right answer; the pool's notes."""
+    notes = []
+    for i in range(n):
+        v, right, got = _step(pool, i)
+        assert agree(v, right), f"step {i} used a wrong answer"
+        notes += got
+    return notes
+
+
 def test_a_liar_is_caught_at_its_first_answer_and_its_step_redone_on_the_honest_replica():
     pool = FakePool({"liar": _liar, "honest": _honest})
-    notes = []
-    for i in range(20):
-        v, right, n = _step(pool, i)
-        assert agree(v, right), f"step {i} used a wrong answer"
-        notes += n
+    notes = _steps(pool, 20)
     caught = [n for n in notes if n["event"] == "caught"]
     assert [(c["peer"], c["served_before"], c["checked_by"]) for c in caught] == [("liar", 0, "the local copy")]
     assert [(n["peer"], n["by"]) for n in notes if n["event"] == "redone"] == [("liar", "honest")]
@@ -210,11 +216,7 @@ def test_a_liar_that_waits_is_caught_within_a_few_lies():
 
 def test_without_a_local_copy_two_servers_are_compared_and_a_third_decides():
     pool = FakePool({"a": _honest, "b": _honest, "liar": _liar}, refs=False, audit_rate=1.0)
-    notes = []
-    for i in range(12):
-        v, right, n = _step(pool, i)
-        assert agree(v, right), f"step {i} used a wrong answer"
-        notes += n
+    notes = _steps(pool, 12)
     caught = [n for n in notes if n["event"] == "caught"]
     assert [c["peer"] for c in caught] == ["liar"] and caught[0]["checked_by"].startswith("servers ")
     assert pool.stats.by_servers >= 1 and pool.stats.extra_remote >= 2 and pool.stats.by_local == 0
