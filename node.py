@@ -267,6 +267,15 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--once", action="store_true", help="print one snapshot and exit")
         g.add_argument("--json", action="store_true", help="print one snapshot as JSON")
         g.add_argument("--until-done", action="store_true", help="exit once every job reached its target")
+        g.add_argument(
+            "--web",
+            metavar="HOST:PORT",
+            default="",
+            help="also serve a read-only web page and JSON API of the swarm (PORT alone: on 127.0.0.1; 0: any port)",
+        )
+        g.add_argument(
+            "--ledger", action="store_true", help="print each run's contribution ledger (with --json: for scripts)"
+        )
         _swarm(p)
     elif role == "eval":
         from evaluation.evaluate import ALL_ROWS, ROW_NAMES
@@ -696,14 +705,31 @@ def run_client(args: argparse.Namespace) -> None:
 
 
 def run_status(args: argparse.Namespace) -> None:
+    from roles.status import parse_web
     from roles.status import run_status as show
 
     if not args.initial_peers:
         raise UsageError("status needs --initial-peers of a swarm to look at")
+    try:
+        web = parse_web(args.web) if args.web else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    once = args.once or args.json or args.ledger
+    if web is not None and once:
+        raise UsageError("--web serves a live page: it goes without --once, --json and --ledger")
     stop = stop_on_signals(args.role)
     node = _swarm_node(args, say_join=False)
     try:
-        show(node, once=args.once or args.json, as_json=args.json, stop=stop, until_done=args.until_done)
+        show(
+            node,
+            once=once,
+            as_json=args.json,
+            stop=stop,
+            until_done=args.until_done,
+            web=web,
+            with_ledger=args.ledger,
+            only=node.ref,
+        )
     finally:
         node.shutdown()
 

@@ -2,7 +2,9 @@
 record (signed by its key, which names the run), lists the run in the swarm's directory, provides
 the run's manifest and shards by sha256, verifies every published checkpoint (it is the verifier
 everyone trusts), publishes checkpoints trained here when they are ahead of the swarm's, and
-mirrors every job's latest verified checkpoint, until stopped.
+mirrors every job's latest verified checkpoint, until stopped. It keeps the run's contribution
+ledger (``swarm.ledger``): every acceptance it sees is appended to ``ledger/<run>.jsonl`` beside the
+data, served by its sha256 and named in its signed ``ledger`` record.
 
 Two threads: the verify and mirror loop, which fetches strangers' checkpoints and may spend a
 while in one fetch, and a :class:`RecordKeeper` that renews this node's own records (the run
@@ -32,15 +34,19 @@ from data.manifest import load_manifest
 from swarm import claims, proof
 from swarm.blobs import BlobService, BlobStore, announce
 from swarm.dht import SwarmNode
+from swarm.ledger import LedgerError, LedgerFile, from_snapshot
 from swarm.mirror import mirror_checkpoints, publish_checkpoint
 from swarm.records import (
+    CKPT_TTL_S,
     CLAIM_GRACE_S,
     MAX_ALLOWED,
     PROVIDER_TTL_S,
     RUN_TTL_S,
+    LedgerRecord,
     PeerRecord,
     RunDirRecord,
     RunRecord,
+    ledger_key,
     peers_key,
     run_key,
     runs_key,
@@ -112,10 +118,11 @@ class RecordKeeper(threading.Thread):
         super().__init__(name="preparer-records", daemon=True)
         self.node, self.store, self.cfg = node, store, cfg
         self.record = run
+        self.ledger: LedgerRecord | None = None  # set by the verify loop when the ledger grows
         self._halt = threading.Event()
 
     def run(self) -> None:
-        renewed, stored, shown = -math.inf, None, None
+        renewed, stored, shown, ledger = -math.inf, None, None, None
         while True:
             try:
                 if self.cfg.allow is not None:
@@ -132,6 +139,11 @@ class RecordKeeper(threading.Thread):
                     presence = PeerRecord(self.node.peer_id, "preparer", "mirroring", bans=bans)
                     self.node.store(peers_key(), presence, PROVIDER_TTL_S)
                     shown = bans
+                if self.ledger is not None and (due or self.ledger != ledger):
+                    if self.ledger != ledger:
+                        announce(self.node, self.store, ttl=PROVIDER_TTL_S, only={self.ledger.sha256})
+                    self.node.store(ledger_key(), self.ledger, CKPT_TTL_S)
+                    ledger = self.ledger
                 if due:
                     announce(self.node, self.store, ttl=PROVIDER_TTL_S)
                     renewed = time.monotonic()
@@ -180,6 +192,7 @@ def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, cfg: Serve
     mirror = data_dir.parent / "mirror"
     verifier = Verifier(node, blobs, run, manifest, mirror, VerifyConfig(cfg.text_encoder, cfg.vae))
     keeper = RecordKeeper(node, store, run, cfg)
+    ledger = _open_ledger(data_dir, run, store, keeper)
     keeper.start()
     proofs_held: set[str] = set()
     proofs_failed: dict[str, str] = {}
@@ -190,6 +203,7 @@ def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, cfg: Serve
             if verifier.verify_pending(snap):
                 snap = node.snapshot(run)  # (a refusal's ban shows in the presence the keeper renews)
             mirror_checkpoints(node, blobs, snap, mirror, publish=True, accepted=verifier.accepted)
+            _keep_ledger(ledger, snap, store, keeper)
             # Proofs against lying servers outlive the clients that caught them (the keeper announces them).
             before = dict(proofs_failed)
             for p in proof.mirror(node, blobs, run, mirror / "proofs", proofs_held, proofs_failed):
@@ -206,6 +220,32 @@ def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, cfg: Serve
         except Exception:  # shutting down; the record expires by itself
             pass
         blobs.shutdown()
+
+
+def _open_ledger(data_dir: Path, run: RunRecord, store: BlobStore, keeper: RecordKeeper) -> LedgerFile:
+    """This run's ledger file (one per run name and manifest), served and named from the start."""
+    path = data_dir.parent / "ledger" / f"{run.name}-{run.manifest_sha256[:16]}.jsonl"
+    try:
+        ledger = LedgerFile(path, run)
+    except LedgerError as e:  # never rewrite what it held: the operator decides
+        raise LedgerError(f"{e}; move it away to start a new ledger") from None
+    _serve_ledger(ledger, store, keeper)
+    return ledger
+
+
+def _keep_ledger(ledger: LedgerFile, snap: claims.Snapshot, store: BlobStore, keeper: RecordKeeper) -> None:
+    """Append the acceptances the trusted verdicts show that the ledger lacks, and serve the result."""
+    new = ledger.add(from_snapshot(snap))
+    if new:
+        console.log(f"ledger: {len(new)} accepted checkpoint(s) added, {len(ledger.entries)} in all")
+        _serve_ledger(ledger, store, keeper)
+
+
+def _serve_ledger(ledger: LedgerFile, store: BlobStore, keeper: RecordKeeper) -> None:
+    copy = ledger.frozen_copy(ledger.path.parent / "served")
+    store.add_file(copy, ledger.digest)
+    run = keeper.record
+    keeper.ledger = LedgerRecord(run.manifest_sha256, ledger.digest, ledger.size, len(ledger.entries), ledger.newest)
 
 
 def _admission(path: Path, run: RunRecord) -> RunRecord:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import dataclasses
 import os
 import socket
@@ -431,6 +432,13 @@ class SwarmNode:
         if self.ref is None:
             raise SwarmError("this node follows no run yet: none is published")
         return in_run(key, self.ref)
+
+    def for_run(self, ref: RunRef) -> SwarmNode:
+        """This node looking at run ``ref``: the same DHT, key and bans, another run's namespace
+        (a status node shows every run the swarm lists; it follows none of them)."""
+        view = copy.copy(self)
+        view.ref, view._saw_run, view._verdicts = ref, False, {}
+        return view
 
     def follow(self, ref: RunRef) -> None:
         if self.ref is not None and self.ref != ref:

@@ -23,6 +23,7 @@ below hivemind's 64 KiB limit): checkpoint bytes never go into the DHT.
     peers               owner → PeerRecord        who is up, doing what (step, loss, samples/s, bans)
     serve_<job>         owner → ServeRecord       a server of an expert: state, load, checkpoint
     proofs              owner → ProofsRecord      answers a client caught wrong, signed by their server
+    ledger              owner → LedgerRecord      a verifier's ledger of accepted checkpoints (a blob's hash)
 """
 
 from __future__ import annotations
@@ -136,11 +137,22 @@ class VerdictSchema(pydantic.BaseModel):
     # "record": only the signer's record was (its step, its claim), so a stranger republishing an
     # honest hash under a bogus step harms nobody but itself.
     about: pydantic.constr(regex=r"^(bytes|record)$") = "bytes"
+    # Samples the accepted checkpoint says its training has seen in all (its meta's samples_seen;
+    # 0: not said): what the contribution ledger counts samples and FLOPs from.
+    samples: pydantic.conint(strict=True, ge=0) = 0
 
 
 class VerdictsSchema(pydantic.BaseModel):
     run: Sha256
     entries: pydantic.conlist(VerdictSchema, max_items=2 * MAX_VERDICTS)
+
+
+class LedgerSchema(pydantic.BaseModel):
+    run: Sha256
+    sha256: Sha256  # the ledger file's bytes, served like any blob
+    size: pydantic.conint(strict=True, ge=0)
+    entries: pydantic.conint(strict=True, ge=0)
+    t: pydantic.confloat(strict=True, ge=0)  # DHT time of the newest acceptance it holds
 
 
 class ProofSchema(pydantic.BaseModel):
@@ -185,6 +197,7 @@ def _run_schema() -> type[pydantic.BaseModel]:
         "run": (dict[OwnerKey, RunSchema] | None, None),
         "peers": (dict[OwnerKey, PeerSchema] | None, None),
         "proofs": (dict[OwnerKey, ProofsSchema] | None, None),
+        "ledger": (dict[OwnerKey, LedgerSchema] | None, None),
     }
     for job in swarm_jobs(MAX_EXPERTS):
         fields[f"claim_{job}"] = (dict[OwnerKey, ClaimSchema] | None, None)
@@ -321,6 +334,10 @@ def peers_key() -> str:
     return f"{PREFIX}_peers"
 
 
+def ledger_key() -> str:
+    return f"{PREFIX}_ledger"
+
+
 def proofs_key() -> str:
     return f"{PREFIX}_proofs"
 
@@ -428,12 +445,22 @@ class Verdict:
     loss: float = 0.0
     reason: str = ""
     about: str = "bytes"  # "bytes": the checkpoint was judged; "record": only its signer's record
+    samples: int = 0  # samples_seen of an accepted checkpoint (0: not said)
 
 
 @dataclass(frozen=True)
 class VerdictsRecord:
     run: str
     entries: list[Verdict]
+
+
+@dataclass(frozen=True)
+class LedgerRecord:
+    run: str
+    sha256: str
+    size: int
+    entries: int
+    t: float
 
 
 @dataclass(frozen=True)
@@ -483,6 +510,7 @@ _SCHEMAS = {
     PeerRecord: PeerSchema,
     ServeRecord: ServeSchema,
     ProofsRecord: ProofsSchema,
+    LedgerRecord: LedgerSchema,
     RelayRecord: RelaySchema,
 }
 

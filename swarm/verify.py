@@ -220,13 +220,14 @@ class Verifier:
         ban: bool = True,
         about: str = "bytes",
         publish: bool = True,
+        samples: int = 0,
     ) -> Verdict:
         """Publish a verdict on ``key``'s record ``rec``: on its bytes (every record of this hash and
         step shares it) or, with ``about="record"``, on that signer's record alone. A refusal and
         its ban land on the signer of the record judged, never on another holder of the hash."""
         fp = fingerprint(key)
         t = get_dht_time()
-        verdict = Verdict(rec.sha256, rec.step, fp, reason is None, t, loss, reason or "", about)
+        verdict = Verdict(rec.sha256, rec.step, fp, reason is None, t, loss, reason or "", about, samples)
         self._judged[(rec.sha256, rec.step, fp if about == "record" else "")] = verdict
         if publish:  # else the caller publishes it with the others of its round, in one write
             self.node.publish_verdict(job, snap.run, verdict)
@@ -242,8 +243,11 @@ class Verifier:
                 self.node.bans.ban(fingerprint(key), f"{job} checkpoint refused: {reason}")
         return verdict
 
-    def _full(self, snap: claims.Snapshot, job: str, rec: CheckpointRecord) -> tuple[str | None, float, bool] | None:
-        """(refusal or None, held-out loss, ban) after fetching; ``None`` if it could not be fetched."""
+    def _full(
+        self, snap: claims.Snapshot, job: str, rec: CheckpointRecord
+    ) -> tuple[str | None, float, bool, int] | None:
+        """(refusal or None, held-out loss, ban, samples it says it saw) after fetching; ``None`` if
+        it could not be fetched."""
         dest = self.folder / job / f"step_{rec.step:08d}"
         try:
             try:
@@ -253,7 +257,7 @@ class Verifier:
                     rec.sha256, sources(self.node, rec.sha256, rec.providers), dest, fetch_budget(snap, job, rec)
                 )
         except CheckpointError as e:  # its bytes arrived and do not add up
-            return f"unusable checkpoint: {e}", 0.0, True
+            return f"unusable checkpoint: {e}", 0.0, True, 0
         except BlobError as e:
             console.log(f"{job} step {rec.step}: not verified yet, could not fetch it ({e})")
             return None
@@ -266,7 +270,10 @@ class Verifier:
             return None
         if reason is not None:
             shutil.rmtree(ckpt.path, ignore_errors=True)  # never provided, never loaded
-        return reason, loss, ban
+        seen = ckpt.meta.get("samples_seen")
+        # The trainer's word (the ledger bounds it by the verified steps).
+        samples = seen if isinstance(seen, int) and 0 <= seen < 1 << 62 else 0
+        return reason, loss, ban, samples
 
     def _check(
         self, snap: claims.Snapshot, job: str, rec: CheckpointRecord, ckpt: Checkpoint
@@ -338,7 +345,8 @@ class Verifier:
                 full_done = True
                 result = self._full(snap, job, rec)
                 if result is not None:
-                    out.append(self._judge(snap, job, key, rec, *result))
+                    reason, loss, ban, samples = result
+                    out.append(self._judge(snap, job, key, rec, reason, loss, ban=ban, samples=samples))
             # Many strangers' records cost this node CPU, not one DHT write each.
             self.node.publish_verdict(job, snap.run, *cheap[-MAX_VERDICTS:])
             out += cheap

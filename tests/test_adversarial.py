@@ -191,7 +191,7 @@ def test_bogus_and_poisoned_checkpoints_are_refused_and_never_served(attacked):
         "--role", "status", "--once", "--json", "--workdir", str(attacked.tmp / "status"),
         "--initial-peers", *attacked.peers, "--host-maddrs", LOOPBACK, "--run", str(attacked.ref),
     )  # fmt: skip
-    data = json.loads(status.stdout)
+    (data,) = json.loads(status.stdout)["runs"]
     job = next(j for j in data["jobs"] if j["job"] == "expert_0")
     assert {r["sha256"] for r in job["refused"]} >= {bogus.sha256, poison.sha256}
     assert job["checkpoint"]["sha256"] == honest.sha256

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from swarm import claims
+from swarm import claims, ledger
 from swarm.dht import SwarmConfig, SwarmNode
+from swarm.records import fingerprint
 from tests.conftest import descendants, kill_tree, left_behind, node, spawn, wait_for
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -125,7 +126,7 @@ def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
         LOOPBACK,
         timeout=120,
     )
-    data = json.loads(status.stdout)
+    (data,) = json.loads(status.stdout)["runs"]
     assert {j["job"]: j["owner"] for j in data["jobs"]} == {j: snap.live_claims(j)[own[j]].peer for j in jobs}
     assert any(p["peer"] == idle[0] and p["state"] == "idle" for p in data["peers"]), (idle, data["peers"])
 
@@ -147,11 +148,9 @@ def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
     def new_owner():
         snap = observer.snapshot(run)
         w = claims.winner(snap, "expert_0")
-        return (
-            snap.live_claims("expert_0")[w].peer if w and snap.live_claims("expert_0")[w].peer != victim_peer else None
-        )
+        return (w, snap.live_claims("expert_0")[w].peer) if w and w != own["expert_0"] else None
 
-    successor = wait_for(new_owner, 60, "a new owner of expert_0", step=0.5)
+    successor_key, successor = wait_for(new_owner, 60, "a new owner of expert_0", step=0.5)
     took = time.time() - killed_at
     assert took <= 2 * LEASE + HEARTBEAT, f"takeover took {took:.1f}s"
     assert successor == idle[0]
@@ -170,6 +169,7 @@ def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
     # Ten steps of the tiny expert beside three other trainers and a verifier take about a minute
     # on 2 cores; the deadline leaves room for a slower machine.
     wait_for(published_past, 300, "a checkpoint past the resumed step", step=1.0, logs=(log, tmp / "prep.log"))
+    _check_ledger(tmp, peers, observer, run, {fingerprint(own["expert_0"]), fingerprint(successor_key)})
 
     # A clean shutdown releases the claim at once rather than letting it expire.
     proc = peer_of[successor][0]
@@ -181,6 +181,40 @@ def test_one_owner_per_job_and_takeover_after_sigkill(swarm):
     snap = observer.snapshot(run)
     assert claims.winner(snap, "expert_0") is None, "the claim outlived a clean shutdown"
     assert "released expert_0" in log.read_text()
+
+
+def _check_ledger(tmp, peers, observer, run, trainers: set[str]) -> None:
+    """The preparer's ledger credits both trainers of expert_0, the one killed and the one that took
+    over, and every key exactly the steps its accepted checkpoints added (counted here on the file
+    the preparer wrote); ``--role status --ledger --json`` fetched that file from the preparer, found
+    it agrees with the verdicts it read, and shows the same totals."""
+
+    def file_entries():
+        files = list((tmp / "prep" / "ledger").glob("*.jsonl"))
+        entries = ledger.parse(files[0].read_bytes(), run) if files else []
+        keys = {e.key for e in entries if e.job == "expert_0"}
+        return entries if trainers <= keys else None
+
+    wait_for(file_entries, 120, "both trainers of expert_0 in the ledger", logs=(tmp / "prep.log",))
+    seen = ledger.from_snapshot(observer.snapshot(run))  # what the verdict records show now
+    status = node("--role", "status", "--ledger", "--json", "--workdir", str(tmp / "ledger-status"),
+                  "--initial-peers", *peers, "--host-maddrs", LOOPBACK, timeout=120)  # fmt: skip
+    (shown,) = json.loads(status.stdout)["runs"]
+    book = shown["ledger"]
+    assert book["digest"] and book["checked"], book["problems"]
+    entries = [ledger.Entry(**e) for e in book["checkpoints"]]
+    expected: dict[str, int] = {}
+    for job in run.jobs():
+        done = 0
+        for e in sorted((e for e in entries if e.job == job), key=lambda e: (e.step, e.t)):
+            if e.step > done:
+                expected[e.key] = expected.get(e.key, 0) + e.step - done
+                done = e.step
+    got = {c["key"]: c["steps"] for c in book["contributors"]}
+    assert got == expected and trainers <= set(got), (got, expected)
+    assert book["total_steps"] == sum(expected.values())
+    # The status node showed everything the file and the verdict records held before it looked.
+    assert {e.ident for e in seen} <= {e.ident for e in entries}
 
 
 def test_trainers_move_on_at_the_run_target_and_a_client_samples_from_the_swarm(swarm_factory):
