@@ -52,6 +52,8 @@ from swarm.records import (
 
 HISTORY_POINTS = 400  # per job: older training-loss points are thinned out beyond this
 LEDGER_REFETCH_S = 20.0  # a ledger whose digest moved is fetched again at most this often
+MAX_RUNS = 16  # runs shown; anyone can list a run, and each one shown costs a snapshot's reads
+NO_RUN_RECHECK_S = 30.0  # a listed run with no valid run record is looked at again after this
 
 
 def parse_web(text: str) -> tuple[str, int]:
@@ -73,6 +75,7 @@ class StatusWatcher:
         self._moved: dict[tuple[str, str], tuple[int, float]] = {}  # (run, job) → (step, when it moved)
         self._ledgers: dict[str, tuple[str, list[ledger.Entry], list[str], float]] = {}  # run → digest, ...
         self._blobs: BlobService | None = None
+        self._empty: dict[RunRef, float] = {}  # listed runs whose record was not there → when looked
 
     def collect(self, with_entries: bool = False) -> dict:
         """One snapshot of every run as plain data (the ``--json`` output and the page's API).
@@ -80,15 +83,22 @@ class StatusWatcher:
         refs = sorted(self.node.runs(), key=str)
         if self.only is not None:
             refs = [r for r in refs if r == self.only] or [self.only]
-        runs = []
+        runs, now = [], time.monotonic()
         for ref in refs:
+            if len(runs) == MAX_RUNS:
+                break
+            if now - self._empty.get(ref, -NO_RUN_RECHECK_S) < NO_RUN_RECHECK_S:
+                continue  # a listing with no run behind it (a stranger's, or one not published yet)
             view = self.node.for_run(ref)
             try:
                 run = view.run()
             except SwarmError:
                 run = None
-            if run is not None:
-                runs.append(self._collect_run(view, run, with_entries))
+            if run is None:
+                self._empty[ref] = now
+                continue
+            self._empty.pop(ref, None)
+            runs.append(self._collect_run(view, run, with_entries))
         return {"time": time.time(), "self": self.node.peer_id, "bans": self.node.bans.lines(), "runs": runs}
 
     def _collect_run(self, node: SwarmNode, run: RunRecord, with_entries: bool) -> dict:

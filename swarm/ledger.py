@@ -14,10 +14,12 @@ that only grows (:class:`LedgerFile`), serves that file by its sha256 like any b
 the digest in a signed record. Anyone can fetch it (:func:`parse`, which trusts nothing in it)
 and hold it against the verdicts they read themselves (:func:`check`).
 
-Samples are the trainer's own word (its checkpoint's ``samples_seen``); only the steps are checked
-by the verifiers, so a checkpoint's samples count at most its preset's batch per step it added.
-Training FLOPs per sample come from the preset: the experts' from ``experts.flops``, the
-router's counted on the network itself.
+Only the steps are checked by the verifiers (a step rate no machine could reach is refused); the
+samples are the trainer's own word (its checkpoint's ``samples_seen``), shown as said, within a
+sanity bound. So a key's share of the run's training compute is counted from what was verified:
+its steps, at the preset's batch, times the preset's training FLOPs per sample (the experts' from
+``experts.flops``, the router's counted on the network itself). Claiming a larger batch buys no
+larger share; a trainer that really runs a larger batch than its preset's is credited the preset's.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from swarm import claims
 from swarm.records import RunRecord, fingerprint
 
 MAX_LEDGER_BYTES = 32 << 20  # ~150,000 acceptances: far beyond any run here
+MAX_SAMPLES_PER_STEP = 4096  # a sanity bound on a trainer's word (the serving schema's largest batch)
 TEXT_TOKENS, TEXT_DIM = 16, 384  # the embedded text encoder's (MiniLM): what FLOPs are counted with
 
 
@@ -188,10 +191,10 @@ class Contribution:
 
 
 def credit(entries: list[Entry], run: RunRecord) -> list[Contribution]:
-    """Per key, the verified steps and samples it added to each job, and its FLOPs: each job's
-    accepted checkpoints in step order, each credited with the steps past the one before it (a
-    fork that resumed from an older checkpoint earns only the progress past the newest). Largest
-    FLOPs first."""
+    """Per key, the verified steps it added to each job, the samples its checkpoints say they
+    added, and the FLOPs of those steps at the preset's batch: each job's accepted checkpoints in
+    step order, each credited with the steps past the one before it (a fork that resumed from an
+    older checkpoint earns only the progress past the newest). Largest FLOPs first."""
     by_key: dict[str, Contribution] = {}
     by_job: dict[str, dict[int, Entry]] = {}
     for e in sorted(entries):  # the earliest acceptance at a step wins it
@@ -199,12 +202,12 @@ def credit(entries: list[Entry], run: RunRecord) -> list[Contribution]:
             by_job.setdefault(e.job, {}).setdefault(e.step, e)
     for job, at in by_job.items():
         step0, samples0 = 0, 0
-        cap, per_sample = batch_size(run, job), flops_per_sample(run, job)
+        per_step = batch_size(run, job) * flops_per_sample(run, job)
         for step in sorted(at):
             e = at[step]
             steps = step - step0
-            samples = min(max(0, e.samples - samples0), steps * cap) if e.samples else steps * cap
-            by_key.setdefault(e.key, Contribution(e.key)).add(job, steps, samples, samples * per_sample, e.t)
+            samples = min(max(0, e.samples - samples0), steps * MAX_SAMPLES_PER_STEP)
+            by_key.setdefault(e.key, Contribution(e.key)).add(job, steps, samples, steps * per_step, e.t)
             step0, samples0 = step, max(samples0, e.samples)
     return sorted(by_key.values(), key=lambda c: (-c.flops, -c.steps, c.key))
 
@@ -223,7 +226,7 @@ def summary(entries: list[Entry], run: RunRecord) -> dict:
 
 
 def batch_size(run: RunRecord, job: str) -> int:
-    """The preset's batch: the most samples a verified step counts for."""
+    """The preset's batch: the samples a verified step's FLOPs are counted for."""
     from experts.presets import get_preset
     from router.network import get_router_preset
     from router.presets import DEFAULT_ROUTER_PRESET

@@ -318,6 +318,12 @@ def test_two_runs_share_one_dht_and_an_allowlist_admits_only_listed_trainers(att
         allow.write_text("open\n")
         wait_in_log(second, tmp / "prep.log", "admission is now open", 30, "the second preparer")
         assert attacked.observer.run().manifest_sha256 == attacked.run.manifest_sha256
+        # The status node names both runs (and not the stranger's listing of a run it never published).
+        status = node("--role", "status", "--once", "--json", "--workdir", str(tmp / "status"),
+                      "--initial-peers", *attacked.peers, "--host-maddrs", LOOPBACK)  # fmt: skip
+        shown = {r["ref"]: r for r in json.loads(status.stdout)["runs"]}
+        assert set(shown) == both, set(shown)
+        assert shown[str(ref2)]["admission"] == "open" and shown[str(ref2)]["jobs"][0]["checkpoint"]["step"] == 10
     finally:
         for p in procs:
             kill_tree(p)

@@ -15,7 +15,7 @@ from swarm.records import RunRecord, Verdict, VerdictsRecord, fingerprint
 RUN = RunRecord("ab" * 32, 2, ["tiny", "tiny"], ["fm", "fm"], 100, expert_steps=100, router_steps=10, started=1.0)
 OWNER, ALICE, BOB, EVE = (f"[owner:{name}]".encode() for name in ("owner", "alice", "bob", "eve"))
 FP = {k: fingerprint(k) for k in (OWNER, ALICE, BOB, EVE)}
-BATCH = 64  # the tiny preset's batch: the most samples a verified step counts for
+BATCH = 64  # the tiny preset's batch: what a verified step's FLOPs are counted at
 
 
 def sha(text: str) -> str:
@@ -89,9 +89,13 @@ def test_only_the_runs_trusted_verifiers_count():
     assert FP[EVE] not in by_key(from_snapshot(snap))
 
 
-def test_samples_are_the_trainers_word_bounded_by_the_presets_batch_per_verified_step():
-    snap = snapshot({"expert_0": {OWNER: [ok("e0-10", EVE, 10, 1.0, 10**15)]}})
-    assert by_key(from_snapshot(snap))[FP[EVE]].samples == 10 * BATCH
+def test_the_share_counts_verified_steps_at_the_presets_batch_whatever_samples_a_trainer_claims():
+    snap = snapshot(
+        {"expert_0": {OWNER: [ok("e0-10", EVE, 10, 1.0, 10**15), ok("e0-20", ALICE, 20, 2.0, 10**15 + 80)]}}
+    )
+    got = by_key(from_snapshot(snap))
+    assert got[FP[EVE]].samples == 10 * ledger.MAX_SAMPLES_PER_STEP and got[FP[ALICE]].samples == 80
+    assert got[FP[EVE]].flops == got[FP[ALICE]].flops == 10 * BATCH * ledger.flops_per_sample(RUN, "expert_0")
 
 
 def test_the_earliest_acceptance_of_a_step_wins_it():
