@@ -22,7 +22,7 @@ PROMPTS := "red apple" "grinning face" "red heart" "flag: Japan" "dog face" "wom
 export HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv demo eval test lint bench clean netlab-deps
+.PHONY: venv demo eval test lint bench clean netlab-deps browser-deps
 
 venv: $(STAMP)
 
@@ -89,7 +89,16 @@ netlab-deps:
 	{ apt-get update -qq </dev/null >/dev/null 2>&1 && apt-get install -y -qq nftables iproute2 </dev/null >/dev/null 2>&1; }; } || \
 	echo "make: could not install nftables and iproute2; the network lab's tests will skip"
 
-test: $(STAMP) netlab-deps
+# The status page's browser tests (tests/browser.py) drive headless Chromium through chromedriver: installed
+# once where missing, as root, quietly and without questions; with no root or no apt-get nothing is installed
+# and those tests skip, saying why.
+browser-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+	{ export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq chromium chromium-driver </dev/null >/dev/null 2>&1 || \
+	{ apt-get update -qq </dev/null >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver </dev/null >/dev/null 2>&1; }; } || \
+	echo "make: could not install chromium and chromium-driver; the browser tests will skip"
+
+test: $(STAMP) netlab-deps browser-deps
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q --durations=20 --tb=native tests
 
