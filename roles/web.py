@@ -362,6 +362,8 @@ class StatusWeb:
         self.idle_timeout, self.write_timeout = idle_timeout, write_timeout
         self.refused = 0  # connections aborted for want of a slot (read by tests and for diagnosis)
         self.renders = 0  # charts drawn (each a change of some run's history that someone looked at)
+        # Answers by (route, status), e.g. ("status", 304): what the clients cost, for tests and diagnosis.
+        self.answered: collections.Counter[tuple[str, int]] = collections.Counter()
         self.url: str | None = None
         self._published = _empty_published()
         self._lock = threading.Lock()
@@ -390,6 +392,8 @@ class StatusWeb:
         what stopped the server from starting (the port taken, say)."""
         if self._thread is not None:
             raise RuntimeError("StatusWeb is already started")
+        self._ready.clear()
+        self._error, self._closing, self.url = None, False, None
         self._static = {"/": _Body.of((STATIC / "status.html").read_bytes(), "text/html; charset=utf-8")}
         for name, kind in STATIC_FILES.items():
             charset = "" if kind.startswith("image/") else "; charset=utf-8"
@@ -451,9 +455,9 @@ class StatusWeb:
         app.on_response_prepare.append(self._secure)
         app.router.add_get("/", self._page)
         app.router.add_get("/static/{name}", self._page)
-        app.router.add_get("/api/status", self._status)
-        app.router.add_get("/api/ledger", self._ledger)
-        app.router.add_get(r"/chart/{index:\d{1,6}}.png", self._chart)
+        app.router.add_get("/api/status", self._status, name="status")
+        app.router.add_get("/api/ledger", self._ledger, name="ledger")
+        app.router.add_get(r"/chart/{index:\d{1,6}}.png", self._chart, name="chart")
         self._runner = web.AppRunner(
             app,
             handler_cancellation=True,  # a handler whose client left stops there
@@ -506,8 +510,11 @@ class StatusWeb:
 
     def _send(self, request: web.Request, body: _Body) -> web.Response:
         headers = {"ETag": body.etag, "Cache-Control": "no-cache", "Vary": "Accept-Encoding"}
+        route = request.match_info.route.name or "page"
         if _matches(request.headers.get("If-None-Match"), body.etag):
+            self.answered[route, 304] += 1
             return web.Response(status=304, headers=headers)
+        self.answered[route, 200] += 1
         if body.gz is not None and "gzip" in request.headers.get("Accept-Encoding", ""):
             headers["Content-Encoding"] = "gzip"
             return web.Response(body=body.gz, headers=headers | {"Content-Type": body.content_type})
@@ -533,6 +540,7 @@ class StatusWeb:
         chart = charts[index]
         if _matches(request.headers.get("If-None-Match"), chart.etag):
             # The client holds this version already: nothing to draw or send.
+            self.answered["chart", 304] += 1
             return web.Response(status=304, headers={"ETag": chart.etag, "Cache-Control": "no-cache"})
         cached = self._charts.get(index)
         if cached is not None and cached[0] == chart.etag:

@@ -140,6 +140,15 @@ def get(url: str, headers: dict | None = None, method: str = "GET", timeout: flo
         return e.code, e.headers, e.read()
 
 
+def set_visibility(driver, state: str) -> None:
+    """Tell the page it is ``state`` ("hidden" or "visible"), as the browser does when a tab is switched."""
+    driver.execute_script(
+        "Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => arguments[0]});"
+        "document.dispatchEvent(new Event('visibilitychange'));",
+        state,
+    )
+
+
 def loaded(driver, img) -> int:
     """The natural width of an <img> once it has loaded (0 before, or if it failed)."""
     return driver.execute_script("return arguments[0].complete ? arguments[0].naturalWidth : 0", img)
@@ -210,6 +219,24 @@ def test_the_page_shows_the_swarm_and_runs_no_peer_markup(web, tmp_path):
         assert console_errors(driver) == []  # no script error, no load blocked by the CSP, no failed load
         screenshot(driver, tmp_path / "status.png")
         assert (tmp_path / "status.png").stat().st_size > 10_000
+
+        # Left alone, the page asks every 3 s and is told 304 (nothing rebuilt, nothing sent); hidden, it
+        # asks nothing; shown again, it asks at once. (Headless Chromium is never hidden by itself: the
+        # page is told so as a browser would tell it, by visibilityState and a visibilitychange event.)
+        def polls() -> int:
+            return web.answered["status", 200] + web.answered["status", 304]
+
+        fresh = web.answered["status", 200]
+        seen = web.answered["status", 304]
+        wait_until(driver, lambda d: web.answered["status", 304] > seen, 8, "a poll answered 304")
+        assert web.answered["status", 200] == fresh
+        set_visibility(driver, "hidden")
+        time.sleep(0.5)  # a poll already in flight may still land
+        asked = polls()
+        time.sleep(4)
+        assert polls() == asked, "a hidden page kept polling"
+        set_visibility(driver, "visible")
+        wait_until(driver, lambda d: polls() > asked, 1.5, "a poll as soon as the page is visible again")
 
         web.publish({"time": time.time(), "self": "x", "bans": [], "runs": []})
         wait_until(driver, lambda d: "no run published yet" in d.find_element(By.ID, "runs").text, 10, "the empty page")
