@@ -377,6 +377,7 @@ def test_connections_are_bounded_in_number_and_time(tmp_path):
         # A client that asks and never reads is aborted once its answers sit unsent write_timeout s:
         # 400 charts (12 MB) outgrow the kernel's buffers, so the answers back up in the server's
         # own; its idle timer (1.5 s) never fires, for the connection is busy writing, not idle.
+        assert get(url + "/chart/0.png", timeout=30)[0] == 200  # drawn now: the clock below times the stall alone
         reader = socket.socket()
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         reader.connect(("127.0.0.1", port))
