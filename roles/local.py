@@ -1,5 +1,5 @@
 """A whole swarm on one machine: a bootstrap peer, the preparer serving the run, N trainers, the
-live status dashboard, then expert servers for the trained experts and a client that routes every
+live status dashboard and its web page, then expert servers for the trained experts and a client that routes every
 denoising step to them and draws a grid — every one a real ``node.py`` process talking over
 127.0.0.1. ``make demo`` runs this.
 
@@ -104,6 +104,7 @@ class LocalSwarmConfig:
     client_args: list[str] = field(default_factory=lambda: ["--mode", "topk", "--k", "2", "--steps", "30"])
     timeout_s: float = 3600.0  # the whole training phase
     servers: int = 2  # expert servers started after training (0: the client runs every expert itself)
+    web: str = "127.0.0.1:0"  # the web status page's HOST:PORT (port 0: any free one; "": no page)
 
     @property
     def serve_groups(self) -> list[int]:
@@ -165,6 +166,16 @@ def run_local_swarm(cfg: LocalSwarmConfig) -> Path:
                 )
             )
         print(f"{cfg.trainers} trainers started ({threads} threads each; logs in {logs}/)", flush=True)
+        if cfg.web:
+            # The page lives as long as the swarm (servers included); the terminal dashboard below
+            # ends with the training.
+            page = NodeProcess(
+                "status_web",
+                ["--role", "status", "--web", cfg.web, "--workdir", str(work / "status_web"), *join],
+                logs / "status_web.log",
+            )
+            nodes.append(page)
+            print(f"watch the swarm at {page.wait_for('watch the swarm at ', 120).strip()}", flush=True)
         status = NodeProcess("status", ["--role", "status", "--until-done", "--workdir", str(work), *join], None)
         nodes.append(status)
         deadline = time.monotonic() + cfg.timeout_s
@@ -224,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-preset", default=d.router_preset, choices=sorted(ROUTER_PRESETS))
     p.add_argument("--servers", type=int, default=d.servers, help="expert servers after training (0: client runs all)")
     p.add_argument("--output", default=d.output)
+    p.add_argument("--web", default=d.web, metavar="HOST:PORT", help="web status page (0: any port; '': none)")
     args = p.parse_args(argv)
     if args.trainers < 1 or args.expert_steps < 1 or args.router_steps < 1:
         print("error: --trainers, --expert-steps and --router-steps must be at least 1", file=sys.stderr)
@@ -238,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         servers=args.servers,
         prompts=args.prompts,
         output=args.output,
+        web=args.web,
     )
     signal.signal(signal.SIGTERM, _interrupt)  # stop every node on SIGTERM too
     t0 = time.time()

@@ -1,0 +1,88 @@
+"""The status node on a real swarm: its JSON when no run is published yet, and its web page opened
+in headless Chromium while a preparer verifies a trainer's checkpoints and a stranger publishes a
+presence record full of markup."""
+
+from __future__ import annotations
+
+import json
+
+from swarm import claims
+from swarm.dht import SwarmConfig, SwarmNode
+from swarm.records import PeerRecord, fingerprint, peers_key
+from tests.browser import chromium, colour_pixels, console_errors, element_image, screenshot, wait_until
+from tests.conftest import LOOPBACK, kill_tree, node, spawn, start_serving_preparer, wait_for, wait_in_log
+
+HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
+
+
+def test_no_run_yet_is_an_empty_list_and_exit_0(tmp_path):
+    """A script watching a new swarm can tell "nothing yet" from a failure."""
+    boot = SwarmNode(SwarmConfig(str(tmp_path / "boot"), host_maddrs=[LOOPBACK]))
+    try:
+        out = node("--role", "status", "--once", "--json", "--workdir", str(tmp_path / "status"),
+                   "--initial-peers", *boot.maddrs(), "--host-maddrs", LOOPBACK, timeout=120)  # fmt: skip
+        data = json.loads(out.stdout)
+        assert data["runs"] == [] and data["self"]
+        text = node("--role", "status", "--once", "--workdir", str(tmp_path / "status"),
+                    "--initial-peers", *boot.maddrs(), "--host-maddrs", LOOPBACK, timeout=120)  # fmt: skip
+        assert "no run published yet" in text.stdout
+    finally:
+        boot.shutdown()
+
+
+def test_the_status_page_in_a_browser_shows_jobs_loss_ledger_and_peers_words_as_text(small_run, tmp_path):
+    procs: list = []
+    peers, observer, _, _ = start_serving_preparer(small_run, tmp_path, procs)
+    try:
+        # A trainer takes expert_0 from the preparer's step 6 to step 10.
+        t_log = tmp_path / "trainer.log"
+        procs.append(
+            spawn(
+                ["--role", "trainer", "--workdir", str(tmp_path / "t"), "--expert", "0", "--steps", "10"]
+                + ["--batch-size", "8", "--ckpt-every", "2", "--heartbeat", "2"]
+                + ["--initial-peers", *peers, "--host-maddrs", LOOPBACK],
+                t_log,
+            )
+        )
+        # A stranger's presence: its role and its ban lines are its own words.
+        stranger = PeerRecord(observer.peer_id, "<b>bold</b>", "idle", bans=[HOSTILE])
+        assert observer.store(peers_key(), stranger, 600)
+        web_log = tmp_path / "web.log"
+        web = spawn(
+            ["--role", "status", "--web", "127.0.0.1:0", "--workdir", str(tmp_path / "web")]
+            + ["--initial-peers", *peers, "--host-maddrs", LOOPBACK],
+            web_log,
+        )
+        procs.append(web)
+        url = wait_in_log(web, web_log, "watch the swarm at ", 120, "the web status node")
+        url = url.split("watch the swarm at ", 1)[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+
+        run = wait_for(observer.run, 60, "the run record")
+
+        def trainer_key():
+            owner = claims.winner(observer.snapshot(run, ["expert_0"]), "expert_0")
+            return fingerprint(owner) if owner is not None else None
+
+        trainer = wait_for(trainer_key, 120, "the trainer's claim", logs=(t_log,))
+
+        with chromium(tmp_path) as driver:
+            driver.get(url)
+            row = f"table.ledger tr[data-key='{trainer}']"
+            # Once the preparer has verified one of the trainer's checkpoints (8 or 10).
+            wait_until(driver, lambda d: d.find_elements("css selector", row), 300, "the trainer's ledger row")
+            jobs = driver.find_elements("css selector", "table.jobs tr[data-job]")
+            assert {j.get_attribute("data-job") for j in jobs} == {"expert_0", "expert_1", "router"}
+            assert "%" in driver.find_element("css selector", row).text
+            chart = driver.find_element("css selector", "img.chart")
+            wait_until(driver, lambda d: d.execute_script("return arguments[0].naturalWidth", chart), 30, "the chart")
+            assert colour_pixels(element_image(chart)) > 100, "the loss chart plots no points"
+            body = driver.find_element("tag name", "body").text
+            assert HOSTILE in body and "<b>bold</b>" in body
+            assert driver.execute_script("return window.pwned") is None
+            assert console_errors(driver) == []
+            screenshot(driver, tmp_path / "status-page.png")
+    finally:
+        observer.shutdown()
+        for p in procs:
+            kill_tree(p)
