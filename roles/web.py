@@ -54,6 +54,7 @@ import logging
 import math
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,7 @@ CHART_DPI = 100
 CHART_MAX_JOBS = 32  # a run lists a handful of jobs; more would be an unreadable legend anyway
 CHART_MAX_POINTS = 2000  # per series: more points than pixels only cost drawing time
 CHART_CACHE = 64  # drawn charts kept (the latest of each run asked for), least recently used dropped
+CHART_EVERY_S = 10.0  # a run's chart is drawn anew at most this often, however often its history moves
 GZIP_MIN = 1024  # smaller bodies are sent as they are: gzip would save next to nothing
 
 
@@ -147,15 +149,22 @@ def _empty_published() -> _Published:
     return _Published(_json_body({"time": None, "runs": [], "chart_etags": []}), _json_body({"time": None, "runs": []}))
 
 
-def _publishable(status: dict) -> _Published:
-    """Serialize one snapshot: the JSON bodies, and each run's chart version (a hash of its history)."""
-    runs = status.get("runs") or []
+def _charts_of(status: dict) -> list[_Chart]:
+    """Each run's chart, versioned by a hash of its loss history."""
     charts = []
-    for index, run in enumerate(runs):
+    for index, run in enumerate(status.get("runs") or []):
         history = run.get("history") if isinstance(run, dict) else None
         digest = hashlib.sha256(_dumps(history)).hexdigest()[:24]
         title = str(run.get("ref") or run.get("name") or f"run {index}") if isinstance(run, dict) else f"run {index}"
         charts.append(_Chart(f'"{digest}"', history, title))
+    return charts
+
+
+def _publishable(status: dict, charts: list[_Chart] | None = None) -> _Published:
+    """Serialize one snapshot: the JSON bodies, and each run's chart version (``charts``: the ones
+    to serve, by default drawn from this snapshot's histories)."""
+    runs = status.get("runs") or []
+    charts = _charts_of(status) if charts is None else charts
     body = dict(status)
     body["chart_etags"] = [c.etag.strip('"') for c in charts]
     ledger = {
@@ -355,11 +364,14 @@ class StatusWeb:
         *,
         idle_timeout: float = 5.0,
         write_timeout: float = 15.0,
+        chart_every: float = CHART_EVERY_S,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.host, self.port, self.max_connections = host, port, max_connections
         self.idle_timeout, self.write_timeout = idle_timeout, write_timeout
+        self.chart_every = chart_every
+        self._chart_since: dict[int, float] = {}  # run index → when its chart's version last moved
         self.refused = 0  # connections aborted for want of a slot (read by tests and for diagnosis)
         self.renders = 0  # charts drawn (each a change of some run's history that someone looked at)
         # Answers by (route, status), e.g. ("status", 304): what the clients cost, for tests and diagnosis.
@@ -412,10 +424,22 @@ class StatusWeb:
 
     def publish(self, status: dict) -> None:
         """The latest snapshot, served from now on. Thread-safe, and the only cost paid per snapshot:
-        it is serialized here once, whatever the number of clients."""
-        published = _publishable(status)
+        it is serialized here once, whatever the number of clients. A run's chart moves to a new
+        version at most every ``chart_every`` s: a trainer reports its loss every few seconds, and
+        each new version is a drawing (~0.1 s of a core) as soon as one page is open."""
+        now = time.monotonic()
         with self._lock:
-            self._published = published
+            before = self._published.charts
+            charts = []
+            for i, chart in enumerate(_charts_of(status)):
+                old = before[i] if i < len(before) else None
+                if old is not None and old.etag != chart.etag and old.title == chart.title:
+                    if now - self._chart_since.get(i, -math.inf) < self.chart_every:
+                        chart = old  # drawn again once the interval has passed
+                if old is None or chart.etag != old.etag:
+                    self._chart_since[i] = now
+                charts.append(chart)
+            self._published = _publishable(status, charts)
 
     def stop(self) -> None:
         """Stop serving: every connection aborted, the thread joined (a few seconds at most)."""

@@ -122,7 +122,7 @@ def _seed_torch():
 
 @pytest.fixture
 def web():
-    page = StatusWeb("127.0.0.1", 0)
+    page = StatusWeb("127.0.0.1", 0, chart_every=0.0)
     page.start()
     try:
         yield page
@@ -304,6 +304,13 @@ def test_a_chart_is_drawn_once_per_change_of_its_history(web):
         status, _, png = get(web.url + "/chart/0.png")
         assert status == 200 and png != answers[0][2]
     assert web.renders == 2
+    # A history that moves every snapshot is drawn anew at most every chart_every seconds.
+    web.chart_every = 3600.0
+    moved = snapshot(now=NOW + 5)
+    moved["runs"][0]["history"]["expert_0"]["train"].append([1230, 0.13])
+    web.publish(moved)
+    assert get(web.url + "/chart/0.png")[2] == png and web.renders == 2
+    web.chart_every = 0.0
     # Peers' numbers that are not numbers are skipped, not drawn and not raised.
     bad = snapshot(now=NOW + 6)
     bad["runs"][0]["history"] = {"$\\frac{": {"train": [["a", 1], [1, None], [2, float("inf")], [3, 0.5], 7]}, "_x": 3}
