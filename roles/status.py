@@ -348,7 +348,11 @@ def _render_run(run: dict) -> list:
     for col in ("peer", "reach", "role", "state", "job"):
         peers.add_column(col)
     for p in run["peers"]:
-        peers.add_row(*(escape(x) for x in (p["peer"][:16], p["role"], p["state"], p["job"] or "-")))
+        peers.add_row(
+            escape(p["peer"][:16]),
+            _reach(p.get("reach", "")),
+            *(escape(x) for x in (p["role"], p["state"], p["job"] or "-")),
+        )
     tables.append(peers)
     book = run["ledger"]
     if book["contributors"]:

@@ -15,6 +15,39 @@ from tests.conftest import LOOPBACK, kill_tree, node, spawn, start_serving_prepa
 HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
 
 
+def _snapshot() -> dict:
+    job = {"job": "expert_0", "target": 10, "done": False, "owner": "QmTrainer", "owner_key": "a" * 32, "since": 1.0,
+           "step": 4, "loss": 0.5, "samples_per_s": 3.0, "step_age_s": 1.0, "pending": 0,
+           "refused": [{"step": 3, "sha256": "b" * 64, "owner": "c" * 32, "reason": "[red]loud[/] " + HOSTILE}],
+           "checkpoint": {"step": 4, "sha256": "d" * 64, "size": 1, "age_s": 2.0, "providers": ["QmTrainer"],
+                          "verdicts": []}}  # fmt: skip
+    peer = {"peer": "QmStranger", "role": "[bold]x[/]", "state": "idle", "job": "", "step": 0, "loss": 0.0,
+            "samples_per_s": 0.0, "bans": ["[link=x]y[/]"], "reach": "relayed"}  # fmt: skip
+    book = {"digest": None, "checked": None, "problems": [], "entries": 1, "total_steps": 4, "total_samples": 32,
+            "total_flops": 1.0, "contributors": [{"key": "a" * 32, "steps": 4, "samples": 32, "flops": 1.0,
+            "share": 1.0, "first": 1.0, "last": 2.0, "jobs": {"expert_0": {"steps": 4, "samples": 32}}}]}  # fmt: skip
+    run = {"ref": "demo@" + "e" * 32, "name": "demo", "owner": "e" * 32, "admission": "open", "allowed": 0,
+           "manifest_sha256": "f" * 64, "num_clusters": 2, "objectives": ["fm", "fm"], "presets": ["tiny", "tiny"],
+           "expert_steps": 10, "router_steps": 2, "complete": False, "jobs": [job], "servers": [], "peers": [peer],
+           "history": {}, "ledger": book}  # fmt: skip
+    return {"time": 1.0, "self": "QmMe", "bans": [], "runs": [run]}
+
+
+def test_the_terminal_dashboard_shows_peers_words_as_they_are():
+    from rich.console import Console
+
+    from roles.status import render
+
+    console = Console(record=True, width=250)
+    console.print(render(_snapshot()))
+    text = console.export_text()
+    for said in ("[red]loud[/]", HOSTILE, "[bold]x[/]", "[link=x]y[/]"):
+        assert said in text, said
+    row = next(line for line in text.splitlines() if "QmStranger" in line)
+    assert "relayed" in row and "idle" in row
+    assert "100.0%" in text and "a" * 16 in text  # the ledger's one contributor
+
+
 def test_no_run_yet_is_an_empty_list_and_exit_0(tmp_path):
     """A script watching a new swarm can tell "nothing yet" from a failure."""
     boot = SwarmNode(SwarmConfig(str(tmp_path / "boot"), host_maddrs=[LOOPBACK]))
