@@ -143,6 +143,14 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--expert-steps", type=int, default=0, help="an expert is done at this step (0: never)")
         g.add_argument("--router-steps", type=int, default=0, help="the router is done at this step (0: never)")
         g.add_argument(
+            "--distill-steps",
+            type=int,
+            default=0,
+            help="a distill job (one network trained on the routed ensemble, once the experts and router are done) "
+            "is done at this step (0: the run has none)",
+        )
+        g.add_argument("--distill-preset", default="", help="the distilled student's preset (default: the experts')")
+        g.add_argument(
             "--publish-local", action="store_true", help="also publish checkpoints trained here (--ckpt-dir)"
         )
         g.add_argument("--run", default="default", help="the run's name; its owner is this node's key")
@@ -170,9 +178,17 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--expert", help="train expert K (swarm: only this job)")
         g.add_argument(
             "--job",
-            choices=("expert", "router", "monolith"),
+            choices=("expert", "router", "distill", "monolith"),
             default="expert",
-            help="monolith: the baseline on all clusters at the experts' total compute (--local)",
+            help="monolith: the baseline on all clusters at the experts' total compute (--local); distill: one "
+            "network trained on the routed ensemble's velocity (--local: the experts and router in --ckpt-dir)",
+        )
+        g.add_argument("--distill-preset", default="", help="distill: the student's preset (default: the experts')")
+        g.add_argument(
+            "--distill-init",
+            default="scratch",
+            choices=("scratch", "expert"),
+            help="distill --local: start from scratch, or from the expert whose weights match the teacher best",
         )
         g.add_argument("--steps", type=int, default=0, help="stop at this total step (swarm: before the run's target)")
         g.add_argument("--minutes", type=float, default=0.0, help="budget of this process (--local default 5)")
@@ -256,7 +272,13 @@ def _parser(role: str) -> RoleParser:
             "room for bf16 servers; fp32 ones differ by about 1e-6)",
         )
         g.add_argument("--output", help="PNG path (default outputs/<prompt>.png)")
-        g.add_argument("--mode", default="topk", choices=MODES, help="how the router's experts are combined")
+        g.add_argument(
+            "--mode",
+            default="topk",
+            choices=(*MODES, "distilled"),
+            help="how the router's experts are combined; distilled: the run's distilled student alone, one network "
+            "and no router (fetched from the swarm, or --local from --ckpt-dir)",
+        )
         g.add_argument("--k", type=int, default=2, help="topk: experts per step")
         _device_flags(g)  # for the experts run here
         _sampling(p)
@@ -449,8 +471,17 @@ def run_bootstrap(args: argparse.Namespace) -> None:
 def run_prepare(args: argparse.Namespace) -> None:
     from data.prepare import PrepareConfig, prepare_and_report
 
-    if args.expert_steps < 0 or args.router_steps < 0:
-        raise UsageError("--expert-steps and --router-steps take a step count >= 0")
+    if args.expert_steps < 0 or args.router_steps < 0 or args.distill_steps < 0:
+        raise UsageError("--expert-steps, --router-steps and --distill-steps take a step count >= 0")
+    if args.distill_steps and not (args.expert_steps and args.router_steps):
+        raise UsageError("--distill-steps needs --expert-steps and --router-steps: it starts once they are done")
+    if args.distill_preset:
+        from experts.presets import get_preset
+
+        try:
+            get_preset(args.distill_preset)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     data_dir, ckpt_dir = _dirs(args)
     cfg = PrepareConfig(
         source=args.source,
@@ -489,6 +520,8 @@ def run_prepare(args: argparse.Namespace) -> None:
         serve_cfg = ServeRunConfig(
             expert_steps=args.expert_steps,
             router_steps=args.router_steps,
+            distill_steps=args.distill_steps,
+            distill_preset=args.distill_preset,
             ckpt_dir=ckpt_dir if args.publish_local else None,
             allow=Path(args.allow) if args.allow else None,
             grace_s=args.claim_grace,
@@ -621,6 +654,8 @@ def run_local_trainer(args: argparse.Namespace) -> None:
         text_encoder=args.text_encoder,
         vae=args.vae,
         router_preset=args.router_preset,
+        distill_preset=args.distill_preset,
+        distill_init=args.distill_init,
     )
     # Ctrl-C / SIGTERM: finish the step, save, exit 0 (in an island, every rank at the same step)
     stop = stop_on_signals(args.role)
@@ -676,11 +711,20 @@ def run_client(args: argparse.Namespace) -> None:
         subset = _int_list(args.local_experts, "--local-experts") if args.local_experts else None
     _, ckpt = _dirs(args)
     device, precision = _device_and_precision(args)
+    distilled = args.mode == "distilled"
+    if distilled and (args.from_export or args.local_experts):
+        raise UsageError("--mode distilled runs the distilled student alone: no --from-export, no --local-experts")
     cfg = ClientConfig(
         prompts=args.prompts,
         sampler=SamplerConfig(
-            mode=args.mode, k=args.k, tau=args.tau, guidance=args.guidance, steps=args.steps, seed=args.seed
-        ),
+            mode="top1" if distilled else args.mode,
+            k=args.k,
+            tau=args.tau,
+            guidance=args.guidance,
+            steps=args.steps,
+            seed=args.seed,
+        ),  # fmt: skip
+        distilled=distilled,
         output=args.output or "",
         local_experts=subset,
         ckpt_dir=str(args.ckpt_dir or Path(args.workdir) / "fetched") if from_swarm else str(ckpt),

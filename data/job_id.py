@@ -1,10 +1,12 @@
-"""The name of a training job: ``expert_K``, ``router`` or ``monolith``.
+"""The name of a training job: ``expert_K``, ``router``, ``distill`` or ``monolith``.
 
-A swarm job is an expert (``expert_0`` .. ``expert_63``) or the router; ``monolith``, the
-baseline trained on one machine, is never a swarm job. A job's name is part of the wire format
-(DHT keys, JSON fields, checkpoint folders): only the canonical form parses (``expert_7``, never
-``expert_07``, ``expert_+7`` or ``Expert_7``), so ``str(JobId.parse(s)) == s`` for every name that
-parses, and a name built here is byte for byte the one that was built by hand before.
+A swarm job is an expert (``expert_0`` .. ``expert_63``), the router, or ``distill`` (one network
+trained on the routed ensemble's velocity, once the experts and the router are done, in a run that
+asks for it); ``monolith``, the baseline trained on one machine, is never a swarm job. A job's
+name is part of the wire format (DHT keys, JSON fields, checkpoint folders): only the canonical
+form parses (``expert_7``, never ``expert_07``, ``expert_+7`` or ``Expert_7``), so
+``str(JobId.parse(s)) == s`` for every name that parses, and a name built here is byte for byte
+the one that was built by hand before.
 
 Imported by the bootstrap through :mod:`swarm.records`: it imports nothing but the standard library.
 """
@@ -20,8 +22,8 @@ from typing import ClassVar
 
 MAX_EXPERTS = 64  # jobs expert_0..expert_63 and router have DHT schema fields
 
-EXPERT, ROUTER, MONOLITH = "expert", "router", "monolith"
-_RANK = {EXPERT: 0, ROUTER: 1, MONOLITH: 2}  # sort order: experts by index, the router, the monolith
+EXPERT, ROUTER, DISTILL, MONOLITH = "expert", "router", "distill", "monolith"
+_RANK = {EXPERT: 0, ROUTER: 1, DISTILL: 2, MONOLITH: 3}  # sort order: experts by index, router, distill, monolith
 _EXPERT_NAME = re.compile(r"expert_(0|[1-9][0-9]{0,5})")  # canonical decimal, no sign, no leading zero
 
 
@@ -33,19 +35,22 @@ def _shown(text: str) -> str:
 @functools.total_ordering
 @dataclass(frozen=True, eq=True)
 class JobId:
-    """One job. Build it with :meth:`expert`, :meth:`parse` or the constants :attr:`ROUTER` and
-    :attr:`MONOLITH`; ``str(job)`` is its canonical name. Sorted: experts by index, then the router,
-    then the monolith."""
+    """One job. Build it with :meth:`expert`, :meth:`parse` or the constants :attr:`ROUTER`,
+    :attr:`DISTILL` and :attr:`MONOLITH`; ``str(job)`` is its canonical name. Sorted: experts by
+    index, then the router, the distilled student, the monolith."""
 
-    kind: str  # "expert", "router" or "monolith"
+    kind: str  # "expert", "router", "distill" or "monolith"
     _index: int = field(default=-1, repr=False)  # the expert's index; -1 for the others
 
     ROUTER: ClassVar[JobId]
+    DISTILL: ClassVar[JobId]
     MONOLITH: ClassVar[JobId]
 
     def __post_init__(self) -> None:
         if self.kind not in _RANK:
-            raise ValueError(f"not a kind of job: {self.kind!r}; a job is an expert, the router or the monolith")
+            raise ValueError(
+                f"not a kind of job: {self.kind!r}; a job is an expert, the router, distill or the monolith"
+            )
         if self.kind == EXPERT:
             k = self._index
             if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < MAX_EXPERTS:
@@ -79,11 +84,13 @@ class JobId:
             return cls.ROUTER
         if text == MONOLITH:
             return cls.MONOLITH
+        if text == DISTILL:
+            return cls.DISTILL
         m = _EXPERT_NAME.fullmatch(text)
         if m is None:
             raise ValueError(
                 f"not a job: {_shown(text)}; a job is expert_K (K in 0..{MAX_EXPERTS - 1}, no leading zeros), "
-                "router or monolith"
+                "router, distill or monolith"
             )
         k = int(m.group(1))
         if k >= MAX_EXPERTS:
@@ -108,17 +115,21 @@ class JobId:
         return self.kind == ROUTER
 
     @property
+    def is_distill(self) -> bool:
+        return self.kind == DISTILL
+
+    @property
     def is_monolith(self) -> bool:
         return self.kind == MONOLITH
 
     @property
     def is_swarm(self) -> bool:
-        """Whether the swarm trains it (an expert or the router; the monolith is local only)."""
+        """Whether the swarm trains it (an expert, the router or distill; the monolith is local only)."""
         return self.kind != MONOLITH
 
     @property
     def expert_index(self) -> int:
-        """The expert's index ``K``; ``ValueError`` for the router and the monolith."""
+        """The expert's index ``K``; ``ValueError`` for every other job."""
         if self.kind != EXPERT:
             raise ValueError(f"{self} is not an expert's job: it has no expert index")
         return self._index
@@ -144,17 +155,19 @@ class JobId:
 
 
 JobId.ROUTER = JobId(ROUTER)
+JobId.DISTILL = JobId(DISTILL)
 JobId.MONOLITH = JobId(MONOLITH)
 
 
-def swarm_jobs(num_experts: int = MAX_EXPERTS) -> list[JobId]:
+def swarm_jobs(num_experts: int = MAX_EXPERTS, distill: bool = False) -> list[JobId]:
     """The swarm jobs of a run of ``num_experts`` experts, sorted: ``expert_0`` .. ``expert_{K-1}``,
-    then ``router``. With the default, every swarm job the DHT schema has fields for."""
+    then ``router`` (and ``distill`` with ``distill``). With the default and ``distill``, every swarm
+    job the DHT schema has fields for."""
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or not 0 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"a run has 0..{MAX_EXPERTS} experts; got {num_experts!r}")
-    return [*(JobId.expert(k) for k in range(num_experts)), JobId.ROUTER]
+    return [*(JobId.expert(k) for k in range(num_experts)), JobId.ROUTER, *([JobId.DISTILL] if distill else [])]
 
 
-def swarm_job_names(num_experts: int = MAX_EXPERTS) -> list[str]:
+def swarm_job_names(num_experts: int = MAX_EXPERTS, distill: bool = False) -> list[str]:
     """The names of :func:`swarm_jobs` (what DHT keys and records carry)."""
-    return [str(job) for job in swarm_jobs(num_experts)]
+    return [str(job) for job in swarm_jobs(num_experts, distill)]

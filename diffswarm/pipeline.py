@@ -28,7 +28,8 @@ import torch
 from diffusers import DiffusionPipeline, PixArtTransformer2DModel
 from diffusers.utils import BaseOutput
 
-from data.checkpoint import CheckpointError
+from data.checkpoint import CheckpointError, latest_checkpoint
+from data.job_id import JobId
 from experts.latent_space import LatentSpace, VaeSpace, tensor_to_pil
 from experts.text_encoder import TextEncoder
 from router.ensemble import (
@@ -201,6 +202,32 @@ class DiffswarmPipeline(DiffusionPipeline):
         encoder = text_encoder or encoder_for(enc_name, text_encoder_weights)
         space = space_for(router_ckpt.meta["space"], vae)
         return cls(router, runners, metas, {**router_ckpt.meta, "sha256": router_ckpt.sha256}, encoder, space)
+
+    @classmethod
+    def distilled(
+        cls,
+        ckpt_root: str | Path,
+        vae: str = "",
+        text_encoder_weights: str = "",
+        device: str = "cpu",
+        precision: str = "fp32",
+    ) -> DiffswarmPipeline:
+        """The distilled student under a run's checkpoint folder (``distill/``): one network, one
+        forward per step (two with guidance, in one batch), no router."""
+        from training.monolith import SingleExpertRouter
+
+        ck = latest_checkpoint(JobId.DISTILL.folder(Path(ckpt_root)))
+        if ck is None:
+            raise CheckpointError(
+                f"no distilled checkpoint under {JobId.DISTILL.folder(Path(ckpt_root))}; train it with "
+                "--role trainer --local --job distill, or in a swarm whose run has --distill-steps"
+            )
+        runner = LocalExpert.from_checkpoint(ck, device, precision)
+        runner.source = ck.model_dir
+        meta = {**ck.meta, "sha256": ck.sha256}
+        router_meta = {"space": ck.meta["space"], "num_experts": 1, "kind": "distill", "sha256": ck.sha256}
+        encoder = encoder_for(ck.meta["text_encoder"], text_encoder_weights)
+        return cls(SingleExpertRouter(), {0: runner}, {0: meta}, router_meta, encoder, space_for(ck.meta["space"], vae))
 
     @classmethod
     def from_swarm(

@@ -98,7 +98,8 @@ TEXT_ROUTINGS = {f"{name}{TEXT}": how for name, how in ROUTINGS.items()}
 XT_ROUTINGS = {f"{name}{XT}": how for name, how in ROUTINGS.items()}
 SECOND_ROUTINGS = {**TEXT_ROUTINGS, **XT_ROUTINGS}  # the rows the second router routes
 ROUTED = {**ROUTINGS, **SECOND_ROUTINGS}  # every row a router routes
-ALL_ROWS = (*ROW_NAMES, *SECOND_ROUTINGS)  # what --eval-rows may name
+DISTILLED = "distilled"  # the student of the distill job (<ckpt>/distill): one network, no router
+ALL_ROWS = (*ROW_NAMES, DISTILLED, *SECOND_ROUTINGS)  # what --eval-rows may name
 _AT_STEP = re.compile(rf"{MONOLITH}@(S|[0-9]+)$")  # monolith@S, or monolith@N for a kept step N
 # Resamples per FID interval. At 200 the ends move between sets of resamples by 0.6-0.8 FID (sd)
 # on 408 images and 1.7-4 FID on 27 (measured by re-drawing 20-30 times), under a tenth of the
@@ -418,7 +419,15 @@ def _monolith_rows(cfg: EvalConfig, ckpt_root: Path, num_experts: int) -> dict[s
     out: dict[str, MonolithRow] = {}
     latest = latest_checkpoint(ckpt_root / MONOLITH)
     for name in cfg.rows:
-        if name == MONOLITH:
+        if name == DISTILLED:
+            ck = latest_checkpoint(JobId.DISTILL.folder(ckpt_root))
+            if ck is None:
+                raise CheckpointError(
+                    f"no distilled checkpoint under {JobId.DISTILL.folder(ckpt_root)}; train it with --role trainer "
+                    "--local --job distill (or leave it out with --eval-rows)"
+                )
+            out[name] = (name, ck, LocalExpert.from_checkpoint(ck, cfg.device, cfg.precision))
+        elif name == MONOLITH:
             if latest is None:
                 raise CheckpointError(
                     f"no monolith checkpoint under {ckpt_root / MONOLITH}; train the baseline with "
@@ -654,6 +663,10 @@ COMPARISONS = (
     ("the router that reads only x_t against the default", f"top-2{XT}", "top-2"),
     ("what the experts give", ORACLE, MONOLITH),
     ("what the experts give at equal steps", ORACLE, f"{MONOLITH}@"),
+    ("the distilled student against the ensemble", DISTILLED, f"top-2{TEXT}"),
+    ("the distilled student against the ensemble", DISTILLED, "top-2"),
+    ("the distilled student against the monolith", DISTILLED, MONOLITH),
+    ("the distilled student against the oracle", DISTILLED, ORACLE),
 )
 
 
@@ -722,22 +735,31 @@ def training_flops(
         net = cpu(expert.model)
         return 3 * forward_flops(lambda: expert_forward(net, x, t, states, mask))
 
-    def router_spent(router: torch.nn.Module, ck: Checkpoint) -> float:
+    def router_spent(router: torch.nn.Module, ck: Checkpoint | None) -> float:
+        """Its training FLOPs (per sample with ``ck`` None)."""
         net, text = cpu(router), pool_text(states, mask)
-        return 3 * forward_flops(lambda: net(x, t, text)) * float(ck.meta.get("samples_seen", 0) or 0)
+        seen = 1.0 if ck is None else float(ck.meta.get("samples_seen", 0) or 0)
+        return 3 * forward_flops(lambda: net(x, t, text)) * seen
 
     experts = 0.0
     for k, expert in ensemble.experts.items():
         ck = latest_checkpoint(JobId.expert(k).folder(root))
         experts += per_sample(expert) * float(ck.meta.get("samples_seen", 0)) if ck else 0.0
-    spent = router_spent(ensemble.router, latest_checkpoint(JobId.ROUTER.folder(root)))
+    router_ck = latest_checkpoint(JobId.ROUTER.folder(root))
+    spent = router_spent(ensemble.router, router_ck)
+    # The distilled student's own training, its teacher's forwards (top-2 experts and the router
+    # per sample) and what the teacher cost to train.
+    teacher_fwd = 2 * per_sample(next(iter(ensemble.experts.values()))) / 3 + router_spent(ensemble.router, None) / 3
     out = {name: experts + spent for name in (*ROUTINGS, ORACLE)}
     out[ORACLE] = experts
     if other_router is not None:
         spent = router_spent(*other_router)
         out |= {name: experts + spent for name in SECOND_ROUTINGS}
     for name, ck, model in monoliths.values():
-        out[name] = per_sample(model) * float(ck.meta.get("samples_seen", 0))
+        seen = float(ck.meta.get("samples_seen", 0))
+        out[name] = per_sample(model) * seen
+        if name == DISTILLED:
+            out[name] += (teacher_fwd * seen) + experts + spent
     return out
 
 

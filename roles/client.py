@@ -28,7 +28,8 @@ from router.audit import DEFAULT_RATE, TOLERANCE, report_lines
 from router.grid import save_images
 from router.sampling import ExpertUnavailable, RoutingLog, SamplerConfig
 from swarm.blobs import BlobService, BlobStore
-from swarm.dht import SwarmNode
+from swarm.dht import SwarmError, SwarmNode
+from swarm.mirror import fetch_published
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ClientConfig:
     audit_rate: float = DEFAULT_RATE  # swarm: share of server answers recomputed to check them (0: trust servers)
     audit_tolerance: float = TOLERANCE  # swarm: relative L2 difference per image an audited answer may have
     audit_seed: int | None = None  # swarm: seed of replica choice and audited steps (None: unpredictable)
+    distilled: bool = False  # the run's distilled student alone (local: under ckpt_dir; swarm: fetched)
 
     def __post_init__(self) -> None:
         if not 0 <= self.audit_rate <= 1:
@@ -63,6 +65,8 @@ class ClientConfig:
 def local_pipeline(cfg: ClientConfig) -> DiffswarmPipeline:
     """The router and experts of a run's checkpoints (or of an export), all run in this process."""
     subset = None if cfg.local_experts in (None, "all") else list(cfg.local_experts)
+    if cfg.distilled:
+        return DiffswarmPipeline.distilled(cfg.ckpt_dir, vae=cfg.vae, device=cfg.device, precision=cfg.precision)
     where = dict(experts=subset, vae=cfg.vae, device=cfg.device, precision=cfg.precision)
     if cfg.from_export:
         return DiffswarmPipeline.from_pretrained(cfg.from_export, **where)
@@ -178,6 +182,13 @@ def run_swarm_client(node: SwarmNode, cfg: ClientConfig) -> Path:
     node.on_restart(blobs.rebind)
     pool = pipe = None
     try:
+        if cfg.distilled:  # one network, run here: its verified checkpoint, fetched peer to peer
+            run = node.run()
+            if run is None or "distill" not in run.jobs():
+                raise SwarmError("this swarm's run has no distill job (its preparer sets --distill-steps)")
+            if not fetch_published(node, blobs, run, Path(cfg.ckpt_dir), ["distill"]):
+                raise SwarmError("no verified distilled checkpoint is published yet")
+            return draw(DiffswarmPipeline.distilled(cfg.ckpt_dir, cfg.vae, device=cfg.device), cfg)
         pipe, pool = swarm_ensemble(
             node,
             blobs,

@@ -82,6 +82,8 @@ def read_admission(path: Path) -> tuple[str, list[str]]:
 class ServeRunConfig:
     expert_steps: int = 0  # an expert job is done at this step (0: never)
     router_steps: int = 0
+    distill_steps: int = 0  # the distill job is done at this step (0: the run has none)
+    distill_preset: str = ""  # the student's preset ("": the experts')
     period_s: float = 2.0  # verify and mirror rounds (a stopping trainer waits for one); admission re-reads
     ckpt_dir: Path | None = None  # publish checkpoints trained here when ahead of the swarm's
     allow: Path | None = None  # an allowlist file (None: anyone may train)
@@ -188,6 +190,8 @@ def serve_run(node: SwarmNode, data_dir: Path, stop: threading.Event, cfg: Serve
         admission=admission,
         allowed=allowed,
         grace_s=cfg.grace_s,
+        distill_steps=cfg.distill_steps,
+        distill_preset=cfg.distill_preset,
     )
     mirror = data_dir.parent / "mirror"
     verifier = Verifier(node, blobs, run, manifest, mirror, VerifyConfig(cfg.text_encoder, cfg.vae))

@@ -31,7 +31,7 @@ from router.presets import DEFAULT_ROUTER_PRESET
 from swarm import claims
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
 from swarm.dht import SwarmError, SwarmNode
-from swarm.mirror import fetch_budget, mirror_checkpoints, publish_checkpoint, sources
+from swarm.mirror import fetch_budget, gather_teacher, mirror_checkpoints, publish_checkpoint, sources
 from swarm.records import (
     HEARTBEAT_S,
     PROVIDER_TTL_S,
@@ -299,6 +299,11 @@ class SwarmTrainer:
                 said = True
             time.sleep(0.5)
 
+    def _teacher(self, run: RunRecord) -> Path:
+        """The distill job's teacher, fetched where this node mirrors (see :func:`gather_teacher`)."""
+        snap = self.node.snapshot(run)
+        return gather_teacher(self.node, self.blobs, snap, self.work / "mirror", self.work / "teacher")
+
     def mirror(self, snap: claims.Snapshot) -> None:
         """Verify what others published, then hold the latest verified checkpoint of every job."""
         if self.verifier is not None and self.verifier.verify_pending(snap):
@@ -363,10 +368,13 @@ class SwarmTrainer:
             keeper.start()
             try:
                 jid = JobId.parse(job)
-                clusters = list(range(run.num_clusters)) if jid.is_router else [jid.expert_index]
+                clusters = [jid.expert_index] if jid.is_expert else list(range(run.num_clusters))
                 root = jid.folder(self.work / "checkpoints")
+                teacher = None
                 try:
                     self.fetch_shards(manifest, clusters)
+                    if jid.is_distill:  # the verified experts and router it learns from, peer to peer
+                        teacher = self._teacher(run)
                     snap = self.node.snapshot(run, [job])
                     if self.verifier.verify_pending(snap, [job]):  # resume from the newest sound one
                         snap = self.node.snapshot(run, [job])
@@ -389,8 +397,9 @@ class SwarmTrainer:
                     ckpt_every_minutes=every,
                 )
                 train_job = build_job(
-                    manifest, digest, job, tcfg, self.cfg.text_encoder, self.cfg.vae, self.cfg.router_preset
-                )
+                    manifest, digest, job, tcfg, self.cfg.text_encoder, self.cfg.vae, self.cfg.router_preset,
+                    teacher_root=teacher, distill_preset=run.distill_preset,
+                )  # fmt: skip
                 if self.island is not None:  # the other ranks build the same job and train with us
                     self.island.tell(
                         {
@@ -400,6 +409,8 @@ class SwarmTrainer:
                             "text_encoder": self.cfg.text_encoder,
                             "vae": self.cfg.vae,
                             "router_preset": self.cfg.router_preset,
+                            "teacher": str(teacher or ""),
+                            "distill_preset": run.distill_preset,
                         }
                     )
                 last = train(
@@ -462,7 +473,11 @@ def follow_island(island: Island, stop: threading.Event) -> int:
     while (msg := island.hear()) is not None:
         manifest, digest = load_manifest(Path(msg["manifest"]))
         tcfg = TrainConfig(**msg["train"])
-        job = build_job(manifest, digest, msg["job"], tcfg, msg["text_encoder"], msg["vae"], msg["router_preset"])
+        teacher = Path(msg["teacher"]) if msg.get("teacher") else None
+        job = build_job(
+            manifest, digest, msg["job"], tcfg, msg["text_encoder"], msg["vae"], msg["router_preset"],
+            teacher_root=teacher, distill_preset=msg.get("distill_preset", ""),
+        )  # fmt: skip
         train(job, tcfg, should_stop=stop.is_set, island=island)
         jobs += 1
     return jobs

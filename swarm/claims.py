@@ -277,12 +277,15 @@ def choose_job(snapshot: Snapshot, me: bytes, wanted: str | None = None) -> str 
     A job this node already wins is kept (until it is done). Otherwise: ``wanted`` if it is free;
     else one of the free, unfinished experts with the least training so far (lowest published
     step), and the router only once every expert has an owner or is done (it is the least urgent).
+    The distill job is free only once every expert and the router are done: its teacher is them.
     """
     current = owners(snapshot)
     for job, owner in current.items():
         if owner == me and not done(snapshot, job):
             return job
     free = [job for job, owner in current.items() if owner is None and not done(snapshot, job)]
+    if not teacher_done(snapshot):
+        free = [job for job in free if not JobId.parse(job).is_distill]
     if wanted is not None:
         return wanted if wanted in free else None
     ids = {j: JobId.parse(j) for j in free}
@@ -293,7 +296,12 @@ def choose_job(snapshot: Snapshot, me: bytes, wanted: str | None = None) -> str 
         # Nodes that start together read the same snapshot; a per-node pick among the equally
         # needed jobs spreads them out instead of all racing for the first one.
         return least[int.from_bytes(hashlib.sha256(me).digest()[:4], "big") % len(least)]
-    return next((j for j in free if ids[j].is_router), None)
+    return next((j for j in free if ids[j].is_router), None) or next((j for j in free if ids[j].is_distill), None)
+
+
+def teacher_done(snapshot: Snapshot) -> bool:
+    """Every expert and the router reached its target: the distill job's teacher is final."""
+    return all(done(snapshot, job) for job in snapshot.run.jobs() if not JobId.parse(job).is_distill)
 
 
 def still_wins(snapshot: Snapshot, job: str, me: bytes, mine: ClaimRecord | None = None) -> bool:

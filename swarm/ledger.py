@@ -69,7 +69,7 @@ class _EntrySchema(pydantic.BaseModel):
         extra = pydantic.Extra.forbid
 
     t: pydantic.confloat(strict=True, ge=0)
-    job: pydantic.constr(regex=r"^(expert_[0-9]{1,3}|router)$")
+    job: pydantic.constr(regex=r"^(expert_[0-9]{1,3}|router|distill)$")
     step: pydantic.conint(strict=True, ge=1)
     sha256: pydantic.constr(regex=r"^[0-9a-f]{64}$")
     key: pydantic.constr(regex=r"^[0-9a-f]{32}$")
@@ -234,6 +234,8 @@ def batch_size(run: RunRecord, job: str) -> int:
     jid = JobId.parse(job)
     if jid.is_router:
         return get_router_preset(DEFAULT_ROUTER_PRESET).batch_size
+    if jid.is_distill:
+        return get_preset(run.student_preset()).batch_size
     return get_preset(run.presets[jid.expert_index]).batch_size
 
 
@@ -242,6 +244,9 @@ def flops_per_sample(run: RunRecord, job: str) -> float:
     jid = JobId.parse(job)
     if jid.is_router:
         return _router_flops(run.presets[0], run.num_clusters)
+    if jid.is_distill:  # the student's training, and its teacher's forwards: top-2 experts and the router
+        teacher = 2 * _expert_flops(run.presets[0]) / 3 + _router_flops(run.presets[0], run.num_clusters) / 3
+        return _expert_flops(run.student_preset()) + teacher
     return _expert_flops(run.presets[jid.expert_index])
 
 

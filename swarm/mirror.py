@@ -22,6 +22,7 @@ from pathlib import Path
 from rich.console import Console
 
 from data.checkpoint import META_NAME, Checkpoint, CheckpointError, max_checkpoint_bytes, verify_checkpoint
+from data.job_id import JobId
 from swarm import claims
 from swarm.blobs import MAX_CHECKPOINT, BlobError, BlobService, BlobStore, announce, providers
 from swarm.dht import SwarmNode
@@ -171,6 +172,24 @@ def fetch_published(node: SwarmNode, blobs: BlobService, run, folder: Path, jobs
     if "router" in jobs and not isinstance(got.get("router"), Checkpoint):
         raise SwarmError(f"the router's checkpoint could not be had: {got.get('router') or 'none is published yet'}")
     return {job: ck for job, ck in got.items() if isinstance(ck, Checkpoint)}
+
+
+def gather_teacher(node: SwarmNode, blobs: BlobService, snap: claims.Snapshot, mirror: Path, dest: Path) -> Path:
+    """The distill job's teacher under ``dest`` (``expert_K/``, ``router/``, as links): the latest
+    verified checkpoint of every expert and the router, fetched into ``mirror`` unless this node
+    holds it already (trained or verified here, used where it lies). ``CheckpointError`` if one
+    cannot be had."""
+    jobs = [j for j in snap.run.jobs() if not JobId.parse(j).is_distill]
+    got = mirror_checkpoints(node, blobs, snap, mirror, jobs)
+    shutil.rmtree(dest, ignore_errors=True)
+    for job in jobs:
+        rec = claims.latest_checkpoint(snap, job)
+        held = blobs.store.path(rec.sha256) if rec is not None else None  # its meta.json
+        if held is None:
+            raise CheckpointError(f"the teacher's {job} could not be had: {got.get(job) or 'none is verified'}")
+        (dest / job).mkdir(parents=True)
+        (dest / job / held.parent.name).symlink_to(held.parent.resolve(), target_is_directory=True)
+    return dest
 
 
 def publish_checkpoint(node: SwarmNode, store: BlobStore, run: RunRecord, job: str, ckpt: Checkpoint) -> None:

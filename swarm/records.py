@@ -89,6 +89,10 @@ class RunSchema(pydantic.BaseModel):
     manifest_size: pydantic.conint(strict=True, ge=1)
     expert_steps: pydantic.conint(strict=True, ge=0)  # an expert job is done at this step (0: never)
     router_steps: pydantic.conint(strict=True, ge=0)
+    # The distill job is done at this step (0: the run has no distill job); its student's preset
+    # ("": the experts').
+    distill_steps: pydantic.conint(strict=True, ge=0) = 0
+    distill_preset: pydantic.constr(max_length=16) = ""
 
 
 class ClaimSchema(pydantic.BaseModel):
@@ -199,11 +203,11 @@ def _run_schema() -> type[pydantic.BaseModel]:
         "proofs": (dict[OwnerKey, ProofsSchema] | None, None),
         "ledger": (dict[OwnerKey, LedgerSchema] | None, None),
     }
-    for job in swarm_jobs(MAX_EXPERTS):
+    for job in swarm_jobs(MAX_EXPERTS, distill=True):
         fields[f"claim_{job}"] = (dict[OwnerKey, ClaimSchema] | None, None)
         fields[f"ckpt_{job}"] = (dict[OwnerKey, CheckpointSchema] | None, None)
         fields[f"verdicts_{job}"] = (dict[OwnerKey, VerdictsSchema] | None, None)
-        if job.is_expert:
+        if job.is_expert or job.is_distill:
             fields[f"serve_{job}"] = (dict[OwnerKey, ServeSchema] | None, None)
     return pydantic.create_model("DiffswarmRunSchema", **fields)
 
@@ -392,14 +396,22 @@ class RunRecord:
     admission: str = "open"  # "open": anyone may train; "allowlist": only the keys in ``allowed``
     allowed: list[str] = field(default_factory=list)
     grace_s: float = CLAIM_GRACE_S
+    distill_steps: int = 0  # the distill job is done at this step (0: the run has none)
+    distill_preset: str = ""  # the student's preset ("": the experts')
 
     def jobs(self) -> list[str]:
-        """The run's job names: ``expert_0`` .. ``expert_{K-1}``, then ``router``."""
-        return [str(job) for job in swarm_jobs(self.num_clusters)]
+        """The run's job names: ``expert_0`` .. ``expert_{K-1}``, ``router``, then ``distill`` when
+        the run has a distill target."""
+        return [str(job) for job in swarm_jobs(self.num_clusters, distill=self.distill_steps > 0)]
 
     def target(self, job: str) -> int:
         """The step at which ``job`` is done (0: never)."""
-        return self.router_steps if JobId.parse(job).is_router else self.expert_steps
+        jid = JobId.parse(job)
+        return self.router_steps if jid.is_router else self.distill_steps if jid.is_distill else self.expert_steps
+
+    def student_preset(self) -> str:
+        """The distilled student's preset."""
+        return self.distill_preset or self.presets[0]
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from data.manifest import Manifest
 from swarm import claims
 from swarm.blobs import BlobError, BlobService
 from swarm.dht import SwarmNode
-from swarm.mirror import checkpoint_budget, fetch_budget, sources
+from swarm.mirror import checkpoint_budget, fetch_budget, gather_teacher, sources
 from swarm.records import CLOCK_SLACK_S, MAX_VERDICTS, CheckpointRecord, RunRecord, Verdict, fingerprint
 from training.heldout import checkpoint_losses, heldout_loss
 from training.jobs import build_job
@@ -107,6 +107,8 @@ def expected_config(run: RunRecord, job: str) -> tuple[str, str]:
     jid = JobId.parse(job)
     if jid.is_router:
         return "", "router"  # the router's preset is the trainer's choice
+    if jid.is_distill:
+        return run.student_preset(), "fm"  # the student predicts the ensemble's velocity
     return run.presets[jid.expert_index], run.objectives[jid.expert_index]
 
 
@@ -187,11 +189,15 @@ class Verifier:
         # mirror holds when the owner's record has moved on before the verdict landed.
         self.accepted: dict[str, CheckpointRecord] = {}
 
-    def _job(self, job: str, preset: str):
-        """The job's network freshly built (seeded) and its untrained held-out loss, cached."""
+    def _job(self, job: str, preset: str, snap: claims.Snapshot | None = None):
+        """The job's network freshly built (seeded) and its untrained held-out loss, cached. A
+        distilled student's job holds its teacher: the verified experts and router of ``snap``."""
         if (job, preset) not in self._jobs:
             jid = JobId.parse(job)
-            self.ensure_data(list(range(self.run.num_clusters)) if jid.is_router else [jid.expert_index])
+            teacher = None
+            if jid.is_distill and snap is not None:
+                teacher = gather_teacher(self.node, self.blobs, snap, self.folder, self.folder.parent / "teacher")
+            self.ensure_data([jid.expert_index] if jid.is_expert else list(range(self.run.num_clusters)))
             torch.manual_seed(self.cfg.seed)
             tcfg = TrainConfig(ckpt_root="", batch_size=self.cfg.batch_size, seed=self.cfg.seed)
             built = build_job(
@@ -202,6 +208,9 @@ class Verifier:
                 self.cfg.text_encoder,
                 self.cfg.vae,
                 preset if jid.is_router else "tiny",
+                # a distilled student is measured against the teacher it must have learned from
+                teacher_root=teacher,
+                distill_preset=preset if jid.is_distill else "",
             )
             self._jobs[(job, preset)] = (
                 built,
@@ -227,7 +236,10 @@ class Verifier:
         its ban land on the signer of the record judged, never on another holder of the hash."""
         fp = fingerprint(key)
         t = get_dht_time()
-        verdict = Verdict(rec.sha256, rec.step, fp, reason is None, t, loss, reason or "", about, samples)
+        # A reason may quote a stranger's metadata: cut to what the verdict's schema holds, or
+        # publishing the verdict would fail.
+        why = "" if reason is None else reason if len(reason) <= 160 else reason[:159] + "…"
+        verdict = Verdict(rec.sha256, rec.step, fp, reason is None, t, loss, why, about, samples)
         self._judged[(rec.sha256, rec.step, fp if about == "record" else "")] = verdict
         if publish:  # else the caller publishes it with the others of its round, in one write
             self.node.publish_verdict(job, snap.run, verdict)
@@ -282,14 +294,22 @@ class Verifier:
         want = {"kind": jid.kind, "manifest_sha256": snap.run.manifest_sha256, "step": rec.step}
         if jid.is_expert:
             want |= {"cluster": jid.expert_index, "objective": rec.objective}
+        if jid.is_distill:
+            if any(j not in snap.ckpts for j in snap.run.jobs()):  # read for this job alone: read them all
+                snap = self.node.snapshot(snap.run)
+            if not claims.teacher_done(snap):  # as far as this node sees: not a fault of the signer's
+                raise CannotJudge("this node does not see every expert and the router done yet")
+            teacher = {j: ck.sha256 for j in snap.run.jobs() if not JobId.parse(j).is_distill
+                       if (ck := claims.latest_checkpoint(snap, j)) is not None}  # fmt: skip
+            want |= {"teacher": teacher}
         for key, value in want.items():
             if meta.get(key) != value:
                 return f"its metadata says {key}={meta.get(key)!r}, the record {value!r}", 0.0, True
         try:
-            built, untrained = self._job(job, rec.preset)
-        except (ValueError, OSError) as e:  # e.g. a latent run and no VAE here: others judge it
+            built, untrained = self._job(job, rec.preset, snap)
+        except (ValueError, OSError, CheckpointError) as e:  # e.g. a latent run and no VAE here: others judge it
             raise CannotJudge(f"cannot build the job here: {e}") from None
-        if jid.is_expert and meta.get("text_encoder") != built.encoder.name:
+        if (jid.is_expert or jid.is_distill) and meta.get("text_encoder") != built.encoder.name:
             raise CannotJudge(f"it was trained with text encoder {meta.get('text_encoder')!r}, this node has another")
         try:
             sampling, train = checkpoint_losses(built, ckpt, self.cfg.batches, self.cfg.batch_size, self.cfg.seed)

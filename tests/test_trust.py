@@ -298,3 +298,42 @@ def test_allowlist_files(tmp_path: Path):
         read_admission(f)
     with pytest.raises(AdmissionError, match="cannot read"):
         read_admission(tmp_path / "missing.txt")
+
+
+def test_the_distill_job_is_free_only_once_every_expert_and_the_router_are_done():
+    run = RunRecord(SHA, 2, ["tiny"] * 2, ["fm", "ddpm"], 100, 10, 4, name="r", started=1_000.0, distill_steps=20)
+    assert run.jobs() == ["expert_0", "expert_1", "router", "distill"] and run.target("distill") == 20
+    assert cheap_refusal(snap(run), "distill", OWNER, ck(5, preset="tiny", objective="ddpm")) is not None
+    assert cheap_refusal(snap(run), "distill", OWNER, ck(5)) is None  # the student predicts velocity
+
+    def at(job_steps: dict[str, int]) -> Snapshot:
+        recs = {j: {OWNER: ck(s, sha=f"{i:064x}")} for i, (j, s) in enumerate(job_steps.items())}
+        ok = {
+            j: judged(OWNER, Verdict(r[OWNER].sha256, r[OWNER].step, fingerprint(OWNER), True, NOW))
+            for j, r in recs.items()
+        }
+        return snap(run, ckpts=recs, verdicts=ok)
+
+    nearly = at({"expert_0": 10, "expert_1": 10, "router": 3})
+    assert not claims.teacher_done(nearly)
+    assert claims.choose_job(nearly, ME) == "router" and claims.choose_job(nearly, ME, "distill") is None
+    done = at({"expert_0": 10, "expert_1": 10, "router": 4})
+    assert claims.teacher_done(done) and claims.choose_job(done, ME) == "distill"
+    assert not claims.run_complete(done)
+    assert claims.run_complete(at({"expert_0": 10, "expert_1": 10, "router": 4, "distill": 20}))
+
+
+def test_a_refusal_quoting_a_strangers_metadata_is_cut_to_what_a_verdict_holds():
+    from swarm.verify import Verifier
+
+    class Node:
+        def publish_verdict(self, *a) -> None:
+            self.published = a
+
+        bans = type("B", (), {"ban": lambda *a: None})()
+
+    verifier = Verifier.__new__(Verifier)
+    verifier.node, verifier._judged, verifier.accepted, verifier._best = Node(), {}, {}, {}
+    v = verifier._judge(snap(), "expert_0", STRANGER, ck(5), "its metadata says kind=" + "x" * 500)
+    assert len(v.reason) == 160
+    encode(VerdictsRecord(SHA, [v]))  # would raise if the schema refused it

@@ -1,6 +1,8 @@
-"""The jobs a trainer can be given (``expert_K``, ``router``, ``monolith``), built on one run's data."""
+"""The jobs a trainer can be given (``expert_K``, ``router``, ``distill``, ``monolith``), built on one run's data."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from data.job_id import JobId
 from data.manifest import Manifest
@@ -23,9 +25,13 @@ def build_job(
     text_encoder: str = "minilm",
     vae: str = "",
     router_preset: str = DEFAULT_ROUTER_PRESET,
+    teacher_root: Path | None = None,
+    distill_preset: str = "",
 ):
-    """The training job for ``expert_K``, ``router`` or ``monolith`` on this run's data (local or swarm).
-    ``ValueError`` for any other ``job``, before anything is loaded."""
+    """The training job for ``expert_K``, ``router``, ``distill`` or ``monolith`` on this run's data
+    (local or swarm). ``ValueError`` for any other ``job``, before anything is loaded. ``distill``
+    learns from the experts and router under ``teacher_root`` (``expert_K/``, ``router/``), as a
+    student of ``distill_preset`` (default: the experts' preset)."""
     jid = JobId.parse(job)
     preset = get_preset(manifest.clusters[0].preset)
     if preset.space == "latent" and manifest.latents is not None:
@@ -44,6 +50,20 @@ def build_job(
     encoder = load_text_encoder(TextEncoderConfig.parse(text_encoder))
     if jid.is_monolith:
         return MonolithJob(manifest, digest, encoder, space_name, encode, cfg)
+    if jid.is_distill:
+        from router.ensemble import load_checkpoints
+        from router.teacher import Teacher
+        from training.distill_job import DistillJob
+
+        if teacher_root is None:
+            raise ValueError("the distill job needs the trained experts and router to learn from")
+        found, router_ckpt = load_checkpoints(Path(teacher_root))
+        if len(found) < manifest.num_clusters:
+            raise ValueError(f"the distill job needs every expert: found {sorted(found)} under {teacher_root}")
+        hashes = {str(JobId.expert(k)): ck.sha256 for k, ck in found.items()} | {"router": router_ckpt.sha256}
+        teacher = Teacher.from_checkpoints(Path(teacher_root)).to(cfg.device)
+        student = get_preset(distill_preset) if distill_preset else None
+        return DistillJob(manifest, digest, encoder, space_name, encode, cfg, teacher, hashes, student)
     return ExpertJob(manifest, digest, jid.expert_index, encoder, space_name, encode, cfg)
 
 

@@ -1,5 +1,6 @@
-"""Training one job on this machine (``--role trainer --local``): an expert, the router, or the
-monolith baseline, on a prepared run's data, into ``<ckpt>/<job>/step_N``.
+"""Training one job on this machine (``--role trainer --local``): an expert, the router, the
+distilled student (from the experts and router under the same ``<ckpt>``) or the monolith
+baseline, on a prepared run's data, into ``<ckpt>/<job>/step_N``.
 
 With no budget given a job trains for 5 minutes; the monolith's default budget is the experts'
 total compute (``training.monolith.equal_compute_steps``). On the way the monolith keeps its
@@ -49,6 +50,8 @@ class LocalTrainConfig:
     text_encoder: str = "minilm"  # minilm or clip:PATH[@ARCH]
     vae: str = ""  # AutoencoderKL folder for latent presets
     router_preset: str = DEFAULT_ROUTER_PRESET
+    distill_preset: str = ""  # the distilled student's preset ("": the experts')
+    distill_init: str = "scratch"  # or "expert": start from the expert nearest the teacher
 
     @property
     def job_id(self) -> JobId:
@@ -64,7 +67,7 @@ def plan(cfg: LocalTrainConfig, manifest: Manifest) -> TrainConfig:
     """The job's TrainConfig: its checkpoint folder, its seed and its budget."""
     ckpt, tc, job = Path(cfg.ckpt_dir), cfg.train, cfg.job_id
     budget = {} if (tc.steps or tc.minutes) else {"minutes": DEFAULT_MINUTES}
-    if job.is_router:
+    if job.is_router or job.is_distill:
         return replace(tc, ckpt_root=str(job.folder(ckpt)), **budget)
     if job.is_monolith:
         if tc.steps or tc.minutes:
@@ -141,6 +144,16 @@ def _keep_wallclock(
     return job
 
 
+def start_from_expert(job) -> None:
+    """A new distilled student starts from the expert whose weights match the teacher best."""
+    from data.streaming import DataPosition
+
+    probe = next(iter(job.batches(DataPosition())))
+    k = job.start_from_expert(probe)
+    print("distill: starting from scratch (no expert of the student's shape and objective)" if k is None
+          else f"distill: starting from expert {k}'s weights (the nearest to the teacher)", flush=True)  # fmt: skip
+
+
 def train_local(cfg: LocalTrainConfig, should_stop: Callable[[], bool] | None = None) -> Checkpoint | None:
     """Train the job to its budget (resuming its latest checkpoint), or until ``should_stop()``
     (then it saves first), and say what it reached. Started by ``torchrun``, every process of the
@@ -154,9 +167,14 @@ def train_local(cfg: LocalTrainConfig, should_stop: Callable[[], bool] | None = 
 
     def build() -> TrainJob:
         torch.manual_seed(tc.seed)  # the same initial network in every process (DDP also syncs it)
-        return build_job(manifest, digest, cfg.job, tc, cfg.text_encoder, cfg.vae, cfg.router_preset)
+        return build_job(
+            manifest, digest, cfg.job, tc, cfg.text_encoder, cfg.vae, cfg.router_preset,
+            teacher_root=Path(cfg.ckpt_dir), distill_preset=cfg.distill_preset,
+        )  # fmt: skip
 
     job = build()
+    if cfg.job_id.is_distill and cfg.distill_init == "expert" and latest_checkpoint(Path(tc.ckpt_root)) is None:
+        start_from_expert(job)
     at = wallclock_step(cfg, tc, manifest)
     if at:
         job = _keep_wallclock(job, cfg, tc, at, build)

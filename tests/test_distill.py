@@ -1,0 +1,91 @@
+"""The distill job: a student trained on the routed ensemble's velocity, on one machine and by a
+swarm (claimed only once every expert and the router are done, verified against its teacher,
+used by a client with no router)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+
+from data.checkpoint import latest_checkpoint
+from router.ensemble import load_checkpoints
+from router.teacher import Teacher
+from tests.conftest import LOOPBACK, kill_tree, node, spawn, wait_in_log
+
+
+def test_the_teacher_is_the_routed_top2_velocity(small_run):
+    """The teacher's target equals a routed step's velocity with guidance off: the top-2 experts'
+    velocities (the DDPM expert's turned into one) weighted by the renormalised router."""
+    from experts.objectives import TIMESTEP_SCALE, network_input, velocity_from_output
+    from experts.presets import expert_forward
+    from experts.text_encoder import TextEncoderConfig, load_text_encoder
+    from router.network import pool_text
+
+    teacher = Teacher.from_checkpoints(small_run / "checkpoints")
+    assert {o for _, o in teacher.experts.values()} == {"fm", "ddpm"}
+    states, mask = load_text_encoder(TextEncoderConfig.parse("minilm")).encode(["red apple", "dog face", ""])
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.2, 0.5, 0.9])
+    v = teacher(x, t, states, mask)
+    probs = torch.softmax(teacher.router(x, TIMESTEP_SCALE * t, pool_text(states, mask)), -1)
+    want = torch.zeros_like(x)
+    for k, (model, objective) in teacher.experts.items():  # two experts: top-2 is all of them
+        net_in, ts = network_input(objective, x, t)
+        want += probs[:, k].reshape(-1, 1, 1, 1) * velocity_from_output(
+            objective, expert_forward(model, net_in, ts, states, mask), x, t
+        )
+    assert torch.allclose(v, want, atol=1e-5) and teacher.forwards == 6
+
+
+def test_distill_on_one_machine_then_sample_with_the_student_alone(small_run, tmp_path):
+    ckpt = shutil.copytree(small_run / "checkpoints", tmp_path / "checkpoints")
+    data = str(small_run / "data")
+    out = node("--role", "trainer", "--local", "--job", "distill", "--data-dir", data, "--ckpt-dir", str(ckpt),
+               "--steps", "3", "--batch-size", "8", "--distill-init", "expert")  # fmt: skip
+    assert "starting from expert 0's weights" in out.stdout  # expert 1 is DDPM: not a velocity network
+    ck = latest_checkpoint(ckpt / "distill")
+    found, router = load_checkpoints(ckpt)
+    assert ck.step == 3 and ck.meta["kind"] == "distill" and ck.meta["objective"] == "fm"
+    assert ck.meta["teacher"] == {"expert_0": found[0].sha256, "expert_1": found[1].sha256, "router": router.sha256}
+    png = tmp_path / "distilled.png"
+    out = node("--role", "client", "--local", "--mode", "distilled", "--ckpt-dir", str(ckpt), "--steps", "4",
+               "--output", str(png), "red apple", "dog face")  # fmt: skip
+    assert png.is_file()
+    routing = json.loads(png.with_suffix(".json").read_text())
+    assert routing["usage"] == [8], routing["usage"]  # one network served every (image, step)
+
+
+def test_a_swarm_distills_once_the_experts_and_router_are_done(small_run, tmp_path):
+    """The preparer publishes the trained experts and router at their targets; the only free job is
+    then distill: a trainer claims it, fetches its teacher peer to peer, trains the student, the
+    preparer verifies it against that teacher, and a client generates with it alone."""
+    run = shutil.copytree(small_run, tmp_path / "run")
+    procs = []
+    try:
+        log = tmp_path / "prep.log"
+        prep = spawn(["--role", "prepare", "--serve", "--workdir", str(run), "--limit", "300", "--clusters", "2",
+                      "--objective", "mixed", "--publish-local", "--expert-steps", "6", "--router-steps", "6",
+                      "--distill-steps", "4", "--host-maddrs", LOOPBACK], log)  # fmt: skip
+        procs.append(prep)
+        text = wait_in_log(prep, log, "--initial-peers", 240, "the preparer")
+        peers = text.split("--initial-peers", 1)[1].split("\n")[0].split()
+        t_log = tmp_path / "trainer.log"
+        trainer = spawn(["--role", "trainer", "--workdir", str(tmp_path / "t"), "--batch-size", "8",
+                         "--ckpt-every", "2", "--heartbeat", "2", "--initial-peers", *peers,
+                         "--host-maddrs", LOOPBACK], t_log)  # fmt: skip
+        procs.append(trainer)
+        wait_in_log(trainer, t_log, "claimed distill", 180, "the trainer")
+        wait_in_log(prep, log, "verified distill step 4", 300, "the preparer")
+        status = node("--role", "status", "--json", "--workdir", str(tmp_path / "status"), "--initial-peers",
+                      *peers, "--host-maddrs", LOOPBACK, timeout=120)  # fmt: skip
+        (shown,) = json.loads(status.stdout)["runs"]
+        assert shown["complete"] and [j["job"] for j in shown["jobs"]][-1] == "distill"
+        png = tmp_path / "swarm-distilled.png"
+        node("--role", "client", "--mode", "distilled", "--workdir", str(tmp_path / "client"), "--steps", "3",
+             "--initial-peers", *peers, "--host-maddrs", LOOPBACK, "--output", str(png), "sun")  # fmt: skip
+        assert png.is_file()
+    finally:
+        for p in procs:
+            kill_tree(p)
