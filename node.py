@@ -712,8 +712,8 @@ def run_client(args: argparse.Namespace) -> None:
     _, ckpt = _dirs(args)
     device, precision = _device_and_precision(args)
     distilled = args.mode == "distilled"
-    if distilled and (args.from_export or args.local_experts):
-        raise UsageError("--mode distilled runs the distilled student alone: no --from-export, no --local-experts")
+    if distilled and args.local_experts:
+        raise UsageError("--mode distilled runs the distilled student alone: it takes no --local-experts")
     cfg = ClientConfig(
         prompts=args.prompts,
         sampler=SamplerConfig(
@@ -808,13 +808,19 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    from data.checkpoint import latest_checkpoint
     from diffswarm import DiffswarmPipeline
 
     _, ckpt = _dirs(args)
     weights = args.text_encoder[5:].partition("@")[0] if args.text_encoder.startswith("clip:") else ""
     pipe = DiffswarmPipeline.from_checkpoints(ckpt, vae=args.vae, text_encoder_weights=weights)
     out = pipe.save_pretrained(Path(args.out), vae=args.vae, text_encoder_weights=weights)
-    print(f"exported to {out}")
+    student = latest_checkpoint(JobId.DISTILL.folder(ckpt))
+    if student is not None:  # the distilled student goes along: it samples alone (--mode distilled)
+        from router.ensemble import write_distilled
+
+        write_distilled(Path(out), student.model_dir, {**student.meta, "sha256": student.sha256})
+    print(f"exported to {out}" + (f" (with the distilled student, step {student.step})" if student else ""))
 
 
 RUN: dict[str, Callable[[argparse.Namespace], None]] = {

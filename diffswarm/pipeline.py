@@ -38,6 +38,7 @@ from router.ensemble import (
     expert_dir,
     expert_shape,
     load_checkpoints,
+    read_distilled,
     read_export,
     router_dir,
     space_for,
@@ -212,22 +213,30 @@ class DiffswarmPipeline(DiffusionPipeline):
         device: str = "cpu",
         precision: str = "fp32",
     ) -> DiffswarmPipeline:
-        """The distilled student under a run's checkpoint folder (``distill/``): one network, one
-        forward per step (two with guidance, in one batch), no router."""
+        """The distilled student under a run's checkpoint folder (``distill/``), or in an export:
+        one network, one forward per step (two with guidance, in one batch), no router."""
         from training.monolith import SingleExpertRouter
 
-        ck = latest_checkpoint(JobId.DISTILL.folder(Path(ckpt_root)))
-        if ck is None:
-            raise CheckpointError(
-                f"no distilled checkpoint under {JobId.DISTILL.folder(Path(ckpt_root))}; train it with "
-                "--role trainer --local --job distill, or in a swarm whose run has --distill-steps"
-            )
-        runner = LocalExpert.from_checkpoint(ck, device, precision)
-        runner.source = ck.model_dir
-        meta = {**ck.meta, "sha256": ck.sha256}
-        router_meta = {"space": ck.meta["space"], "num_experts": 1, "kind": "distill", "sha256": ck.sha256}
-        encoder = encoder_for(ck.meta["text_encoder"], text_encoder_weights)
-        return cls(SingleExpertRouter(), {0: runner}, {0: meta}, router_meta, encoder, space_for(ck.meta["space"], vae))
+        root = Path(ckpt_root)
+        exported = read_distilled(root) if (root / "config.json").is_file() else None
+        if exported is not None:
+            model_dir, meta = exported
+            ex = read_export(root)
+            text_encoder_weights, vae = text_encoder_weights or ex.text_weights, vae or ex.vae
+        else:
+            ck = latest_checkpoint(JobId.DISTILL.folder(root))
+            if ck is None:
+                raise CheckpointError(
+                    f"no distilled student under {JobId.DISTILL.folder(root)}; train it with --role trainer --local "
+                    "--job distill, or in a swarm whose run has --distill-steps (an export holds it once exported)"
+                )
+            model_dir, meta = ck.model_dir, {**ck.meta, "sha256": ck.sha256}
+        model = PixArtTransformer2DModel.from_pretrained(model_dir, low_cpu_mem_usage=False)
+        runner = LocalExpert(model, "fm", device, precision)
+        runner.source = model_dir
+        router_meta = {"space": meta["space"], "num_experts": 1, "kind": "distill", "sha256": meta["sha256"]}
+        encoder = encoder_for(meta["text_encoder"], text_encoder_weights)
+        return cls(SingleExpertRouter(), {0: runner}, {0: meta}, router_meta, encoder, space_for(meta["space"], vae))
 
     @classmethod
     def from_swarm(

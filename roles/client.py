@@ -66,7 +66,8 @@ def local_pipeline(cfg: ClientConfig) -> DiffswarmPipeline:
     """The router and experts of a run's checkpoints (or of an export), all run in this process."""
     subset = None if cfg.local_experts in (None, "all") else list(cfg.local_experts)
     if cfg.distilled:
-        return DiffswarmPipeline.distilled(cfg.ckpt_dir, vae=cfg.vae, device=cfg.device, precision=cfg.precision)
+        where = cfg.from_export or cfg.ckpt_dir
+        return DiffswarmPipeline.distilled(where, vae=cfg.vae, device=cfg.device, precision=cfg.precision)
     where = dict(experts=subset, vae=cfg.vae, device=cfg.device, precision=cfg.precision)
     if cfg.from_export:
         return DiffswarmPipeline.from_pretrained(cfg.from_export, **where)

@@ -221,6 +221,24 @@ def write_export(
     return out
 
 
+def write_distilled(out: Path, model_dir: Path, meta: dict) -> Path:
+    """Add a distilled student (its diffusers folder and metadata) to the export at ``out``, as
+    ``distill/``: it samples alone, with no router (``DiffswarmPipeline.distilled``)."""
+    dest = JobId.DISTILL.folder(out)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(model_dir, dest)
+    kept = {key: meta.get(key) for key in (*_KEEP_META, "teacher")} | {"sha256": meta.get("sha256")}
+    _write_json(dest / "diffswarm.json", kept)
+    return dest
+
+
+def read_distilled(folder: Path) -> tuple[Path, dict] | None:
+    """The distilled student of an export (its diffusers folder and metadata), or None."""
+    dest = JobId.DISTILL.folder(folder)
+    meta = dest / "diffswarm.json"
+    return (dest, json.loads(meta.read_text())) if meta.is_file() else None
+
+
 def _pipeline_module(k_total: int) -> str:
     """The module diffusers imports for this export: the installed pipeline, with one argument per
     component so diffusers' loader hands it the experts (its signature is what the loader reads)."""

@@ -55,6 +55,14 @@ def test_distill_on_one_machine_then_sample_with_the_student_alone(small_run, tm
     assert png.is_file()
     routing = json.loads(png.with_suffix(".json").read_text())
     assert routing["usage"] == [8], routing["usage"]  # one network served every (image, step)
+    # An export takes the student along, and it draws the same images from there.
+    export = tmp_path / "export"
+    out = node("--role", "export", "--ckpt-dir", str(ckpt), "--out", str(export))
+    assert "with the distilled student, step 3" in out.stdout
+    again = tmp_path / "from-export.png"
+    node("--role", "client", "--from-export", str(export), "--mode", "distilled", "--steps", "4",
+         "--output", str(again), "red apple", "dog face")  # fmt: skip
+    assert again.read_bytes() == png.read_bytes()
 
 
 def test_a_swarm_distills_once_the_experts_and_router_are_done(small_run, tmp_path):

@@ -218,8 +218,8 @@ def test_an_owner_at_home_and_trainers_in_other_homes_train_take_over_and_serve(
     swarm.wait("owner", "trainers join with", 240)
     assert reach_line(swarm.text("owner")).startswith("behind NAT: reachable through relay")
     trainer = ("--role", "trainer", "--heartbeat", "2", "--ckpt-every", "5", "--initial-peers")
-    # t1 takes four times the work per step, so the owner verifies one of its checkpoints before its target.
-    for t, batch in (("t1", "32"), ("t2", "8")):
+    # t1 takes eight times the work per step, so the owner verifies one of its checkpoints before its target.
+    for t, batch in (("t1", "64"), ("t2", "8")):
         swarm.start(t, t, *trainer[:-1], "--batch-size", batch, "--workdir", str(tmp_path / t), trainer[-1], *peers)
     for t in ("t1", "t2"):
         swarm.wait(t, "claimed ", 240)

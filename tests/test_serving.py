@@ -304,7 +304,8 @@ def test_follow_loads_a_newer_checkpoint_without_dropping_a_generation_in_flight
                 LOOPBACK,
             ).stdout  # fmt: skip
         )
-        sf = [s for s in status["servers"] if s["peer"] == follower]
+        (run,) = status["runs"]
+        sf = [s for s in run["servers"] if s["peer"] == follower]
         assert sf and sf[0]["expert"] == 1 and sf[0]["state"] == "online" and sf[0]["step"] == 8
     finally:
         kill_tree(client)
