@@ -109,7 +109,11 @@ def test_the_status_page_in_a_browser_shows_jobs_loss_ledger_and_peers_words_as_
             assert "%" in driver.find_element("css selector", row).text
             chart = driver.find_element("css selector", "img.chart")
             wait_until(driver, lambda d: d.execute_script("return arguments[0].naturalWidth", chart), 30, "the chart")
-            assert colour_pixels(element_image(chart)) > 100, "the loss chart plots no points"
+            # The points the page's data holds are drawn: a run with none gets a grey "no loss yet" image, and
+            # a few held-out markers (a trainer that finished fast) are some tens of coloured pixels.
+            history = driver.execute_script("return fetch('/api/status').then(r => r.json())")["runs"][0]["history"]
+            assert any(h["train"] or h["heldout"] for h in history.values()), history
+            assert colour_pixels(element_image(chart)) > 20, "the loss chart plots no points"
             body = driver.find_element("tag name", "body").text
             assert HOSTILE in body and "<b>bold</b>" in body
             assert driver.execute_script("return window.pwned") is None
