@@ -15,7 +15,9 @@ EVAL_N_LAST ?= 1000
 EVAL_BUDGETS ?= 1 2 4
 EVAL_SEEDS ?= 0 1
 EVAL_OUT ?= outputs/eval
-EVAL_ROWS ?= top-1,top-2,full,top-1+xt,top-2+xt,oracle,monolith,monolith@S
+EVAL_ROWS ?= top-1,top-2,full,top-1+xt,top-2+xt,oracle,monolith,monolith@S,distilled
+DISTILL_STEPS ?= $(EXPERT_STEPS)
+DISTILL_INIT ?= expert
 HOLDOUT ?= 0.1
 PROMPTS := "red apple" "grinning face" "red heart" "flag: Japan" "dog face" "woman" "sun" "rocket"
 
@@ -50,10 +52,13 @@ demo: $(STAMP)
 # (experts two at a time, one thread each: a batch-8 step is too small to use two cores)
 # to 1x, 2x and 4x the demo's budget (each budget resumes the last) and, at each, the monolith trained
 # with the experts' total samples, and a second router that reads only x_t (tiny, as in Paris, into
-# seed_S/xt_router; the run's own router reads the prompt); every (seed, budget) evaluated by FID of
+# seed_S/xt_router; the run's own router reads the prompt), and beside the monolith the distilled
+# student (DISTILL_STEPS per budget, taught by the experts and the run's router, top-2, from the expert
+# nearest that teacher: DISTILL_INIT); every (seed, budget) evaluated by FID of
 # top-1, top-2, the full ensemble, top-1 and top-2 routed by the second router (+xt), the oracle (each image's own cluster's expert, no
 # router: what the router costs), the monolith and the monolith at the experts' step count
-# (monolith@S: equal steps, i.e. equal wall-clock on K machines; the monolith keeps the steps of
+# (monolith@S: equal steps, i.e. equal wall-clock on K machines; distilled: the student alone, one
+# network and no router; the monolith keeps the steps of
 # budgets 1, 2, 4, 8 and EVAL_BUDGETS on its way, so budgets run one make at a time find them too)
 # against the training split (the held-out split beside it), EVAL_N images (EVAL_N_LAST at the
 # largest budget). Report: $(EVAL_OUT)/budgets.md, fid_flops.png, and
@@ -70,7 +75,10 @@ eval: $(STAMP) $(EVAL)/data/manifest.json
 		$(PY) node.py --role trainer --local $$ck --job router --steps $$(( b * $(ROUTER_STEPS) )) || exit 1; \
 		$(PY) node.py --role trainer --local --data-dir $(EVAL)/data --ckpt-dir $(EVAL)/seed_$$s/xt_router \
 			--seed $$s --job router --router-preset tiny --steps $$(( b * $(ROUTER_STEPS) )) || exit 1; \
-		$(PY) node.py --role trainer --local $$ck --job monolith --keep-steps $$keep || exit 1; \
+		$(PY) node.py --role trainer --local $$ck --job monolith --keep-steps $$keep --threads 1 & mono=$$!; \
+		$(PY) node.py --role trainer --local $$ck --job distill --distill-init $(DISTILL_INIT) \
+			--steps $$(( b * $(DISTILL_STEPS) )) --threads 1 || { kill $$mono; exit 1; }; \
+		wait $$mono || exit 1; \
 		n=$(EVAL_N); [ $$b = $$last ] && n=$(EVAL_N_LAST); \
 		$(PY) node.py --role eval $$ck --eval-reference train --eval-n $$n --eval-rows $(EVAL_ROWS) \
 			--eval-second-router $(EVAL)/seed_$$s/xt_router \

@@ -229,7 +229,11 @@ def _parser(role: str) -> RoleParser:
     elif role == "server":
         _common(p)
         g = p.add_argument_group("server")
-        g.add_argument("--expert", required=True, help="the expert(s) to serve: K or a list like 0,3")
+        g.add_argument(
+            "--expert",
+            required=True,
+            help="what to serve: expert K, a list like 0,3, or distilled (the run's distilled student)",
+        )
         g.add_argument("--follow", action="store_true", help="load newer published checkpoints while serving")
         g.add_argument("--device", default="cpu", help="where forward passes run (cpu, cuda, cuda:1)")
         g.add_argument("--precision", default="", help="fp32 or bf16 (default: bf16 on CUDA, fp32 on the CPU)")
@@ -277,7 +281,8 @@ def _parser(role: str) -> RoleParser:
             default="topk",
             choices=(*MODES, "distilled"),
             help="how the router's experts are combined; distilled: the run's distilled student alone, one network "
-            "and no router (fetched from the swarm, or --local from --ckpt-dir)",
+            "and no router (in a swarm on its servers, or here with none up or --local-experts all; --local: "
+            "from --ckpt-dir)",
         )
         g.add_argument("--k", type=int, default=2, help="topk: experts per step")
         _device_flags(g)  # for the experts run here
@@ -423,6 +428,21 @@ def _step_list(text: str) -> tuple[int, ...]:
     if not steps or min(steps) < 1:
         raise argparse.ArgumentTypeError(f"takes positive steps like 2000 or 2000,8000; got {text!r}")
     return steps
+
+
+def _served_slots(text: str) -> list[int]:
+    """``--expert`` of a server: expert ids and/or ``distilled``, as the slots served (data.job_id)."""
+    from data.job_id import DISTILL_SLOT, MAX_EXPERTS
+
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    try:
+        experts = [int(w) for w in words if w != "distilled"]  # "64" is no expert's id, whatever its slot
+    except ValueError:
+        experts = words = []
+    slots = experts + [DISTILL_SLOT] * words.count("distilled")
+    if not slots or len(set(slots)) != len(slots) or not all(0 <= k < MAX_EXPERTS for k in experts):
+        raise UsageError(f"--expert takes distinct expert ids like 0 or 0,3, or distilled; got {text!r}")
+    return slots
 
 
 def _one_expert(args: argparse.Namespace) -> int:
@@ -666,9 +686,7 @@ def run_server(args: argparse.Namespace) -> None:
     """Serve the denoising forward pass of the published checkpoint(s) of ``--expert K[,K...]``."""
     from roles.server import ExpertServer, ServerConfig
 
-    experts = _int_list(args.expert, "--expert")
-    if not experts or len(set(experts)) != len(experts) or min(experts) < 0:
-        raise UsageError(f"--expert takes distinct expert ids like 0 or 0,3; got {args.expert!r}")
+    experts = _served_slots(args.expert)
     if args.max_batch < 1 or args.max_queue < 1 or args.request_timeout <= 0 or args.run_timeout <= 0:
         raise UsageError("--max-batch, --max-queue, --request-timeout and --run-timeout must be positive")
     device, precision = _device_and_precision(args, default_device="cpu")
@@ -712,8 +730,10 @@ def run_client(args: argparse.Namespace) -> None:
     _, ckpt = _dirs(args)
     device, precision = _device_and_precision(args)
     distilled = args.mode == "distilled"
-    if distilled and args.local_experts:
-        raise UsageError("--mode distilled runs the distilled student alone: it takes no --local-experts")
+    if distilled and args.local_experts and args.local_experts != "all":
+        raise UsageError(
+            "--mode distilled runs the distilled student alone: --local-experts all runs it here, nothing else applies"
+        )
     cfg = ClientConfig(
         prompts=args.prompts,
         sampler=SamplerConfig(

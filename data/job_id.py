@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import ClassVar
 
 MAX_EXPERTS = 64  # jobs expert_0..expert_63 and router have DHT schema fields
+# A server serves networks by slot, the int a denoising request names: expert K's slot is K, the
+# distilled student's is this one (past every expert's), so one wire field, one queue key and one
+# audit path serve both.
+DISTILL_SLOT = MAX_EXPERTS
 
 EXPERT, ROUTER, DISTILL, MONOLITH = "expert", "router", "distill", "monolith"
 _RANK = {EXPERT: 0, ROUTER: 1, DISTILL: 2, MONOLITH: 3}  # sort order: experts by index, router, distill, monolith
@@ -74,6 +78,14 @@ class JobId:
     @classmethod
     def monolith(cls) -> JobId:
         return cls.MONOLITH
+
+    @classmethod
+    def from_slot(cls, slot: int) -> JobId:
+        """The job whose network a server serves in ``slot``: ``expert_K`` for K, ``distill`` for
+        :data:`DISTILL_SLOT`; ``ValueError`` for any other int."""
+        if isinstance(slot, bool) or not isinstance(slot, int):
+            raise ValueError(f"a served slot is an int; got {slot!r}")
+        return cls.DISTILL if slot == DISTILL_SLOT else cls.expert(slot)
 
     @classmethod
     def parse(cls, text: str) -> JobId:
@@ -133,6 +145,21 @@ class JobId:
         if self.kind != EXPERT:
             raise ValueError(f"{self} is not an expert's job: it has no expert index")
         return self._index
+
+    @property
+    def slot(self) -> int:
+        """The slot a server serves this job's network in (see :data:`DISTILL_SLOT`); ``ValueError``
+        for the router and the monolith, which no server serves."""
+        if self.kind == DISTILL:
+            return DISTILL_SLOT
+        return self.expert_index
+
+    @property
+    def shown(self) -> str:
+        """How people read the job's network: ``expert 3``, ``the distilled student``, ``the router``."""
+        if self.kind == EXPERT:
+            return f"expert {self._index}"
+        return {DISTILL: "the distilled student", ROUTER: "the router", MONOLITH: "the monolith"}[self.kind]
 
     def folder(self, root: Path) -> Path:
         """The job's checkpoint folder under ``root``: ``root / "expert_3"``, ``root / "router"``, ..."""

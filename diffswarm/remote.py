@@ -593,6 +593,76 @@ def swarm_ensemble(
     return pipe, pool
 
 
+def swarm_distilled(
+    node: SwarmNode,
+    blobs: BlobService,
+    folder: Path,
+    cfg: RemoteConfig | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    local: bool = False,
+    vae: str = "",
+) -> tuple[DiffswarmPipeline, RemotePool | None]:
+    """The run's distilled student: its verified checkpoint fetched into ``folder`` (it names the
+    student's text encoder and space, and it is the audit's reference), every step sent to the
+    student's servers (``--role server --expert distilled``) and audited like an expert's; with no
+    server up, or ``local``, the student runs here. Returns the pipeline and the pool (None: local)."""
+    run = node.run()
+    if run is None or str(JobId.DISTILL) not in run.jobs():
+        raise SwarmError("this swarm's run has no distill job (its preparer sets --distill-steps)")
+    if not fetch_published(node, blobs, run, folder, [str(JobId.DISTILL)]):
+        raise SwarmError("no verified distilled checkpoint is published yet")
+    pipe = DiffswarmPipeline.distilled(folder, vae, device=device, precision=precision)
+    if local:
+        return pipe, None
+    meta, here = pipe.expert_meta[0], pipe.experts[0]
+    slot = JobId.DISTILL.slot
+    # Only servers of the verified checkpoint held here: their answers are the ones an audit can redo.
+    servers = [
+        r
+        for r in node.servers(run, [slot]).get(slot, [])
+        if r.ckpt == meta["sha256"] and tuple(r.shape) == pipe.shape and r.text_encoder == meta["text_encoder"]
+    ]
+    cfg = cfg or RemoteConfig()
+    ref = Reference(meta["sha256"], here)
+    published: list[proof.Proof] = []
+
+    def recompute(_k: int, _ckpt: str, req: DenoiseRequest) -> torch.Tensor:
+        return here(req.x, req.t, req.states, req.mask, req.guidance)
+
+    convicted = proof.convicted(
+        node, blobs, run, folder / "proofs", {slot: servers}, {(slot, ref.sha256)}, recompute,
+        audit.disagreement, cfg.tolerance,
+    )  # fmt: skip
+    for peer, why in convicted.items():
+        node.bans.ban(peer, why)
+    servers = [r for r in servers if r.peer not in convicted]
+    if not servers:
+        print("no server of the distilled student is up: it runs here", file=sys.stderr, flush=True)
+        return pipe, None
+
+    def publish(k: int, evidence: tuple) -> None:
+        rec, header, payload, reply, sig = evidence
+        published.append(proof.publish(node, blobs, run, folder / "proofs", k, rec, header, payload, reply, sig))
+
+    pool = RemotePool(
+        blobs,
+        {slot: servers},
+        cfg,
+        discover=lambda k: [r for r in node.servers(run, [k]).get(k, []) if r.ckpt == ref.sha256],
+        references={slot: ref},
+        bans=node.bans,
+        publish=publish,
+    )
+    pool.events += [f"server {peer[:12]}… not asked: {why}" for peer, why in convicted.items()]
+    pipe.experts[0] = RemoteExpert(pool, slot)  # the pipeline's one network, answered by the pool's slot
+    pipe.served_by[0] = f"{len(servers)} server(s)"
+    pipe.published = published
+    pipe.failovers = pool.events
+    pipe.audit = pool.stats if cfg.audit_rate > 0 else None
+    return pipe, pool
+
+
 def _reference(ck: Checkpoint | None, k: int, device: str, precision: str) -> Reference | None:
     """The audit's local copy of expert ``k`` from its fetched (hash-verified) checkpoint."""
     if ck is None or ck.meta.get("kind") != "expert" or ck.meta.get("cluster") != k:

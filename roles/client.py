@@ -2,7 +2,8 @@
 progress bar, write the PNG and a routing JSON beside it, and print which expert (and which server)
 denoised how many steps. ``run_local_client`` samples from a run's checkpoints or an export on this
 machine; ``run_swarm_client`` builds the pipeline with the swarm's experts
-(:func:`diffswarm.remote.swarm_ensemble`) and calls :func:`draw`, which then also reports the
+(:func:`diffswarm.remote.swarm_ensemble`; with ``--mode distilled`` the run's distilled student
+on its servers, :func:`diffswarm.remote.swarm_distilled`) and calls :func:`draw`, which then also reports the
 audit of the servers' answers (:mod:`router.audit`): its cost in extra expert forwards per image,
 every server caught answering wrong (marked in the routing table, with how many steps it served
 first) and every step redone.
@@ -23,13 +24,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from diffswarm.pipeline import DiffswarmPipeline
-from diffswarm.remote import RemoteConfig, hand_over_proofs, swarm_ensemble
+from diffswarm.remote import RemoteConfig, hand_over_proofs, swarm_distilled, swarm_ensemble
 from router.audit import DEFAULT_RATE, TOLERANCE, report_lines
 from router.grid import save_images
 from router.sampling import ExpertUnavailable, RoutingLog, SamplerConfig
 from swarm.blobs import BlobService, BlobStore
-from swarm.dht import SwarmError, SwarmNode
-from swarm.mirror import fetch_published
+from swarm.dht import SwarmNode
 
 
 @dataclass
@@ -183,25 +183,24 @@ def run_swarm_client(node: SwarmNode, cfg: ClientConfig) -> Path:
     node.on_restart(blobs.rebind)
     pool = pipe = None
     try:
-        if cfg.distilled:  # one network, run here: its verified checkpoint, fetched peer to peer
-            run = node.run()
-            if run is None or "distill" not in run.jobs():
-                raise SwarmError("this swarm's run has no distill job (its preparer sets --distill-steps)")
-            if not fetch_published(node, blobs, run, Path(cfg.ckpt_dir), ["distill"]):
-                raise SwarmError("no verified distilled checkpoint is published yet")
-            return draw(DiffswarmPipeline.distilled(cfg.ckpt_dir, cfg.vae, device=cfg.device), cfg)
+        remote = RemoteConfig(
+            rediscover_s=cfg.server_wait_s,
+            audit_rate=cfg.audit_rate,
+            tolerance=cfg.audit_tolerance,
+            seed=cfg.audit_seed,
+        )
+        if cfg.distilled:  # one network: on its servers (audited), or here with none up or --local-experts all
+            pipe, pool = swarm_distilled(
+                node, blobs, Path(cfg.ckpt_dir), remote, cfg.device, cfg.precision, cfg.local_experts == "all", cfg.vae
+            )
+            return draw(pipe, cfg)
         pipe, pool = swarm_ensemble(
             node,
             blobs,
             Path(cfg.ckpt_dir),
             cfg.local_experts,
             cfg.vae,
-            RemoteConfig(
-                rediscover_s=cfg.server_wait_s,
-                audit_rate=cfg.audit_rate,
-                tolerance=cfg.audit_tolerance,
-                seed=cfg.audit_seed,
-            ),
+            remote,
             device=cfg.device,
             precision=cfg.precision,
             server_wait_s=cfg.server_wait_s,

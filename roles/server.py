@@ -1,8 +1,13 @@
-"""The expert server: serves the denoising forward pass of one or more published experts.
+"""The expert server: serves the denoising forward pass of one or more published experts, or of
+the run's distilled student.
 
     find the expert's latest checkpoint record → fetch it peer-to-peer (sha256-verified) → load
     → serve ``swarm.protocol`` on the node's libp2p endpoint, announce ``serve_expert_K``
     every ~15 s (state, requests/s, queue, checkpoint, step), provide the checkpoint's blobs.
+
+The distilled student (``--expert distilled``) is served the same way, in the slot
+``data.job_id.DISTILL_SLOT`` (its requests name that slot), announced as ``serve_distill``: a
+client that samples with it sends every step here and audits the answers as it audits an expert's.
 
 Requests from all clients go through one queue that is fair across peers
 (:class:`roles.fair_queue.FairQueue`) to the worker loop, which batches the requests waiting for the
@@ -42,8 +47,9 @@ import torch
 from rich.console import Console
 
 from data.checkpoint import Checkpoint
-from data.job_id import JobId
+from data.job_id import DISTILL_SLOT, JobId
 from roles.fair_queue import Busy, FairQueue, ForwardCost, Slice
+from router.ensemble import expert_shape
 from router.sampling import LocalExpert
 from swarm import claims, proof
 from swarm.blobs import BlobError, BlobService, BlobStore, announce
@@ -70,8 +76,8 @@ console = Console(stderr=True, markup=False)
 
 @dataclass
 class ServerConfig:
-    experts: list[int]
-    work_dir: str  # fetched checkpoints go in <work_dir>/expert_K/step_N
+    experts: list[int]  # slots: expert K, or DISTILL_SLOT for the distilled student
+    work_dir: str  # fetched checkpoints go in <work_dir>/expert_K/step_N (distill/step_N)
     max_batch: int = 32  # images per forward pass (and per request)
     max_queue: int = 64  # requests waiting in all; when full, the peer holding the most gives way ("busy")
     max_peer_rows: int = 64  # images one peer may have waiting (at least max_batch); beyond that "busy"
@@ -123,9 +129,11 @@ class ExpertServer:
         self._window = (time.monotonic(), 0)
         try:
             self.run_rec = self._wait_for_run()
-            bad = [k for k in cfg.experts if not 0 <= k < self.run_rec.num_clusters]
+            bad = [k for k in cfg.experts if k != DISTILL_SLOT and not 0 <= k < self.run_rec.num_clusters]
             if bad:
                 raise SwarmError(f"unknown expert(s) {bad}; this run has experts 0..{self.run_rec.num_clusters - 1}")
+            if DISTILL_SLOT in cfg.experts and "distill" not in self.run_rec.jobs():
+                raise SwarmError("this run has no distilled student to serve (its preparer sets --distill-steps)")
             self._first_load()
         except BaseException:
             self.blobs.shutdown()
@@ -134,8 +142,15 @@ class ExpertServer:
         self.text_encoder = first["text_encoder"]
         self.max_tokens = encoder_tokens(self.text_encoder)
         self.text_dim = int(self.served[cfg.experts[0]][0].runner.model.config.caption_channels)
-        preset = first["preset"]
-        self.shape = (int(preset["channels"]), int(preset["sample_size"]), int(preset["sample_size"]))
+        shapes = {k: expert_shape(v[0].ckpt.meta) for k, v in self.served.items()}
+        self.shape = shapes[cfg.experts[0]]
+        if len(set(shapes.values())) > 1:  # one request format per server: its x has one shape
+            self.shutdown()
+            raise SwarmError(
+                "these networks draw images of different shapes "
+                f"({', '.join(f'{JobId.from_slot(k).shown}: {s}' for k, s in sorted(shapes.items()))}); "
+                "serve them from two servers"
+            )
         self._announcer = threading.Thread(target=self._announce_loop, name="announce", daemon=True)
         self.blobs.add_stream_handler(PROTOCOL, self._serve)
 
@@ -169,8 +184,8 @@ class ExpertServer:
                     said = str(e)
 
     def _load_latest(self, initial: bool = False) -> None:
-        """Fetch and load the newest published checkpoint of each served expert, if it is new."""
-        index = {str(JobId.expert(k)): k for k in self.cfg.experts}  # job name → expert
+        """Fetch and load the newest published checkpoint of each served network, if it is new."""
+        index = {str(JobId.from_slot(k)): k for k in self.cfg.experts}  # job name → slot
         jobs = list(index)
         snap = self.node.snapshot(self.run_rec, jobs)
         if any(claims.pending(snap, j) for j in jobs) and (verifier := self._verifier()) is not None:
@@ -196,14 +211,14 @@ class ExpertServer:
                 if initial:
                     raise _NotYet(f"could not fetch the checkpoint of {job}: {ck}")
                 continue
-            if ck.meta.get("kind") != "expert" or ck.meta.get("cluster") != k:
-                raise SwarmError(f"the published checkpoint of {job} is not expert {k}'s")
+            if not serves(ck.meta, k):
+                raise SwarmError(f"the published checkpoint of {job} is not {JobId.from_slot(k).shown}'s")
             served = Served(ck, LocalExpert.from_checkpoint(ck, self.cfg.device, self.cfg.precision))
             with self._lock:
                 now = time.monotonic()
                 old = [s for s in self.served.get(k, []) if now - s.last_used < self.cfg.keep_old_s]
                 self.served[k] = [served, *old[:1]]  # the new one, and the previous while in use
-            console.log(f"expert {k}: serving step {ck.step} ({ck.sha256[:12]})")
+            console.log(f"{JobId.from_slot(k).shown}: serving step {ck.step} ({ck.sha256[:12]})")
 
     def _verifier(self) -> Verifier | None:
         """This server's verifier, built on first need: the run's manifest and the held-out shards
@@ -466,6 +481,14 @@ class ExpertServer:
     def shutdown(self) -> None:
         self.stop.set()
         self.blobs.shutdown()
+
+
+def serves(meta: dict, slot: int) -> bool:
+    """Whether a checkpoint's metadata is that of the network served in ``slot``: expert K's own,
+    or (``DISTILL_SLOT``) a distilled student's."""
+    if slot == DISTILL_SLOT:
+        return meta.get("kind") == "distill"
+    return meta.get("kind") == "expert" and meta.get("cluster") == slot
 
 
 def _rows(req: DenoiseRequest, start: int, stop: int) -> DenoiseRequest:

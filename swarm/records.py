@@ -41,7 +41,7 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.crypto import RSAPublicKey
 
-from data.job_id import MAX_EXPERTS, JobId, swarm_jobs
+from data.job_id import DISTILL_SLOT, MAX_EXPERTS, JobId, swarm_jobs
 from swarm.proof import MAX_PROOFS, Proof
 
 PREFIX = "diffswarm"
@@ -162,7 +162,7 @@ class LedgerSchema(pydantic.BaseModel):
 class ProofSchema(pydantic.BaseModel):
     server: Fingerprint  # the key that signs the server's serve records (and signed the answer)
     peer: PeerId
-    expert: pydantic.conint(strict=True, ge=0, lt=MAX_EXPERTS)
+    expert: pydantic.conint(strict=True, ge=0, le=DISTILL_SLOT)  # the served slot (data.job_id)
     ckpt: Sha256
     request: Sha256  # blob: the request (canonical header JSON + payload)
     reply: Sha256  # blob: the velocity's bytes
@@ -358,8 +358,9 @@ def verdicts_key(job: str) -> str:
     return f"{PREFIX}_verdicts_{_check_job(job)}"
 
 
-def serve_key(expert: int) -> str:
-    return f"{PREFIX}_serve_{JobId.expert(expert)}"
+def serve_key(slot: int) -> str:
+    """The key a server of ``slot`` (expert K, or ``DISTILL_SLOT``: the distilled student) announces under."""
+    return f"{PREFIX}_serve_{JobId.from_slot(slot)}"
 
 
 def blob_key(sha256: str) -> str:

@@ -68,7 +68,9 @@ def test_distill_on_one_machine_then_sample_with_the_student_alone(small_run, tm
 def test_a_swarm_distills_once_the_experts_and_router_are_done(small_run, tmp_path):
     """The preparer publishes the trained experts and router at their targets; the only free job is
     then distill: a trainer claims it, fetches its teacher peer to peer, trains the student, the
-    preparer verifies it against that teacher, and a client generates with it alone."""
+    preparer verifies it against that teacher, and a client generates with it alone: here while no
+    server of it is up, then with every step sent to a ``--role server --expert distilled`` and
+    audited against the verified student it fetched."""
     run = shutil.copytree(small_run, tmp_path / "run")
     procs = []
     try:
@@ -90,10 +92,23 @@ def test_a_swarm_distills_once_the_experts_and_router_are_done(small_run, tmp_pa
                       *peers, "--host-maddrs", LOOPBACK, timeout=120)  # fmt: skip
         (shown,) = json.loads(status.stdout)["runs"]
         assert shown["complete"] and [j["job"] for j in shown["jobs"]][-1] == "distill"
+        client = ["--role", "client", "--mode", "distilled", "--workdir", str(tmp_path / "client"), "--steps", "3",
+                  "--initial-peers", *peers, "--host-maddrs", LOOPBACK]  # fmt: skip
         png = tmp_path / "swarm-distilled.png"
-        node("--role", "client", "--mode", "distilled", "--workdir", str(tmp_path / "client"), "--steps", "3",
-             "--initial-peers", *peers, "--host-maddrs", LOOPBACK, "--output", str(png), "sun")  # fmt: skip
-        assert png.is_file()
+        out = node(*client, "--output", str(png), "sun")
+        assert "no server of the distilled student is up: it runs here" in out.stderr
+        assert json.loads(png.with_suffix(".json").read_text())["where"] == [{"0": "local"}] * 3
+        s_log = tmp_path / "server.log"
+        server = spawn(["--role", "server", "--expert", "distilled", "--workdir", str(tmp_path / "s"),
+                        "--initial-peers", *peers, "--host-maddrs", LOOPBACK], s_log)  # fmt: skip
+        procs.append(server)
+        wait_in_log(server, s_log, "the distilled student: serving step 4", 120, "the server")
+        served = tmp_path / "served.png"
+        node(*client, "--audit", "1", "--output", str(served), "sun", "red apple", timeout=180)
+        routing = json.loads(served.with_suffix(".json").read_text())
+        (who,) = {w for step in routing["where"] for w in step.values()}
+        assert who != "local" and routing["usage"] == [6], routing  # one network, every (image, step) on the server
+        assert routing["audit"]["audited"] == 3 and not routing["audit"]["caught"], routing["audit"]
     finally:
         for p in procs:
             kill_tree(p)

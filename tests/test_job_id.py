@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data.job_id import MAX_EXPERTS, JobId, swarm_job_names, swarm_jobs
+from data.job_id import DISTILL_SLOT, MAX_EXPERTS, JobId, swarm_job_names, swarm_jobs
 from swarm.records import RunRecord, ckpt_key, claim_key, serve_key, verdicts_key
 
 CANONICAL = ["expert_0", "expert_7", "expert_10", f"expert_{MAX_EXPERTS - 1}", "router", "monolith"]
@@ -137,9 +137,15 @@ def test_records_keep_the_wire_names():
     for bad in ("monolith", "expert_01", f"expert_{MAX_EXPERTS}", "nope"):
         with pytest.raises(ValueError):
             claim_key(bad)
-    for k in (-1, MAX_EXPERTS):
+    # A server's slots: expert K's is K, the distilled student's the one past every expert's.
+    assert serve_key(DISTILL_SLOT) == "diffswarm_serve_distill" and DISTILL_SLOT == MAX_EXPERTS
+    assert [JobId.from_slot(j.slot) for j in (JobId.expert(5), JobId.DISTILL)] == [JobId.expert(5), JobId.DISTILL]
+    for k in (-1, MAX_EXPERTS + 1, True):
         with pytest.raises(ValueError):
             serve_key(k)
+    for job in (JobId.ROUTER, JobId.MONOLITH):
+        with pytest.raises(ValueError):
+            _ = job.slot
 
 
 def test_the_module_imports_nothing_heavy():
