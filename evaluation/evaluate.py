@@ -753,12 +753,11 @@ def training_flops(
     out = {name: experts + spent for name in (*ROUTINGS, ORACLE)}
     out[ORACLE] = experts
     if other_router is not None:
-        spent = router_spent(*other_router)
-        out |= {name: experts + spent for name in SECOND_ROUTINGS}
+        out |= {name: experts + router_spent(*other_router) for name in SECOND_ROUTINGS}
     for name, ck, model in monoliths.values():
         seen = float(ck.meta.get("samples_seen", 0))
         out[name] = per_sample(model) * seen
-        if name == DISTILLED:
+        if name == DISTILLED:  # its teacher is the run's own router, never the second one
             out[name] += (teacher_fwd * seen) + experts + spent
     return out
 

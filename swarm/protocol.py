@@ -9,6 +9,8 @@ a byte of payload is trusted.
     request  {"op": "denoise", "id", "expert", "ckpt", "x": [B,C,H,W], "states": [2B,L,D],
               "t": [B floats], "t_next", "guidance", "nbytes"}
              payload: x float32 | states float32 | mask uint8 (2B×L)
+             ("expert": the served network's slot, expert K's K or data.job_id.DISTILL_SLOT
+             for the distilled student)
     reply    {"id", "ok": true, "v": [B,C,H,W], "nbytes", "forward_ms", "server_ms", "sig"}  payload: v float32
              (sig: the server's signature on the request and this velocity, see swarm.proof)
              (forward_ms: the forward passes the request's rows were in; server_ms: from the
