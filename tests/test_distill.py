@@ -112,3 +112,21 @@ def test_a_swarm_distills_once_the_experts_and_router_are_done(small_run, tmp_pa
     finally:
         for p in procs:
             kill_tree(p)
+
+
+def test_a_students_heldout_loss_covers_every_cluster(small_run):
+    """Verifiers hold a student to its held-out loss on every cluster's held-out images, as they
+    hold an expert to its own cluster's (a job of every cluster says so with cluster -1)."""
+    from data.manifest import load_manifest
+    from training.heldout import heldout_loss
+    from training.jobs import build_job
+    from training.loop import TrainConfig
+
+    manifest, digest = load_manifest(small_run / "data")
+    seen = {}
+    for job_name in ("distill", "expert_1"):
+        job = build_job(manifest, digest, job_name, TrainConfig(ckpt_root=""), teacher_root=small_run / "checkpoints")
+        labels = seen[job_name] = set()
+        job.loss = lambda batch, _gen, labels=labels: labels.update(batch.labels.tolist()) or torch.tensor(0.0)
+        heldout_loss(job, batches=2, batch_size=32)
+    assert seen == {"distill": {0, 1}, "expert_1": {1}}, seen

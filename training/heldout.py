@@ -59,8 +59,9 @@ def heldout_loss(job, batches: int = 2, batch_size: int = 32, seed: int = 0) -> 
     """Mean loss of ``job.model`` (as loaded now) on the first ``batches`` held-out batches of the
     job's clusters (its training shards when the run kept none out), with fixed randomness."""
     manifest = job.manifest
-    clusters = [job.cluster] if hasattr(job, "cluster") else list(range(manifest.num_clusters))
-    size = job.preset.image_size if hasattr(job, "cluster") else job.expert_preset.image_size
+    cluster = getattr(job, "cluster", None)  # an expert's; -1 for jobs of every cluster (monolith, distill)
+    clusters = [cluster] if cluster is not None and cluster >= 0 else list(range(manifest.num_clusters))
+    size = job.preset.image_size if cluster is not None else job.expert_preset.image_size
     try:
         stream = stream_batches(manifest, clusters, batch_size, size, seed, holdout=True, epochs=1, shuffle_buffer=0)
         first = next(stream)
