@@ -496,10 +496,10 @@ def run_prepare(args: argparse.Namespace) -> None:
     if args.distill_steps and not (args.expert_steps and args.router_steps):
         raise UsageError("--distill-steps needs --expert-steps and --router-steps: it starts once they are done")
     if args.distill_preset:
-        from experts.presets import get_preset
+        from experts.presets import get_preset, student_preset
 
         try:
-            get_preset(args.distill_preset)
+            student_preset(args.distill_preset, get_preset(args.preset))
         except ValueError as e:
             raise UsageError(str(e)) from None
     data_dir, ckpt_dir = _dirs(args)

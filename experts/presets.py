@@ -66,6 +66,19 @@ def get_preset(name: str) -> ExpertPreset:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(EXPERT_PRESETS)}") from None
 
 
+def student_preset(name: str, experts: ExpertPreset) -> ExpertPreset:
+    """The distilled student's preset ``name``, checked against the experts' own: it learns their
+    velocity on their x_t, so it must work on samples of the same space and shape."""
+    student = get_preset(name)
+    if (student.space, student.channels, student.sample_size) != (experts.space, experts.channels, experts.sample_size):
+        raise ValueError(
+            f"the student's preset {student.name} works on {student.channels}x{student.sample_size}² "
+            f"{student.space} samples, the experts' {experts.name} on {experts.channels}x{experts.sample_size}² "
+            f"{experts.space} ones: pick a preset of the experts' sample shape"
+        )
+    return student
+
+
 def build_expert(preset: ExpertPreset, text_dim: int) -> PixArtTransformer2DModel:
     """A freshly initialised expert: predicts a tensor of the input's shape (v or ε)."""
     from diffusers import PixArtTransformer2DModel

@@ -130,3 +130,18 @@ def test_a_students_heldout_loss_covers_every_cluster(small_run):
         job.loss = lambda batch, _gen, labels=labels: labels.update(batch.labels.tolist()) or torch.tensor(0.0)
         heldout_loss(job, batches=2, batch_size=32)
     assert seen == {"distill": {0, 1}, "expert_1": {1}}, seen
+
+
+def test_a_student_preset_must_draw_the_experts_samples():
+    """The student learns the teacher's velocity on the teacher's x_t: a preset of another sample
+    shape is refused in one line (the preparer's --distill-preset too), one of the same is taken."""
+    import pytest
+
+    from experts.presets import get_preset, student_preset
+
+    assert student_preset("tiny16", get_preset("tiny16")).name == "tiny16"
+    with pytest.raises(ValueError, match="3x32² pixel samples, the experts' tiny16 on 3x16²"):
+        student_preset("small", get_preset("tiny16"))
+    out = node("--role", "prepare", "--workdir", "/nonexistent/never-made", "--expert-steps", "5", "--router-steps",
+               "5", "--distill-steps", "5", "--distill-preset", "small", check=False)  # fmt: skip
+    assert out.returncode == 2 and "pick a preset of the experts' sample shape" in out.stderr

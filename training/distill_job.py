@@ -14,11 +14,10 @@ from __future__ import annotations
 import torch
 
 from data.manifest import Manifest
-from experts.objectives import TIMESTEP_SCALE, fm_interpolate, sample_train_times
+from experts.objectives import TIMESTEP_SCALE, fm_interpolate
 from experts.presets import ExpertPreset, expert_forward
 from experts.text_encoder import TextEncoder
 from router.teacher import Teacher
-from training.expert_job import clean_x0
 from training.loop import TrainConfig
 from training.monolith import MonolithJob
 
@@ -41,24 +40,13 @@ class DistillJob(MonolithJob):
         teacher_hashes: dict[str, str],
         preset: ExpertPreset | None = None,
     ) -> None:
-        super().__init__(manifest, manifest_sha256, encoder, space_name, encode_space, cfg)
-        if preset is not None and preset != self.preset:
-            from experts.presets import build_expert
-
-            self.preset, self.batch_size = preset, cfg.batch_size or preset.batch_size
-            self.lr = cfg.lr or preset.lr
-            self.model = build_expert(preset, encoder.dim)
+        super().__init__(manifest, manifest_sha256, encoder, space_name, encode_space, cfg, preset)
         self.objective = "fm"  # it predicts the ensemble's velocity
         self.name = "distill"
         self.teacher, self.teacher_hashes = teacher, dict(teacher_hashes)
 
     def loss(self, batch, generator: torch.Generator) -> torch.Tensor:
-        drop = batch.draw(lambda n: torch.rand(n, generator=generator)) < self.cond_dropout
-        x0 = clean_x0(batch, self.manifest, self.encode_space, generator)
-        device = x0.device
-        states, mask = self.text(batch, drop)
-        noise = batch.draw(lambda n: torch.randn((n, *x0.shape[1:]), generator=generator)).to(device)
-        t = batch.draw(lambda n: sample_train_times(n, generator)).to(device)
+        x0, noise, t, states, mask = self.draw(batch, generator)  # as an expert draws: same order
         x_t = fm_interpolate(x0, noise, t)
         target = self.teacher(x_t, t, states, mask)
         pred = expert_forward(self.model, x_t, TIMESTEP_SCALE * t, states, mask)

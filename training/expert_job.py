@@ -7,6 +7,7 @@ with ~10 % of captions dropped to "" so the expert can be guided at sampling tim
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -28,6 +29,16 @@ def clean_x0(batch: Batch, manifest: Manifest, encode_space, generator: torch.Ge
         eps = batch.draw(lambda n: torch.randn((n, *shape), generator=generator))
         return sample_posterior(batch.latents, manifest.latents["scale"], eps=eps)
     return encode_space(batch.images)
+
+
+class Draw(NamedTuple):
+    """What one training step draws: clean samples, noise, times, and the captions' text states."""
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    states: torch.Tensor
+    mask: torch.Tensor
 
 
 class ExpertJob:
@@ -70,7 +81,9 @@ class ExpertJob:
         """Token states and mask of the batch's captions, with the ``drop`` rows made the empty prompt."""
         return self.captions(batch, drop)
 
-    def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    def draw(self, batch: Batch, generator: torch.Generator) -> Draw:
+        """A training step's inputs, drawn in one fixed order (a run is reproducible, and every job
+        built on this one draws alike): which captions drop, x0, their text states, noise, times."""
         # Every random number is drawn for the island's whole global batch (batch.draw), so a
         # job split over N processes trains on the numbers one process would draw.
         drop = batch.draw(lambda n: torch.rand(n, generator=generator)) < self.cond_dropout
@@ -80,6 +93,10 @@ class ExpertJob:
         # Noise and times come from the CPU generator, so a run is the same on any device.
         noise = batch.draw(lambda n: torch.randn((n, *x0.shape[1:]), generator=generator)).to(device)
         t = batch.draw(lambda n: sample_train_times(n, generator)).to(device)
+        return Draw(x0, noise, t, states, mask)
+
+    def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        x0, noise, t, states, mask = self.draw(batch, generator)
         tb = make_training_batch(self.objective, x0, noise, t)
         pred = expert_forward(self.model, tb.x_in, tb.timestep, states, mask)
         return torch.nn.functional.mse_loss(pred, tb.target)

@@ -7,7 +7,7 @@ from pathlib import Path
 from data.job_id import JobId
 from data.manifest import Manifest
 from experts.latent_space import load_space
-from experts.presets import get_preset
+from experts.presets import get_preset, student_preset
 from experts.text_encoder import TextEncoderConfig, load_text_encoder
 from router.network import get_router_preset
 from router.presets import DEFAULT_ROUTER_PRESET
@@ -57,12 +57,12 @@ def build_job(
 
         if teacher_root is None:
             raise ValueError("the distill job needs the trained experts and router to learn from")
+        student = student_preset(distill_preset, preset) if distill_preset else None
         found, router_ckpt = load_checkpoints(Path(teacher_root))
         if len(found) < manifest.num_clusters:
             raise ValueError(f"the distill job needs every expert: found {sorted(found)} under {teacher_root}")
         hashes = {str(JobId.expert(k)): ck.sha256 for k, ck in found.items()} | {"router": router_ckpt.sha256}
         teacher = Teacher.from_checkpoints(Path(teacher_root)).to(cfg.device)
-        student = get_preset(distill_preset) if distill_preset else None
         return DistillJob(manifest, digest, encoder, space_name, encode, cfg, teacher, hashes, student)
     return ExpertJob(manifest, digest, jid.expert_index, encoder, space_name, encode, cfg)
 

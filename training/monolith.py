@@ -25,6 +25,7 @@ from data.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, veri
 from data.job_id import JobId
 from data.manifest import Manifest
 from data.streaming import Batch, DataPosition, RawBatch, stream_batches
+from experts.presets import ExpertPreset
 from experts.text_encoder import TextEncoder
 from training.expert_job import ExpertJob
 from training.loop import TrainConfig
@@ -49,8 +50,9 @@ class MonolithJob(ExpertJob):
         space_name: str,
         encode_space,
         cfg: TrainConfig,
+        preset: ExpertPreset | None = None,
     ) -> None:
-        super().__init__(manifest, manifest_sha256, 0, encoder, space_name, encode_space, cfg)
+        super().__init__(manifest, manifest_sha256, 0, encoder, space_name, encode_space, cfg, preset)
         self.cluster = -1
         self.objective = monolith_objective(manifest)
         self.name = f"monolith ({self.objective})"
