@@ -251,6 +251,7 @@ class DiffswarmPipeline(DiffusionPipeline):
         precision: str = "fp32",
         wait_s: float = 30.0,
         host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
+        distilled: bool = False,
     ) -> DiffswarmPipeline:
         """Join a swarm and sample with its run: the router (fetched, hash-verified) runs here, every
         expert on the swarm's servers, except ``local_experts`` (ids, or "all"), fetched and run here.
@@ -259,9 +260,10 @@ class DiffswarmPipeline(DiffusionPipeline):
         ``cache_dir`` keeps this node's identity and the fetched checkpoints. ``audit``: the share
         of server answers recomputed to check them (default ``router.audit.DEFAULT_RATE``; 0 trusts
         the servers). Waits up to ``wait_s`` for a server when none is up. ``host_maddrs``: where
-        this node listens. Call :meth:`close`
-        (or use the pipeline in a ``with`` block) to leave the swarm."""
-        from diffswarm.remote import RemoteConfig, hand_over_proofs, swarm_ensemble
+        this node listens. ``distilled``: the run's distilled student alone (fetched and verified,
+        every step on its servers, audited; here with none up or ``local_experts="all"``). Call
+        :meth:`close` (or use the pipeline in a ``with`` block) to leave the swarm."""
+        from diffswarm.remote import RemoteConfig, hand_over_proofs, swarm_distilled, swarm_ensemble
         from router.audit import DEFAULT_RATE
         from swarm.blobs import BlobService, BlobStore
         from swarm.dht import SwarmConfig, SwarmNode
@@ -276,9 +278,13 @@ class DiffswarmPipeline(DiffusionPipeline):
             blobs = BlobService(node.dht, BlobStore(), bans=node.bans)
             node.on_restart(blobs.rebind)
             remote_cfg = RemoteConfig(rediscover_s=wait_s, audit_rate=DEFAULT_RATE if audit is None else audit)
-            pipe, pool = swarm_ensemble(
-                node, blobs, cache / "fetched", local_experts, vae, remote_cfg, device, precision, wait_s
-            )
+            if distilled:
+                here = local_experts == "all"
+                pipe, pool = swarm_distilled(node, blobs, cache / "fetched", remote_cfg, device, precision, here, vae)
+            else:
+                pipe, pool = swarm_ensemble(
+                    node, blobs, cache / "fetched", local_experts, vae, remote_cfg, device, precision, wait_s
+                )
         except BaseException:
             for part in (pool, blobs, node):
                 _quietly(getattr(part, "close", None) or getattr(part, "shutdown", None))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import torch
 
 from data.checkpoint import latest_checkpoint
@@ -109,6 +110,18 @@ def test_a_swarm_distills_once_the_experts_and_router_are_done(small_run, tmp_pa
         (who,) = {w for step in routing["where"] for w in step.values()}
         assert who != "local" and routing["usage"] == [6], routing  # one network, every (image, step) on the server
         assert routing["audit"]["audited"] == 3 and not routing["audit"]["caught"], routing["audit"]
+        # The same from Python: the student on its server, the images those of the student run here.
+        from diffswarm import DiffswarmPipeline
+
+        with DiffswarmPipeline.from_swarm(
+            peers, cache_dir=tmp_path / "python", host_maddrs=[LOOPBACK], distilled=True
+        ) as pipe:
+            out = pipe(["sun", "red apple"], steps=3, seed=2)
+            assert pipe.served_by == {0: "1 server(s)"} and out.audit["caught"] == []
+        assert {e["served_by"] for step in out.routing for e in step["experts"].values()} == {who}
+        here = DiffswarmPipeline.distilled(tmp_path / "python" / "fetched")(["sun", "red apple"], steps=3, seed=2)
+        for a, b in zip(out.images, here.images, strict=True):
+            assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 2
     finally:
         for p in procs:
             kill_tree(p)
