@@ -34,6 +34,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from data.job_id import DISTILL_SLOT
 from swarm import claims, ledger
 from swarm.blobs import BlobError, BlobService, BlobStore, providers
 from swarm.dht import SwarmError, SwarmNode
@@ -124,13 +125,15 @@ class StatusWatcher:
                 key=lambda p: (p["state"], p["peer"]),
             ),
         }
-        for k, recs in node.servers(run, list(range(run.num_clusters)), online_only=False).items():
+        for k, recs in node.servers(run, run.served_slots(), online_only=False).items():
+            what = "distilled" if k == DISTILL_SLOT else k  # the student's server, beside the experts'
             for rec in recs:
                 out["servers"].append(
-                    {"expert": k, "peer": rec.peer, "state": rec.state, "rps": rec.rps, "queue": rec.queue}
-                    | {"step": rec.step, "ckpt": rec.ckpt, "max_batch": rec.max_batch, "reach": rec.reach}
+                    {"expert": what, "slot": k, "peer": rec.peer, "state": rec.state, "rps": rec.rps}
+                    | {"queue": rec.queue, "step": rec.step, "ckpt": rec.ckpt, "max_batch": rec.max_batch}
+                    | {"reach": rec.reach}
                 )
-        out["servers"].sort(key=lambda r: (r["expert"], r["state"] != "online", r["peer"]))
+        out["servers"].sort(key=lambda r: (r["slot"], r["state"] != "online", r["peer"]))
         snap = node.snapshot(run)
         out["complete"] = claims.run_complete(snap)
         by_peer = {p.peer: p for p in peers.values()}

@@ -220,7 +220,7 @@ def mirror(node, blobs, run, folder: Path, held: set[str], failed: dict[str, str
 
     online = {
         (fingerprint(r.owner), r.ckpt): r
-        for recs in node.servers(run, list(range(run.num_clusters))).values()
+        for recs in node.servers(run, run.served_slots()).values()
         for r in recs
         if r.owner
     }

@@ -410,6 +410,10 @@ class RunRecord:
         jid = JobId.parse(job)
         return self.router_steps if jid.is_router else self.distill_steps if jid.is_distill else self.expert_steps
 
+    def served_slots(self) -> list[int]:
+        """The slots a server of this run may serve: its experts, then its distilled student's."""
+        return [*range(self.num_clusters), *([DISTILL_SLOT] if self.distill_steps > 0 else [])]
+
     def student_preset(self) -> str:
         """The distilled student's preset."""
         return self.distill_preset or self.presets[0]

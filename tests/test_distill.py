@@ -104,6 +104,13 @@ def test_a_swarm_distills_once_the_experts_and_router_are_done(small_run, tmp_pa
                         "--initial-peers", *peers, "--host-maddrs", LOOPBACK], s_log)  # fmt: skip
         procs.append(server)
         wait_in_log(server, s_log, "the distilled student: serving step 4", 120, "the server")
+        for _ in range(3):  # its first announcement follows the load by a moment
+            status = node("--role", "status", "--json", "--workdir", str(tmp_path / "status"), "--initial-peers",
+                          *peers, "--host-maddrs", LOOPBACK, timeout=120)  # fmt: skip
+            (shown,) = json.loads(status.stdout)["runs"]
+            if shown["servers"]:
+                break
+        assert [(s["expert"], s["step"]) for s in shown["servers"]] == [("distilled", 4)], shown["servers"]
         served = tmp_path / "served.png"
         node(*client, "--audit", "1", "--output", str(served), "sun", "red apple", timeout=180)
         routing = json.loads(served.with_suffix(".json").read_text())
