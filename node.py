@@ -186,9 +186,10 @@ def _parser(role: str) -> RoleParser:
         g.add_argument("--distill-preset", default="", help="distill: the student's preset (default: the experts')")
         g.add_argument(
             "--distill-init",
-            default="scratch",
+            default="expert",
             choices=("scratch", "expert"),
-            help="distill --local: start from scratch, or from the expert whose weights match the teacher best",
+            help="distill --local: start from the expert whose weights match the teacher best (as a swarm's "
+            "trainer does), or from scratch",
         )
         g.add_argument("--steps", type=int, default=0, help="stop at this total step (swarm: before the run's target)")
         g.add_argument("--minutes", type=float, default=0.0, help="budget of this process (--local default 5)")

@@ -400,6 +400,8 @@ class SwarmTrainer:
                     manifest, digest, job, tcfg, self.cfg.text_encoder, self.cfg.vae, self.cfg.router_preset,
                     teacher_root=teacher, distill_preset=run.distill_preset,
                 )  # fmt: skip
+                if jid.is_distill and latest_checkpoint(root) is None:  # nothing to resume: a new student
+                    console.log(train_job.start_from_nearest_expert())
                 if self.island is not None:  # the other ranks build the same job and train with us
                     self.island.tell(
                         {
@@ -478,6 +480,8 @@ def follow_island(island: Island, stop: threading.Event) -> int:
             manifest, digest, msg["job"], tcfg, msg["text_encoder"], msg["vae"], msg["router_preset"],
             teacher_root=teacher, distill_preset=msg.get("distill_preset", ""),
         )  # fmt: skip
+        if JobId.parse(msg["job"]).is_distill and latest_checkpoint(Path(tcfg.ckpt_root)) is None:
+            job.start_from_nearest_expert()  # as rank 0 did, on the same first batch
         train(job, tcfg, should_stop=stop.is_set, island=island)
         jobs += 1
     return jobs

@@ -89,6 +89,7 @@ def test_a_swarm_distills_once_the_experts_and_router_are_done(small_run, tmp_pa
         procs.append(trainer)
         wait_in_log(trainer, t_log, "claimed distill", 180, "the trainer")
         wait_in_log(prep, log, "verified distill step 4", 300, "the preparer")
+        assert "distill: starting from expert 0's" in t_log.read_text()  # expert 1 is DDPM
         status = node("--role", "status", "--json", "--workdir", str(tmp_path / "status"), "--initial-peers",
                       *peers, "--host-maddrs", LOOPBACK, timeout=120)  # fmt: skip
         (shown,) = json.loads(status.stdout)["runs"]

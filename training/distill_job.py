@@ -74,5 +74,15 @@ class DistillJob(MonolithJob):
             self.model.load_state_dict(self.teacher.experts[best][0].state_dict())
         return best
 
+    def start_from_nearest_expert(self) -> str:
+        """A new student's start: the weights of the expert nearest the teacher on the first batch
+        of the run's data (every process of an island draws the same one). Returns what it did, in words."""
+        from data.streaming import DataPosition
+
+        k = self.start_from_expert(next(iter(self.batches(DataPosition()))))
+        if k is None:
+            return "distill: starting from scratch (no expert of the student's shape and objective)"
+        return f"distill: starting from expert {k}'s weights (the nearest to the teacher)"
+
     def meta(self) -> dict:
         return super().meta() | {"kind": DISTILL, "objective": "fm", "teacher": self.teacher_hashes}

@@ -51,7 +51,7 @@ class LocalTrainConfig:
     vae: str = ""  # AutoencoderKL folder for latent presets
     router_preset: str = DEFAULT_ROUTER_PRESET
     distill_preset: str = ""  # the distilled student's preset ("": the experts')
-    distill_init: str = "scratch"  # or "expert": start from the expert nearest the teacher
+    distill_init: str = "expert"  # start from the expert nearest the teacher, or "scratch"
 
     @property
     def job_id(self) -> JobId:
@@ -144,16 +144,6 @@ def _keep_wallclock(
     return job
 
 
-def start_from_expert(job) -> None:
-    """A new distilled student starts from the expert whose weights match the teacher best."""
-    from data.streaming import DataPosition
-
-    probe = next(iter(job.batches(DataPosition())))
-    k = job.start_from_expert(probe)
-    print("distill: starting from scratch (no expert of the student's shape and objective)" if k is None
-          else f"distill: starting from expert {k}'s weights (the nearest to the teacher)", flush=True)  # fmt: skip
-
-
 def train_local(cfg: LocalTrainConfig, should_stop: Callable[[], bool] | None = None) -> Checkpoint | None:
     """Train the job to its budget (resuming its latest checkpoint), or until ``should_stop()``
     (then it saves first), and say what it reached. Started by ``torchrun``, every process of the
@@ -174,7 +164,7 @@ def train_local(cfg: LocalTrainConfig, should_stop: Callable[[], bool] | None = 
 
     job = build()
     if cfg.job_id.is_distill and cfg.distill_init == "expert" and latest_checkpoint(Path(tc.ckpt_root)) is None:
-        start_from_expert(job)
+        print(job.start_from_nearest_expert(), flush=True)
     at = wallclock_step(cfg, tc, manifest)
     if at:
         job = _keep_wallclock(job, cfg, tc, at, build)
