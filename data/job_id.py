@@ -186,6 +186,15 @@ JobId.DISTILL = JobId(DISTILL)
 JobId.MONOLITH = JobId(MONOLITH)
 
 
+def slot_shown(slot: object) -> str:
+    """How people read a served slot: ``expert 3``, ``the distilled student``; a slot no job has
+    (a stranger's request, say) is shown as ``slot <repr>``."""
+    try:
+        return JobId.from_slot(slot).shown  # type: ignore[arg-type]
+    except ValueError:
+        return f"slot {slot!r}"
+
+
 def swarm_jobs(num_experts: int = MAX_EXPERTS, distill: bool = False) -> list[JobId]:
     """The swarm jobs of a run of ``num_experts`` experts, sorted: ``expert_0`` .. ``expert_{K-1}``,
     then ``router`` (and ``distill`` with ``distill``). With the default and ``distill``, every swarm

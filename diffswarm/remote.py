@@ -46,7 +46,7 @@ from typing import TypeVar
 import torch
 
 from data.checkpoint import Checkpoint, CheckpointError
-from data.job_id import JobId
+from data.job_id import JobId, slot_shown
 from diffswarm.pipeline import DiffswarmPipeline
 from router import audit
 from router.audit import AuditStats, Reference
@@ -194,11 +194,13 @@ class RemotePool:
                 return rec, self._ask(rec, req)
             except ServerBusy as e:  # a valid request refused for its load: no fault, the next replica
                 self._why[k] = str(e)
-                self.events.append(f"expert {k}: server {rec.peer[:12]}… is busy; asked another")
+                self.events.append(f"{slot_shown(k)}: server {rec.peer[:12]}… is busy; asked another")
             except Exception as e:  # any other failure of one server: ban it, try the next replica
                 self._why[k] = str(e) or type(e).__name__
                 self.banned[rec.peer] = time.monotonic() + self.cfg.ban_s
-                self.events.append(f"expert {k}: server {rec.peer[:12]}… failed ({self._why[k]}); banned for a while")
+                self.events.append(
+                    f"{slot_shown(k)}: server {rec.peer[:12]}… failed ({self._why[k]}); banned for a while"
+                )
         return None
 
     def _ask(self, rec: ServeRecord, req: DenoiseRequest) -> torch.Tensor:
@@ -231,7 +233,9 @@ class RemotePool:
         if self.discover is None or self.cfg.rediscover_s <= 0:
             return None
         deadline = time.monotonic() + self.cfg.rediscover_s
-        self.events.append(f"expert {k}: every server failed; looking for one for up to {self.cfg.rediscover_s:.0f}s")
+        self.events.append(
+            f"{slot_shown(k)}: every server failed; looking for one for up to {self.cfg.rediscover_s:.0f}s"
+        )
         while time.monotonic() < deadline:
             for rec in self.discover(k):
                 if rec.peer in self.caught or (self.bans is not None and self.bans.banned(rec.peer)):
@@ -242,7 +246,7 @@ class RemotePool:
                     continue
                 self.banned.pop(rec.peer, None)
                 self.servers[k] = [rec, *(r for r in self.servers[k] if r.peer != rec.peer)]
-                self.events.append(f"expert {k}: server {rec.peer[:12]}… found again")
+                self.events.append(f"{slot_shown(k)}: server {rec.peer[:12]}… found again")
                 return rec, v
             time.sleep(2.0)
         return None
@@ -373,7 +377,7 @@ class RemotePool:
             try:
                 ref = self.fetch_reference(k)
             except Exception as e:  # noqa: BLE001 (whatever the fetch hit, the audit goes on without it)
-                self.events.append(f"expert {k}: its checkpoint could not be had to settle a dispute ({e})")
+                self.events.append(f"{slot_shown(k)}: its checkpoint could not be had to settle a dispute ({e})")
                 ref = None
             if ref is not None:
                 self.references[k] = ref
@@ -386,14 +390,14 @@ class RemotePool:
         self.caught.add(peer)
         self.banned[peer] = math.inf
         if self.bans is not None:
-            self.bans.ban(peer, f"answered expert {k} wrong (relative error {error:.2g} against {by})")
+            self.bans.ban(peer, f"answered {slot_shown(k)} wrong (relative error {error:.2g} against {by})")
         evidence = self.evidence.get(peer)
         if self.publish is not None and evidence is not None:
             try:
                 self.publish(k, evidence)
                 self._note(k, "proof published", peer=peer)
             except Exception as e:  # noqa: BLE001 (the catch stands; only the proof for others is lost)
-                self.events.append(f"expert {k}: no proof against {peer[:12]}… could be published ({e})")
+                self.events.append(f"{slot_shown(k)}: no proof against {peer[:12]}… could be published ({e})")
         self._note(
             k,
             "caught",

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from data.job_id import slot_shown
+
 TOLERANCE = 0.15  # largest relative L2 difference per image between two honest answers
 DEFAULT_RATE = 0.25  # a quarter of the steps: a server lying from some step on is caught after 4 lies on average
 LATENCY_FLOOR_S = 0.02  # a reply faster than this earns no more weight (an instant reply is no better answer)
@@ -170,12 +172,12 @@ def report_lines(report: dict) -> list[str]:
         f"{needed:g}{share}"
     ]
     for k, why in report["unchecked_experts"].items():
-        lines.append(f"audit: expert {k}'s answers could not all be checked ({why})")
+        lines.append(f"audit: {slot_shown(int(k))}'s answers could not all be checked ({why})")
     for peer, why in report["skipped_servers"].items():
         lines.append(f"audit: server {peer[:16]}… not asked: it {why}")
     for c in report["caught"]:
         lines.append(
-            f"CAUGHT: server {c['peer']} answered expert {c['expert']} wrong at step {c['step'] + 1} "
+            f"CAUGHT: server {c['peer']} answered {slot_shown(c['expert'])} wrong at step {c['step'] + 1} "
             f"(relative error {c['error']:.2g}, checked against {c['checked_by']}) after serving "
             f"{c['steps_served_before_caught']} steps ({c['unchecked_steps_before_caught']} unchecked); "
             "banned and its step redone"

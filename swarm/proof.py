@@ -27,6 +27,8 @@ from pathlib import Path
 
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
+from data.job_id import slot_shown
+
 VERSION = b"diffswarm-denoise-proof-v1"
 MAX_PROOFS = 4  # proofs one publisher keeps in its record
 PER_SERVER = 2  # proofs a client checks per server it would use
@@ -198,7 +200,7 @@ def convicted(
         signed = signed_by(rec.owner, request_digest(header, payload), reply, p.shape, p.sig)
         if got is not None and signed and (error := disagree(got, want)) > tolerance:
             out[rec.peer] = (
-                f"a published proof convicts it (signed answer to expert {p.expert}, relative error {error:.2g})"
+                f"a published proof convicts it (signed answer to {slot_shown(p.expert)}, relative error {error:.2g})"
             )
         else:
             node.bans.ban(fingerprint(publisher), "published a proof that does not check out")

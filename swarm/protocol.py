@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data.job_id import slot_shown
 from experts.text_encoder import MINILM, TextEncoderConfig
 
 PROTOCOL = "diffswarm-denoise-v1"
@@ -201,11 +202,12 @@ def parse_request(header: dict, payload: bytes, expected: ExpectedInput) -> Deno
     if not isinstance(expert, int) or isinstance(expert, bool):
         raise ProtocolError(f"'expert' must be an integer, got {expert!r}")
     if expert not in expected.experts:
-        raise RequestRefused(f"this server does not serve expert {expert!r} (it serves {sorted(expected.experts)})")
+        served = ", ".join(slot_shown(k) for k in sorted(expected.experts))
+        raise RequestRefused(f"this server does not serve {slot_shown(expert)} (it serves {served})")
     ckpt = header.get("ckpt")
     if ckpt not in expected.experts[expert]:
         raise RequestRefused(
-            f"expert {expert} is served from checkpoint {expected.current(expert)[:12]}, not {str(ckpt)[:12]}"
+            f"{slot_shown(expert)} is served from checkpoint {expected.current(expert)[:12]}, not {str(ckpt)[:12]}"
         )
     b, c, h, w = _shape(header, "x", 4)
     if b > expected.max_batch:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data.job_id import DISTILL_SLOT, MAX_EXPERTS, JobId, swarm_job_names, swarm_jobs
+from data.job_id import DISTILL_SLOT, MAX_EXPERTS, JobId, slot_shown, swarm_job_names, swarm_jobs
 from swarm.records import RunRecord, ckpt_key, claim_key, serve_key, verdicts_key
 
 CANONICAL = ["expert_0", "expert_7", "expert_10", f"expert_{MAX_EXPERTS - 1}", "router", "monolith"]
@@ -118,6 +118,18 @@ def test_swarm_jobs_are_the_experts_then_the_router():
     for n in (-1, MAX_EXPERTS + 1):
         with pytest.raises(ValueError):
             swarm_jobs(n)
+
+
+def test_a_served_slot_reads_as_its_network():
+    assert [slot_shown(k) for k in (0, 3, DISTILL_SLOT)] == ["expert 0", "expert 3", "the distilled student"]
+    # what a stranger's request may hold instead is shown, never raised on
+    assert [slot_shown(k) for k in (-1, DISTILL_SLOT + 1, "0", True, None)] == [
+        "slot -1",
+        f"slot {DISTILL_SLOT + 1}",
+        "slot '0'",
+        "slot True",
+        "slot None",
+    ]
 
 
 def test_a_jobs_folder_is_its_name_under_the_root(tmp_path):

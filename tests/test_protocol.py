@@ -7,6 +7,7 @@ import struct
 import pytest
 import torch
 
+from data.job_id import DISTILL_SLOT
 from swarm.protocol import (
     DenoiseRequest,
     ExpectedInput,
@@ -61,6 +62,8 @@ def _tampered(edit) -> tuple[dict, bytes]:
         (lambda h, p: ({**h, "x": [5, 3, 8, 8], "states": [10, 5, 16]}, bytes(p)), "over this server's limit"),
         (lambda h, p: ({**h, "t": [0.6, 1.5]}, bytes(p)), "'t' must hold"),
         (lambda h, p: ({**h, "guidance": float("inf")}, bytes(p)), "finite number"),
+        (lambda h, p: ({**h, "expert": 3}, bytes(p)), r"does not serve expert 3 \(it serves expert 0\)"),
+        (lambda h, p: ({**h, "expert": DISTILL_SLOT}, bytes(p)), "does not serve the distilled student"),
     ],
 )
 def test_bad_requests_are_refused(edit, message):
@@ -80,3 +83,12 @@ def test_reply_round_trip_and_bad_replies():
         parse_reply(header, bytes(bad), (2, 3, 8, 8))
     with pytest.raises(ProtocolError, match="out of memory"):
         parse_reply(*_split(encode_reply(3, error="out of memory")), (2, 3, 8, 8))
+
+
+def test_a_server_of_the_student_names_it_in_its_refusals():
+    served = ExpectedInput({DISTILL_SLOT: [CKPT]}, (3, 8, 8), 16, 4)
+    header, payload = _split(encode_request(_request()))
+    with pytest.raises(ProtocolError, match=r"does not serve expert 0 \(it serves the distilled student\)"):
+        parse_request(header, payload, served)
+    with pytest.raises(ProtocolError, match="the distilled student is served from checkpoint abababababab"):
+        parse_request({**header, "expert": DISTILL_SLOT, "ckpt": "cd" * 32}, payload, served)
