@@ -83,8 +83,10 @@ def main() -> None:
     s = timed_steps(data, ckpt, args.steps, args.warmup)
     teacher, student, expert = (statistics.median(s[k]) for k in ("teacher", "student", "expert"))
     share = statistics.median(a / (a + b) for a, b in zip(s["teacher"], s["student"], strict=True))
+    # the trainers of make eval run one thread each: say so where the figure came from one
+    threads = f"OMP_NUM_THREADS={torch.get_num_threads()} " if torch.get_num_threads() == 1 else ""
     text = (
-        "## Distillation step: the teacher's share\n\n"
+        f"## Distillation step: the teacher's share ({time.strftime('%Y-%m-%d')})\n\n"
         f"Machine: {machine()}. {args.steps} steps at the preset's batch, medians, one process; "
         f"teacher = the top-2 experts and the router forward, student = forward, backward and AdamW.\n\n"
         "| part | ms / step |\n|---|---:|\n"
@@ -92,7 +94,8 @@ def main() -> None:
         f"| an expert's training step (interleaved) | {expert * 1e3:.1f} |\n\n"
         f"The teacher takes **{share:.0%}** of a distillation step; a distillation step costs "
         f"**{(teacher + student) / expert:.2f}×** an expert's. Command: "
-        f"`.venv/bin/python benchmarks/distill_step.py --data-dir {data} --ckpt-dir {ckpt} --steps {args.steps}`.\n"
+        f"`{threads}.venv/bin/python benchmarks/distill_step.py --data-dir {data} --ckpt-dir {ckpt} "
+        f"--steps {args.steps}`.\n"
     )
     print(text)
     if not args.no_write:

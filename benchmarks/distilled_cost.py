@@ -17,8 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
 from benchmarks.results import append_section, machine  # noqa: E402
 from diffswarm import DiffswarmPipeline  # noqa: E402
 
@@ -52,8 +50,8 @@ def main() -> None:
     med = {name: statistics.median(v) for name, v in seconds.items()}
     ratio = statistics.median(d / t for d, t in zip(seconds["distilled"], seconds["top-2"], strict=True))
     text = (
-        "## Inference: the distilled student against the ensemble\n\n"
-        f"Machine: {machine()} ({torch.get_num_threads()} threads). {len(prompts)} images a batch, "
+        f"## Inference: the distilled student against the ensemble ({time.strftime('%Y-%m-%d')})\n\n"
+        f"Machine: {machine()}. {len(prompts)} images a batch, "
         f"{args.steps} Euler steps, guidance 3, {args.rounds} rounds alternated after a warm-up, "
         f"checkpoints `{args.ckpt_dir}`.\n\n"
         "| | expert forwards / image | router forwards / image | s / image (median) |\n|---|---:|---:|---:|\n"
