@@ -2,7 +2,8 @@
 plus typed reads and writes of the records in :mod:`swarm.records`.
 
 With no initial peers a node starts a new swarm and prints the exact ``--initial-peers`` line
-for others. Unreachable initial peers end in a clear error within ``join_timeout`` seconds.
+for others. Initial peers that do not answer are asked again (a lossy link, a peer restarting) until
+``join_timeout`` seconds have passed, and then end in a clear error.
 
 A node follows one run (``NAME@FINGERPRINT``, :class:`swarm.records.RunRef`): every key it reads or
 writes lives in that run's namespace, and the run record counts only when the key named by the
@@ -90,6 +91,17 @@ from swarm.records import (
 REACH_EVERY_S = 5.0  # how often a relayed node looks at its relay reservations
 RELAY_RETRY_S = 15.0  # with none left, how often it looks for a relay that answers again
 KNOWN_S = 3600.0  # a peer not seen in the routing table for this long is no longer tried on a rejoin
+
+
+JOIN_RETRY_S = 2.0  # pause between attempts to reach the initial peers, within join_timeout
+
+
+def join_retryable(reason: str) -> bool:
+    """Whether a failed join may succeed if tried again: the initial peers did not answer (lost
+    packets, a peer still starting), as opposed to a refusal that another try would repeat."""
+    # hivemind's words when its peers connected but did not answer, and its p2p daemon's when
+    # none could be connected to at all
+    return "responded to a ping" in reason or "failed to connect to bootstrap peers" in reason
 
 
 class SwarmError(RuntimeError):
@@ -209,20 +221,29 @@ class SwarmNode:
                 client_mode=True,
                 check_if_identity_free=False,  # this node held the identity a moment ago
             )
-        pool = concurrent.futures.ThreadPoolExecutor(1)
-        future = pool.submit(OwnedDHT, **kwargs)
-        try:
-            dht = future.result(timeout=cfg.join_timeout)
-        except concurrent.futures.TimeoutError:
-            raise SwarmError(
-                f"could not join the swarm within {cfg.join_timeout:.0f}s: "
-                f"initial peers {cfg.initial_peers} did not answer"
-            ) from None
-        except Exception as e:  # hivemind raises several types here; all mean "cannot join"
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SwarmError(f"could not join the swarm via {cfg.initial_peers}: {reason}") from None
-        finally:
-            pool.shutdown(wait=False)
+        deadline = time.monotonic() + cfg.join_timeout
+        while True:
+            pool = concurrent.futures.ThreadPoolExecutor(1)
+            future = pool.submit(OwnedDHT, **kwargs)
+            try:
+                dht = future.result(timeout=max(deadline - time.monotonic(), 1.0))
+                break
+            except concurrent.futures.TimeoutError:
+                raise SwarmError(
+                    f"could not join the swarm within {cfg.join_timeout:.0f}s: "
+                    f"initial peers {cfg.initial_peers} did not answer"
+                ) from None
+            except Exception as e:  # hivemind raises several types here; all mean "cannot join"
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                # hivemind pings the initial peers once: on a lossy link a lost SYN or two outlasts
+                # that ping, so it is asked again (a fresh DHT process) while the join time lasts.
+                if not join_retryable(reason) or time.monotonic() + JOIN_RETRY_S >= deadline:
+                    raise SwarmError(f"could not join the swarm via {cfg.initial_peers}: {reason}") from None
+                print(f"no initial peer answered yet ({reason}); trying again", file=sys.stderr, flush=True)
+                kwargs["check_if_identity_free"] = False  # the attempt that failed may have shown this id
+                time.sleep(JOIN_RETRY_S)
+            finally:
+                pool.shutdown(wait=False)
         dht.run_coroutine(ServeProbes())  # every node answers dial-back probes
         if cfg.relay:
             dht.run_coroutine(ServeProxy())  # and a relay carries bulk streams to the peers behind it

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from roles.web import CHART_EVERY_S
 from swarm import claims
 from swarm.dht import SwarmConfig, SwarmNode
 from swarm.records import PeerRecord, fingerprint, peers_key
@@ -109,11 +110,18 @@ def test_the_status_page_in_a_browser_shows_jobs_loss_ledger_and_peers_words_as_
             assert "%" in driver.find_element("css selector", row).text
             chart = driver.find_element("css selector", "img.chart")
             wait_until(driver, lambda d: d.execute_script("return arguments[0].naturalWidth", chart), 30, "the chart")
-            # The points the page's data holds are drawn: a run with none gets a grey "no loss yet" image, and
-            # a few held-out markers (a trainer that finished fast) are some tens of coloured pixels.
             history = driver.execute_script("return fetch('/api/status').then(r => r.json())")["runs"][0]["history"]
             assert any(h["train"] or h["heldout"] for h in history.values()), history
-            assert colour_pixels(element_image(chart)) > 20, "the loss chart plots no points"
+            # The points the page's data holds are drawn: a run with none gets a grey "no loss yet" image, and
+            # a few held-out markers (a trainer that finished fast) are some tens of coloured pixels. A chart
+            # is drawn anew at most every CHART_EVERY_S and the page polls, so the image may lag the data by
+            # that much: the page must catch up on its own, without a reload.
+            lag = CHART_EVERY_S + 30
+
+            def points_drawn(d):
+                return colour_pixels(element_image(d.find_element("css selector", "img.chart"))) > 20
+
+            wait_until(driver, points_drawn, lag, "the loss chart to plot the history's points")
             body = driver.find_element("tag name", "body").text
             assert HOSTILE in body and "<b>bold</b>" in body
             assert driver.execute_script("return window.pwned") is None
