@@ -165,7 +165,12 @@ def test_clients_generate_through_a_server_behind_nat_and_prefer_a_direct_one(la
     assert swarm.procs["cut"].wait(timeout=240) == 0, swarm.text("cut")[-3000:]
     cut = json.loads(out.with_suffix(".json").read_text())
     servers_of_0 = [w["0"] for w in cut["where"]]
-    assert len(servers_of_0) == 40 and len(set(servers_of_0)) == 2, servers_of_0  # both, the direct one until cut
+    # The direct one until the cut, the home one after: the cut may fall before the direct server's first
+    # answer has come back (its session is open, the request in flight), and then every step is the home
+    # server's.
+    assert len(servers_of_0) == 40 and 1 <= len(set(servers_of_0)) <= 2, servers_of_0
+    direct_peer = re.search(r"server (\w+) serving", swarm.text("direct"))
+    assert direct_peer is None or not servers_of_0[-1].startswith(direct_peer.group(1)[:8]), servers_of_0
     assert any("failed" in f for f in cut["failovers"]), cut["failovers"]
     # (the path to the home server is relayed, or direct where the home server had dialled out to this
     # client itself: libp2p reuses whatever connection is open)
