@@ -18,7 +18,7 @@ from data.checkpoint import (
 )
 from router.network import RouterNet
 from tests.test_training_device import FixedJob
-from training.loop import TrainConfig, train
+from training.loop import HISTORY_MAX, LossCurve, TrainConfig, thin_history, train
 
 
 def _tiny_model() -> RouterNet:
@@ -85,3 +85,24 @@ def test_optimizer_round_trip_is_exact():
     for pid in s1["state"]:
         for key in s1["state"][pid]:
             assert torch.equal(torch.as_tensor(s1["state"][pid][key]), torch.as_tensor(s2["state"][pid][key]))
+
+
+def test_a_long_resumed_loss_curve_keeps_its_start_evenly():
+    """A curve thinned again and again, across resumes, still covers its early steps as densely
+    as its late ones, and starts at its first point."""
+    history: list[list[float]] = []
+    for resume in range(4):  # four segments of 5,000 steps, each resuming the last one's history
+        curve = LossCurve([list(h) for h in history], "x")
+        for step in range(resume * 5000 + 1, (resume + 1) * 5000 + 1):
+            curve.add(step, torch.tensor(1.0 / step))
+            if step % 50 == 0:
+                curve.flush()
+        history = curve.history
+    steps = [s for s, _ in history]
+    assert steps[0] == 1 and steps[-1] == 20000 and steps == sorted(steps)
+    assert HISTORY_MAX // 2 <= len(steps) <= HISTORY_MAX
+    # (every other point dropped at each thinning would leave [1, 1, 59, 1890]; the newest steps stay
+    # denser until the next thinning)
+    quarters = [sum(1 for s in steps if q * 5000 < s <= (q + 1) * 5000) for q in range(4)]
+    assert max(quarters[:3]) <= 1.5 * min(quarters[:3]) and min(quarters) >= HISTORY_MAX // 20, quarters
+    assert thin_history(history[:10], 100) == history[:10]

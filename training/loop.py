@@ -249,9 +249,29 @@ class LossCurve:
                     raise FloatingPointError(f"{self.name}: loss became {value} at step {step}; lower --lr")
                 self.history.append([step, round(value, 6)])
             self._pending.clear()
-            if len(self.history) > 2000:  # thin evenly so the curve always covers the whole run
-                self.history[:] = self.history[::2]
+            if len(self.history) > HISTORY_MAX:
+                self.history[:] = thin_history(self.history, HISTORY_MAX // 2)
         return self.history[-1][1] if self.history else None
+
+
+HISTORY_MAX = 2000  # points of the loss curve a checkpoint keeps; thinned to half when exceeded
+
+
+def thin_history(history: list[list[float]], keep: int) -> list[list[float]]:
+    """At most about ``keep`` points of a loss curve, evenly spread over its steps: the last point of
+    each of ``keep`` equal step intervals. (Dropping every other point instead would thin the early
+    steps again at every call, and a long or resumed run would keep almost nothing of its start.)"""
+    if len(history) <= keep:
+        return list(history)
+    first, last = history[0][0], history[-1][0]
+    width = max((last - first) / keep, 1e-9)
+    buckets: dict[int, list[float]] = {}
+    for point in history:
+        buckets[min(int((point[0] - first) / width), keep - 1)] = point
+    kept = list(buckets.values())
+    if kept[0] is not history[0]:  # the first point too: the curve starts where the run did
+        kept.insert(0, history[0])
+    return kept
 
 
 def train(
