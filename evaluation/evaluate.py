@@ -666,6 +666,8 @@ COMPARISONS = (
     ("the distilled student against the ensemble", DISTILLED, f"top-2{TEXT}"),
     ("the distilled student against the ensemble", DISTILLED, "top-2"),
     ("the distilled student against the monolith", DISTILLED, MONOLITH),
+    # monolith@S: as many steps and samples as the student when it trains for an expert's steps (the default)
+    ("the distilled student against the monolith at a step count", DISTILLED, f"{MONOLITH}@"),
     ("the distilled student against the oracle", DISTILLED, ORACLE),
 )
 
